@@ -1,0 +1,53 @@
+"""test/harness.py: the small test harness the Python tests share.
+
+Each test is a function named test_*; run_module() runs them in file order and
+prints one line each, "ok - name", "FAIL - name: reason" or "skip - name:
+reason", the lines test/run_tests.sh counts. A test skips by raising Skip
+(only for missing optional data or tools, never to hide a failure), and
+fails on any exception: a failed assert or an error alike.
+"""
+import os
+import sys
+import traceback
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Skip(Exception):
+    pass
+
+
+def shared_data_dir():
+    """$TRAIN_ET_SHARED_DATA, else ../shared/data beside the checkout."""
+    return os.environ.get("TRAIN_ET_SHARED_DATA") or os.path.join(REPO, "..", "shared", "data")
+
+
+def shared_file(name):
+    """Path of a file of the shared test data, or Skip when it is absent."""
+    path = os.path.join(shared_data_dir(), name)
+    if not os.path.exists(path):
+        raise Skip(f"no {path}")
+    return path
+
+
+def run_module(namespace):
+    """Runs every test_* function of a module's namespace; returns the exit code."""
+    failed = 0
+    for name, fn in list(namespace.items()):
+        if not (name.startswith("test_") and callable(fn)):
+            continue
+        try:
+            fn()
+            print(f"ok - {name}", flush=True)
+        except Skip as s:
+            print(f"skip - {name}: {s}", flush=True)
+        except Exception as e:  # noqa: BLE001: every error is a failure to report
+            failed += 1
+            where = traceback.extract_tb(e.__traceback__)[-1]
+            reason = str(e) or type(e).__name__
+            print(f"FAIL - {name}: {reason} (line {where.lineno})", flush=True)
+    return 1 if failed else 0
+
+
+def main(namespace):
+    sys.exit(run_module(namespace))
