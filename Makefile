@@ -39,6 +39,7 @@ else
 endif
 
 NVCC_FLAGS := -O3 -std=c++17 -arch=sm_$(GPU_ARCH) -Xcompiler -Wall,-Wextra
+LIBS := -lcublas
 CXX_FLAGS := -O2 -std=c++17 -Wall -Wextra -Werror
 HEADERS := $(wildcard *.h *.cuh data/*.h)
 BUILD_FLAGS := $(NVCC_FLAGS) $(PRECISION_FLAGS) $(NCCL_FLAGS)
@@ -52,15 +53,22 @@ build/flags.txt: FORCE
 	@echo '$(BUILD_FLAGS)' | cmp -s - $@ || echo '$(BUILD_FLAGS)' > $@
 
 train_et: train_et.cu $(HEADERS) build/flags.txt
-	$(NVCC) $(NVCC_FLAGS) $(PRECISION_FLAGS) $< -o $@ $(NCCL_FLAGS)
+	$(NVCC) $(NVCC_FLAGS) $(PRECISION_FLAGS) $< -o $@ $(LIBS) $(NCCL_FLAGS)
 
 # Both precisions, for the tests' compile check.
 build/train_et_%: train_et.cu $(HEADERS)
 	@mkdir -p build
-	$(NVCC) $(NVCC_FLAGS) -DENABLE_$(shell echo $* | tr a-z A-Z) $< -o $@ $(NCCL_FLAGS)
+	$(NVCC) $(NVCC_FLAGS) -DENABLE_$(shell echo $* | tr a-z A-Z) $< -o $@ $(LIBS) $(NCCL_FLAGS)
 
-CPU_TESTS := $(patsubst test/%.cpp,build/%,$(wildcard test/test_*.cpp))
-build/test_%: test/test_%.cpp $(HEADERS) test/check.h
+# GPU tests, in both precisions; they compile anywhere and run where a GPU is.
+build/gpu_test_%.bf16: test/gpu_test_%.cu $(HEADERS) $(wildcard test/*.h)
+	@mkdir -p build
+	$(NVCC) $(NVCC_FLAGS) -DENABLE_BF16 $< -o $@ $(LIBS)
+build/gpu_test_%.fp32: test/gpu_test_%.cu $(HEADERS) $(wildcard test/*.h)
+	@mkdir -p build
+	$(NVCC) $(NVCC_FLAGS) -DENABLE_FP32 $< -o $@ $(LIBS)
+
+build/test_%: test/test_%.cpp $(HEADERS) $(wildcard test/*.h)
 	@mkdir -p build
 	$(CXX) $(CXX_FLAGS) $< -o $@
 

@@ -10,6 +10,8 @@
 
 #include <glob.h>
 
+#include <time.h>
+
 #include <cstdarg>
 #include <cstdint>
 #include <cstdio>
@@ -43,6 +45,20 @@ inline std::string human_count(double n) {
     if (n >= 1e6) return string_format("%.2fM", n / 1e6);
     if (n >= 1e3) return string_format("%.1fK", n / 1e3);
     return string_format("%.0f", n);
+}
+
+inline double wall_seconds() {
+    timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+// 5025 -> "1h23m45s"; for ETAs.
+inline std::string format_duration(double seconds) {
+    long s = (long)(seconds + 0.5);
+    if (s >= 3600) return string_format("%ldh%02ldm%02lds", s / 3600, s / 60 % 60, s % 60);
+    if (s >= 60) return string_format("%ldm%02lds", s / 60, s % 60);
+    return string_format("%lds", s);
 }
 
 // splitmix64: turns any 64-bit value (a seed, a seed mixed with an index) into a

@@ -1,22 +1,64 @@
-// model.cuh: the transformer on the GPU.
+// model.cuh: the transformer on the GPU: kernels, forward, backward, AdamW.
 //
-// It opens with the CUDA plumbing every kernel file needs: checked runtime
-// calls that say what failed where, and finding the GPU this process trains
-// on together with its peak dense bf16 rate (the denominator of MFU). The
-// model's shapes and parameter table live in model_config.h.
+// Reading order:
+//   1. plumbing: precision (floatX), checked CUDA/cuBLAS calls, the GPU;
+//   2. the kernels, one op at a time, each with its math, its parallel
+//      layout and its memory traffic; every one has a plain C++ twin in
+//      test/reference.h that the GPU parity tests compare it with;
+//   3. Model: parameters (one contiguous buffer each for the bf16 weights,
+//      fp32 master weights, fp32 gradients and the two AdamW moments),
+//      activations sized once from (B, T), and forward / backward / update.
+//
+// Determinism: no kernel uses atomics whose order could change a result.
+// Every reduction has one owner (a warp or a block) that sums in a fixed
+// order, the embedding backward sorts tokens first (a stable radix sort),
+// and the attention backward computes dQ and dK/dV in two passes that each
+// own their rows. cuBLAS is deterministic on a given GPU and toolkit.
 #pragma once
 
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <cmath>
+#include <cub/cub.cuh>
 #include <string>
+#include <vector>
 
 #include "common.h"
 #include "model_config.h"
+
+// ----------------------------------------------------------------------------
+// 1. Plumbing
+
+#ifdef ENABLE_FP32
+typedef float floatX;
+static const cudaDataType_t CUBLAS_FLOATX = CUDA_R_32F;
+#else
+typedef __nv_bfloat16 floatX;
+static const cudaDataType_t CUBLAS_FLOATX = CUDA_R_16BF;
+#endif
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
 
 inline void cuda_check(cudaError_t err, const char* call, const char* file, int line) {
     if (err != cudaSuccess) fail("CUDA: %s failed at %s:%d: %s", call, file, line, cudaGetErrorString(err));
 }
 #define cudaCheck(call) cuda_check((call), #call, __FILE__, __LINE__)
+
+inline void cublas_check(cublasStatus_t status, const char* call, const char* file, int line) {
+    if (status != CUBLAS_STATUS_SUCCESS)
+        fail("cuBLAS: %s failed at %s:%d: %s", call, file, line, cublasGetStatusString(status));
+}
+#define cublasCheck(call) cublas_check((call), #call, __FILE__, __LINE__)
+
+// Kernel launches are asynchronous: this catches a bad launch configuration
+// where it happened; errors inside a kernel surface at the next sync.
+#define launchCheck() cuda_check(cudaGetLastError(), "kernel launch", __FILE__, __LINE__)
 
 struct GpuInfo {
     int device = -1;
@@ -46,4 +88,980 @@ inline std::string gpu_open(int local_rank, GpuInfo* gpu) {
     cudaCheck(cudaGetDeviceProperties(&gpu->prop, local_rank));
     gpu->peak_bf16_flops = peak_bf16_flops(gpu->prop);
     return "";
+}
+
+static const int WARP = 32;
+static const float RMSNORM_EPS = 1e-6f;
+static const float SOFTCAP = 15.0f;
+
+__device__ __forceinline__ float warp_sum(float x) {
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffff, x, o);
+    return x;
+}
+__device__ __forceinline__ float warp_max(float x) {
+    for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, o));
+    return x;
+}
+
+inline int ceil_div(size_t a, size_t b) { return (int)((a + b - 1) / b); }
+
+// ----------------------------------------------------------------------------
+// 2. Kernels
+
+// Embedding: out[n, c] = wte[tokens[n], c]. One thread per element; reads
+// and writes N*C values.
+__global__ void embedding_forward_kernel(floatX* out, const int* tokens, const floatX* wte, int N, int C) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)N * C) return;
+    size_t n = i / C, c = i % C;
+    out[i] = wte[(size_t)tokens[n] * C + c];
+}
+
+// Embedding backward: dwte[v] += sum of dout[n] over the n with tokens[n] = v.
+// The positions were sorted by token (stable, so each token's positions are
+// in increasing order); the block that owns the first position of a run sums
+// the run's rows in that order: deterministic, no atomics. Threads stride
+// over channels; reads N*C gradients once, read-modify-writes each used row.
+__global__ void embedding_backward_kernel(float* dwte, const int* sorted_tokens, const int* sorted_positions,
+                                          const floatX* dout, int N, int C) {
+    int start = blockIdx.x;
+    if (start > 0 && sorted_tokens[start] == sorted_tokens[start - 1]) return;
+    int token = sorted_tokens[start];
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+        float acc = 0.0f;
+        for (int i = start; i < N && sorted_tokens[i] == token; i++)
+            acc += to_float(dout[(size_t)sorted_positions[i] * C + c]);
+        dwte[(size_t)token * C + c] += acc;
+    }
+}
+
+// RMSNorm without weight: out = x * rstd, rstd = 1 / sqrt(mean(x^2) + eps).
+// One warp per row; reads C values twice (from L1 the second time), writes C.
+__global__ void rmsnorm_forward_kernel(floatX* out, float* rstd, const floatX* inp, int N, int C) {
+    int row = blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    if (row >= N) return;
+    const floatX* x = inp + (size_t)row * C;
+    float ss = 0.0f;
+    for (int c = lane; c < C; c += WARP) { float v = to_float(x[c]); ss += v * v; }
+    float r = rsqrtf(warp_sum(ss) / C + RMSNORM_EPS);
+    for (int c = lane; c < C; c += WARP) out[(size_t)row * C + c] = from_float<floatX>(to_float(x[c]) * r);
+    if (lane == 0) rstd[row] = r;
+}
+
+// RMSNorm backward from its output y = x * rstd:
+//   dx += rstd * (dy - y * mean(dy * y)).  One warp per row; accumulates.
+__global__ void rmsnorm_backward_kernel(floatX* dinp, const floatX* dout, const floatX* out, const float* rstd, int N,
+                                        int C) {
+    int row = blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    if (row >= N) return;
+    size_t base = (size_t)row * C;
+    float dot = 0.0f;
+    for (int c = lane; c < C; c += WARP) dot += to_float(dout[base + c]) * to_float(out[base + c]);
+    dot = warp_sum(dot) / C;
+    float r = rstd[row];
+    for (int c = lane; c < C; c += WARP) {
+        float g = r * (to_float(dout[base + c]) - to_float(out[base + c]) * dot);
+        dinp[base + c] = from_float<floatX>(to_float(dinp[base + c]) + g);
+    }
+}
+
+// RoPE (rotate-half) then RMSNorm of each q and k head, in place on qkv.
+// For head dim d and pair i < d/2 at position t, with angle t * 10000^(-2i/d):
+//   (x_i, x_{i+d/2}) -> (x_i cos - x_{i+d/2} sin, x_{i+d/2} cos + x_i sin),
+// then the head is divided by its RMS. One warp per (token, head) for the
+// H + KVH rotated heads; each lane keeps its pairs in registers (d <= 256).
+// Reads and writes the q and k parts of qkv once.
+static const int ROPE_MAX_PAIRS_PER_LANE = 4;
+__global__ void rope_qknorm_forward_kernel(floatX* qkv, float* rstd, const float* cos_table, const float* sin_table,
+                                           int N, int T, int H, int KVH, int hd) {
+    int item = blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    int heads = H + KVH;
+    if (item >= N * heads) return;
+    int n = item / heads, head = item % heads, t = n % T, half = hd / 2;
+    floatX* x = qkv + (size_t)n * (H + 2 * KVH) * hd + (size_t)head * hd;
+    float a[ROPE_MAX_PAIRS_PER_LANE], b[ROPE_MAX_PAIRS_PER_LANE], ss = 0.0f;
+#pragma unroll
+    for (int r = 0; r < ROPE_MAX_PAIRS_PER_LANE; r++) {
+        int i = lane + r * WARP;
+        a[r] = b[r] = 0.0f;
+        if (i < half) {
+            float x1 = to_float(x[i]), x2 = to_float(x[i + half]);
+            float c = cos_table[t * half + i], s = sin_table[t * half + i];
+            a[r] = x1 * c - x2 * s;
+            b[r] = x2 * c + x1 * s;
+            ss += a[r] * a[r] + b[r] * b[r];
+        }
+    }
+    float rs = rsqrtf(warp_sum(ss) / hd + RMSNORM_EPS);
+#pragma unroll
+    for (int r = 0; r < ROPE_MAX_PAIRS_PER_LANE; r++) {
+        int i = lane + r * WARP;
+        if (i < half) {
+            x[i] = from_float<floatX>(a[r] * rs);
+            x[i + half] = from_float<floatX>(b[r] * rs);
+        }
+    }
+    if (lane == 0) rstd[item] = rs;
+}
+
+// Backward of rope_qknorm, in place on the q and k parts of dqkv: first the
+// RMSNorm backward (from the normalised output y, as in rmsnorm_backward),
+// then the inverse rotation (the transpose of a rotation):
+//   dx_i = dr_i cos + dr_{i+d/2} sin,  dx_{i+d/2} = dr_{i+d/2} cos - dr_i sin.
+__global__ void rope_qknorm_backward_kernel(floatX* dqkv, const floatX* qkv, const float* rstd, const float* cos_table,
+                                            const float* sin_table, int N, int T, int H, int KVH, int hd) {
+    int item = blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    int heads = H + KVH;
+    if (item >= N * heads) return;
+    int n = item / heads, head = item % heads, t = n % T, half = hd / 2;
+    size_t off = (size_t)n * (H + 2 * KVH) * hd + (size_t)head * hd;
+    floatX* dx = dqkv + off;
+    const floatX* y = qkv + off;
+    float dot = 0.0f;
+    for (int i = lane; i < hd; i += WARP) dot += to_float(dx[i]) * to_float(y[i]);
+    dot = warp_sum(dot) / hd;
+    float rs = rstd[item];
+    for (int i = lane; i < half; i += WARP) {
+        float d1 = rs * (to_float(dx[i]) - to_float(y[i]) * dot);
+        float d2 = rs * (to_float(dx[i + half]) - to_float(y[i + half]) * dot);
+        float c = cos_table[t * half + i], s = sin_table[t * half + i];
+        dx[i] = from_float<floatX>(d1 * c + d2 * s);
+        dx[i + half] = from_float<floatX>(d2 * c - d1 * s);
+    }
+}
+
+// Causal attention, flash-style: out_i = sum_{j<=i} softmax_j(q_i.k_j / sqrt(d)) v_j
+// with an online softmax, so no T x T matrix ever exists; lse_i (the
+// log-sum-exp of row i's scaled scores) is kept for the backward.
+// Layout: a block of ATT_ROWS warps owns ATT_ROWS consecutive query rows of
+// one (batch, head), one warp per row. The block walks the keys in tiles of
+// 32, staged in shared memory as fp32 (rows padded by one word so that lane
+// j reading row j hits distinct banks). In a tile, lane j scores key j; the
+// warp then rescales its running (max, sum, output), and each lane owns the
+// output dims lane, lane + 32, ... Each K/V tile is read from global memory
+// once per block: T / ATT_ROWS times per (batch, head) in all.
+// Arithmetic runs on the CUDA cores in fp32: simple and exact, not yet the
+// tensor-core kernel the performance target asks for.
+static const int ATT_ROWS = 16;
+static const int ATT_TILE = 32;
+static const int ATT_MAX_DIMS_PER_LANE = 8;  // head dim <= 256
+
+inline size_t attention_smem_bytes(int hd) {
+    return (2 * (size_t)ATT_TILE * (hd + 1) + 2 * (size_t)ATT_ROWS * hd) * sizeof(float);
+}
+
+// Stages rows [row0, row0 + ATT_TILE) of one head of qkv-like storage into
+// shared memory (zeros past `rows`). All threads of the block take part.
+__device__ void load_tile(float* dst, const floatX* src, size_t row_stride, int row0, int rows, int hd) {
+    for (int i = threadIdx.x; i < ATT_TILE * hd; i += blockDim.x) {
+        int r = i / hd, d = i % hd;
+        dst[r * (hd + 1) + d] = row0 + r < rows ? to_float(src[(size_t)(row0 + r) * row_stride + d]) : 0.0f;
+    }
+}
+
+__global__ void attention_forward_kernel(floatX* out, float* lse, const floatX* qkv, int T, int H, int KVH, int hd) {
+    extern __shared__ float smem[];
+    float* k_tile = smem;
+    float* v_tile = k_tile + ATT_TILE * (hd + 1);
+    float* q_rows = v_tile + ATT_TILE * (hd + 1);
+    int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    int row0 = blockIdx.x * ATT_ROWS, h = blockIdx.y, b = blockIdx.z, g = h / (H / KVH);
+    int i = row0 + warp;  // this warp's query row
+    size_t stride = (size_t)(H + 2 * KVH) * hd;
+    const floatX* base = qkv + (size_t)b * T * stride;
+    const float scale = rsqrtf((float)hd);
+    for (int x = threadIdx.x; x < ATT_ROWS * hd; x += blockDim.x) {
+        int r = x / hd, d = x % hd;
+        q_rows[x] = row0 + r < T ? to_float(base[(size_t)(row0 + r) * stride + h * hd + d]) : 0.0f;
+    }
+    float m = -INFINITY, l = 0.0f, o[ATT_MAX_DIMS_PER_LANE];
+#pragma unroll
+    for (int r = 0; r < ATT_MAX_DIMS_PER_LANE; r++) o[r] = 0.0f;
+    int last_row = min(row0 + ATT_ROWS, T) - 1;
+    for (int j0 = 0; j0 <= last_row; j0 += ATT_TILE) {
+        __syncthreads();
+        load_tile(k_tile, base + (size_t)(H + g) * hd, stride, j0, T, hd);
+        load_tile(v_tile, base + (size_t)(H + KVH + g) * hd, stride, j0, T, hd);
+        __syncthreads();
+        if (i >= T || j0 > i) continue;
+        int j = j0 + lane;
+        float s = -INFINITY;
+        if (j <= i) {
+            s = 0.0f;
+            for (int d = 0; d < hd; d++) s += q_rows[warp * hd + d] * k_tile[lane * (hd + 1) + d];
+            s *= scale;
+        }
+        float m_new = fmaxf(m, warp_max(s));
+        float p = j <= i ? __expf(s - m_new) : 0.0f;
+        float correction = __expf(m - m_new);
+        l = l * correction + warp_sum(p);
+        m = m_new;
+#pragma unroll
+        for (int r = 0; r < ATT_MAX_DIMS_PER_LANE; r++) o[r] *= correction;
+        for (int jj = 0; jj < ATT_TILE; jj++) {
+            float pj = __shfl_sync(0xffffffff, p, jj);  // all lanes: shuffles must not diverge
+#pragma unroll
+            for (int r = 0; r < ATT_MAX_DIMS_PER_LANE; r++) {
+                int d = lane + r * WARP;
+                if (d < hd) o[r] += pj * v_tile[jj * (hd + 1) + d];
+            }
+        }
+    }
+    if (i >= T) return;
+    size_t row = (size_t)b * T + i;
+#pragma unroll
+    for (int r = 0; r < ATT_MAX_DIMS_PER_LANE; r++) {
+        int d = lane + r * WARP;
+        if (d < hd) out[row * H * hd + h * hd + d] = from_float<floatX>(o[r] / l);
+    }
+    if (lane == 0) lse[row * H + h] = m + logf(l);
+}
+
+// Attention backward, step 1: D_i = sum_d dout_i,d * out_i,d per (row, head),
+// the row term of the softmax gradient. One warp per (row, head).
+__global__ void attention_delta_kernel(float* delta, const floatX* dout, const floatX* out, int N, int H, int hd) {
+    int item = blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    if (item >= N * H) return;
+    float acc = 0.0f;
+    for (int d = lane; d < hd; d += WARP) acc += to_float(dout[(size_t)item * hd + d]) * to_float(out[(size_t)item * hd + d]);
+    acc = warp_sum(acc);
+    if (lane == 0) delta[item] = acc;
+}
+
+// Attention backward, step 2: dq. With p_ij = exp(q_i.k_j * scale - lse_i)
+// recomputed, dp_ij = dout_i.v_j and ds_ij = p_ij (dp_ij - D_i):
+//   dq_i = scale * sum_{j<=i} ds_ij k_j.
+// Same layout as the forward (a warp per query row, K/V tiles in shared
+// memory, lane j handles key j of the tile); the warp owns dq_i, so no two
+// threads ever add into the same value.
+__global__ void attention_backward_dq_kernel(floatX* dqkv, const floatX* dout, const float* lse, const float* delta,
+                                             const floatX* qkv, int T, int H, int KVH, int hd) {
+    extern __shared__ float smem[];
+    float* k_tile = smem;
+    float* v_tile = k_tile + ATT_TILE * (hd + 1);
+    float* q_rows = v_tile + ATT_TILE * (hd + 1);
+    float* do_rows = q_rows + ATT_ROWS * hd;
+    int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    int row0 = blockIdx.x * ATT_ROWS, h = blockIdx.y, b = blockIdx.z, g = h / (H / KVH);
+    int i = row0 + warp;
+    size_t stride = (size_t)(H + 2 * KVH) * hd;
+    const floatX* base = qkv + (size_t)b * T * stride;
+    const float scale = rsqrtf((float)hd);
+    for (int x = threadIdx.x; x < ATT_ROWS * hd; x += blockDim.x) {
+        int r = x / hd, d = x % hd;
+        bool ok = row0 + r < T;
+        size_t row = (size_t)b * T + row0 + r;
+        q_rows[x] = ok ? to_float(base[(size_t)(row0 + r) * stride + h * hd + d]) : 0.0f;
+        do_rows[x] = ok ? to_float(dout[row * H * hd + h * hd + d]) : 0.0f;
+    }
+    size_t row_i = (size_t)b * T + i;
+    float lse_i = i < T ? lse[row_i * H + h] : 0.0f, d_i = i < T ? delta[row_i * H + h] : 0.0f;
+    float dq[ATT_MAX_DIMS_PER_LANE];
+#pragma unroll
+    for (int r = 0; r < ATT_MAX_DIMS_PER_LANE; r++) dq[r] = 0.0f;
+    int last_row = min(row0 + ATT_ROWS, T) - 1;
+    for (int j0 = 0; j0 <= last_row; j0 += ATT_TILE) {
+        __syncthreads();
+        load_tile(k_tile, base + (size_t)(H + g) * hd, stride, j0, T, hd);
+        load_tile(v_tile, base + (size_t)(H + KVH + g) * hd, stride, j0, T, hd);
+        __syncthreads();
+        if (i >= T || j0 > i) continue;
+        int j = j0 + lane;
+        float ds = 0.0f;
+        if (j <= i) {
+            float s = 0.0f, dp = 0.0f;
+            for (int d = 0; d < hd; d++) {
+                s += q_rows[warp * hd + d] * k_tile[lane * (hd + 1) + d];
+                dp += do_rows[warp * hd + d] * v_tile[lane * (hd + 1) + d];
+            }
+            float p = __expf(s * scale - lse_i);
+            ds = p * (dp - d_i);
+        }
+        for (int jj = 0; jj < ATT_TILE; jj++) {
+            float ds_j = __shfl_sync(0xffffffff, ds, jj);
+#pragma unroll
+            for (int r = 0; r < ATT_MAX_DIMS_PER_LANE; r++) {
+                int d = lane + r * WARP;
+                if (d < hd) dq[r] += ds_j * k_tile[jj * (hd + 1) + d];
+            }
+        }
+    }
+    if (i >= T) return;
+#pragma unroll
+    for (int r = 0; r < ATT_MAX_DIMS_PER_LANE; r++) {
+        int d = lane + r * WARP;
+        if (d < hd) dqkv[(size_t)row_i * stride + h * hd + d] = from_float<floatX>(dq[r] * scale);
+    }
+}
+
+// Attention backward, step 3: dk and dv, mirrored: a warp owns key row j of
+// kv head g and sums over every query head h of g's group and every query
+// i >= j:  dv_j = sum p_ij dout_i,  dk_j = scale * sum ds_ij q_i.
+// The block's warps own ATT_ROWS consecutive key rows; the queries go by in
+// tiles of 32 (Q and dO staged in shared memory, with their lse and D), lane
+// i handling query i of the tile.
+__global__ void attention_backward_dkv_kernel(floatX* dqkv, const floatX* dout, const float* lse, const float* delta,
+                                              const floatX* qkv, int T, int H, int KVH, int hd) {
+    extern __shared__ float smem[];
+    float* q_tile = smem;
+    float* do_tile = q_tile + ATT_TILE * (hd + 1);
+    float* k_rows = do_tile + ATT_TILE * (hd + 1);
+    float* v_rows = k_rows + ATT_ROWS * hd;
+    __shared__ float lse_tile[ATT_TILE], delta_tile[ATT_TILE];
+    int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    int row0 = blockIdx.x * ATT_ROWS, g = blockIdx.y, b = blockIdx.z, group = H / KVH;
+    int j = row0 + warp;  // this warp's key row
+    size_t stride = (size_t)(H + 2 * KVH) * hd;
+    const floatX* base = qkv + (size_t)b * T * stride;
+    const float scale = rsqrtf((float)hd);
+    for (int x = threadIdx.x; x < ATT_ROWS * hd; x += blockDim.x) {
+        int r = x / hd, d = x % hd;
+        bool ok = row0 + r < T;
+        k_rows[x] = ok ? to_float(base[(size_t)(row0 + r) * stride + (H + g) * hd + d]) : 0.0f;
+        v_rows[x] = ok ? to_float(base[(size_t)(row0 + r) * stride + (H + KVH + g) * hd + d]) : 0.0f;
+    }
+    float dk[ATT_MAX_DIMS_PER_LANE], dv[ATT_MAX_DIMS_PER_LANE];
+#pragma unroll
+    for (int r = 0; r < ATT_MAX_DIMS_PER_LANE; r++) dk[r] = dv[r] = 0.0f;
+    for (int h = g * group; h < (g + 1) * group; h++) {
+        for (int i0 = row0 / ATT_TILE * ATT_TILE; i0 < T; i0 += ATT_TILE) {
+            __syncthreads();
+            load_tile(q_tile, base + (size_t)h * hd, stride, i0, T, hd);
+            for (int x = threadIdx.x; x < ATT_TILE * hd; x += blockDim.x) {
+                int r = x / hd, d = x % hd;
+                size_t row = (size_t)b * T + i0 + r;
+                do_tile[r * (hd + 1) + d] = i0 + r < T ? to_float(dout[row * H * hd + h * hd + d]) : 0.0f;
+            }
+            if (threadIdx.x < ATT_TILE) {
+                size_t row = (size_t)b * T + i0 + threadIdx.x;
+                bool ok = i0 + (int)threadIdx.x < T;
+                lse_tile[threadIdx.x] = ok ? lse[row * H + h] : 0.0f;
+                delta_tile[threadIdx.x] = ok ? delta[row * H + h] : 0.0f;
+            }
+            __syncthreads();
+            if (j >= T || i0 + ATT_TILE <= j) continue;
+            int i = i0 + lane;
+            float p = 0.0f, ds = 0.0f;
+            if (i >= j && i < T) {
+                float s = 0.0f, dp = 0.0f;
+                for (int d = 0; d < hd; d++) {
+                    s += q_tile[lane * (hd + 1) + d] * k_rows[warp * hd + d];
+                    dp += do_tile[lane * (hd + 1) + d] * v_rows[warp * hd + d];
+                }
+                p = __expf(s * scale - lse_tile[lane]);
+                ds = p * (dp - delta_tile[lane]);
+            }
+            for (int ii = 0; ii < ATT_TILE; ii++) {
+                float p_i = __shfl_sync(0xffffffff, p, ii), ds_i = __shfl_sync(0xffffffff, ds, ii);
+#pragma unroll
+                for (int r = 0; r < ATT_MAX_DIMS_PER_LANE; r++) {
+                    int d = lane + r * WARP;
+                    if (d < hd) {
+                        dv[r] += p_i * do_tile[ii * (hd + 1) + d];
+                        dk[r] += ds_i * q_tile[ii * (hd + 1) + d];
+                    }
+                }
+            }
+        }
+    }
+    if (j >= T) return;
+    size_t row_j = (size_t)b * T + j;
+#pragma unroll
+    for (int r = 0; r < ATT_MAX_DIMS_PER_LANE; r++) {
+        int d = lane + r * WARP;
+        if (d < hd) {
+            dqkv[row_j * stride + (H + g) * hd + d] = from_float<floatX>(dk[r] * scale);
+            dqkv[row_j * stride + (H + KVH + g) * hd + d] = from_float<floatX>(dv[r]);
+        }
+    }
+}
+
+// ReLU squared, forward out = relu(x)^2 and backward dx = dout * 2 relu(x).
+// One thread per element.
+__global__ void relu2_forward_kernel(floatX* out, const floatX* inp, size_t n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float x = fmaxf(to_float(inp[i]), 0.0f);
+    out[i] = from_float<floatX>(x * x);
+}
+__global__ void relu2_backward_kernel(floatX* dinp, const floatX* dout, const floatX* inp, size_t n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    dinp[i] = from_float<floatX>(to_float(dout[i]) * 2.0f * fmaxf(to_float(inp[i]), 0.0f));
+}
+
+// Residual: x += y. One thread per element.
+__global__ void residual_forward_kernel(floatX* x, const floatX* y, size_t n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    x[i] = from_float<floatX>(to_float(x[i]) + to_float(y[i]));
+}
+
+// Soft-capped softmax cross-entropy and its backward in one kernel, in place.
+// Row n: c_j = 15 tanh(z_j / 15) over the first V columns,
+//   loss_n = logsumexp(c) - c_target,
+//   dz_j = dloss * (softmax(c)_j - [j = target]) * (1 - (c_j / 15)^2),
+// and dz_j = 0 for the padding columns V <= j < Vp. One block per row:
+// pass 1 keeps a running (max, sum of exp) per thread, merged across the
+// block in a fixed order; pass 2 overwrites the logits with dz. Reads the
+// row twice and writes it once; probabilities are never stored.
+static const int CE_THREADS = 512;
+__global__ void softcap_cross_entropy_kernel(float* losses, floatX* logits, const int* targets, int V, int Vp,
+                                             float dloss, bool write_grad) {
+    __shared__ float shared_m[CE_THREADS / WARP], shared_s[CE_THREADS / WARP];
+    int n = blockIdx.x, warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    floatX* z = logits + (size_t)n * Vp;
+    float m = -INFINITY, s = 0.0f;
+    for (int j = threadIdx.x; j < V; j += blockDim.x) {
+        float c = SOFTCAP * tanhf(to_float(z[j]) / SOFTCAP);
+        if (c > m) { s = s * __expf(m - c) + 1.0f; m = c; }
+        else s += __expf(c - m);
+    }
+    // merge (m, s) pairs: first within each warp, then across warps
+    for (int o = 16; o > 0; o >>= 1) {
+        float m2 = __shfl_xor_sync(0xffffffff, m, o), s2 = __shfl_xor_sync(0xffffffff, s, o);
+        float mm = fmaxf(m, m2);
+        s = (m == -INFINITY ? 0.0f : s * __expf(m - mm)) + (m2 == -INFINITY ? 0.0f : s2 * __expf(m2 - mm));
+        m = mm;
+    }
+    if (lane == 0) { shared_m[warp] = m; shared_s[warp] = s; }
+    __syncthreads();
+    float row_max = -INFINITY, row_sum = 0.0f;
+    for (int w = 0; w < (int)blockDim.x / WARP; w++) row_max = fmaxf(row_max, shared_m[w]);
+    for (int w = 0; w < (int)blockDim.x / WARP; w++)
+        if (shared_m[w] != -INFINITY) row_sum += shared_s[w] * __expf(shared_m[w] - row_max);
+    int target = targets[n];
+    float c_target = SOFTCAP * tanhf(to_float(z[target]) / SOFTCAP);
+    if (threadIdx.x == 0) losses[n] = logf(row_sum) + row_max - c_target;
+    if (!write_grad) return;
+    __syncthreads();  // every thread has read z[target] before it is overwritten
+    for (int j = threadIdx.x; j < Vp; j += blockDim.x) {
+        float g = 0.0f;
+        if (j < V) {
+            float c = SOFTCAP * tanhf(to_float(z[j]) / SOFTCAP);
+            float p = __expf(c - row_max) / row_sum;
+            g = dloss * (p - (j == target ? 1.0f : 0.0f)) * (1.0f - (c / SOFTCAP) * (c / SOFTCAP));
+        }
+        z[j] = from_float<floatX>(g);
+    }
+}
+
+// Sums losses[0..N) into *total (+=), in one block, in a fixed order.
+__global__ void loss_sum_kernel(float* total, const float* losses, int N) {
+    __shared__ float partial[CE_THREADS / WARP];
+    float acc = 0.0f;
+    for (int i = threadIdx.x; i < N; i += blockDim.x) acc += losses[i];
+    acc = warp_sum(acc);
+    if (threadIdx.x % WARP == 0) partial[threadIdx.x / WARP] = acc;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float sum = 0.0f;
+        for (int w = 0; w < (int)blockDim.x / WARP; w++) sum += partial[w];
+        *total += sum;
+    }
+}
+
+// Global gradient norm, deterministically: NORM_BLOCKS blocks each sum the
+// squares of a fixed grid-stride slice, then one block adds the partial sums
+// in order and turns the norm into the clip factor min(1, max_norm / norm)
+// that AdamW reads from device memory (so clipping needs no host sync).
+static const int NORM_BLOCKS = 512, NORM_THREADS = 512;
+__global__ void grad_norm_partial_kernel(float* partial, const float* grads, size_t n) {
+    __shared__ float warp_sums[NORM_THREADS / WARP];
+    float acc = 0.0f;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        acc += grads[i] * grads[i];
+    acc = warp_sum(acc);
+    if (threadIdx.x % WARP == 0) warp_sums[threadIdx.x / WARP] = acc;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float sum = 0.0f;
+        for (int w = 0; w < NORM_THREADS / WARP; w++) sum += warp_sums[w];
+        partial[blockIdx.x] = sum;
+    }
+}
+__global__ void grad_norm_final_kernel(float* norm, float* clip_scale, const float* partial, float max_norm) {
+    if (threadIdx.x != 0) return;
+    double sum = 0.0;
+    for (int b = 0; b < NORM_BLOCKS; b++) sum += partial[b];
+    float nrm = (float)sqrt(sum);
+    *norm = nrm;
+    *clip_scale = max_norm > 0.0f && nrm > max_norm ? max_norm / nrm : 1.0f;
+}
+
+// AdamW on fp32 master weights, one thread per parameter:
+//   g = grad * clip; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
+//   w -= lr * (m / bc1 / (sqrt(v / bc2) + eps) + wd * w),
+// bc = 1 - beta^step (bias corrections). Also writes the floatX copy the
+// matmuls read. Reads 4 and writes 4 values per parameter.
+__global__ void adamw_kernel(float* master, floatX* params, float* m, float* v, const float* grads, size_t n, float lr,
+                             float beta1, float beta2, float bc1, float bc2, float eps, float weight_decay,
+                             const float* clip_scale) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float g = grads[i] * *clip_scale;
+    float mi = beta1 * m[i] + (1.0f - beta1) * g;
+    float vi = beta2 * v[i] + (1.0f - beta2) * g * g;
+    m[i] = mi;
+    v[i] = vi;
+    float w = master[i];
+    w -= lr * ((mi / bc1) / (sqrtf(vi / bc2) + eps) + weight_decay * w);
+    master[i] = w;
+    params[i] = from_float<floatX>(w);
+}
+
+__global__ void copy_to_floatX_kernel(floatX* out, const float* inp, size_t n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = from_float<floatX>(inp[i]);
+}
+
+// ----------------------------------------------------------------------------
+// Host-side launchers: one per op, the shapes as the reference states them.
+
+static const int THREADS = 256;
+
+inline void embedding_forward(floatX* out, const int* tokens, const floatX* wte, int N, int C) {
+    embedding_forward_kernel<<<ceil_div((size_t)N * C, THREADS), THREADS>>>(out, tokens, wte, N, C);
+    launchCheck();
+}
+
+// Scratch for the embedding backward's sort, sized once for N tokens.
+struct EmbeddingSortScratch {
+    int *positions = nullptr, *sorted_tokens = nullptr, *sorted_positions = nullptr;
+    void* cub_temp = nullptr;
+    size_t cub_bytes = 0;
+    int N = 0, vocab_bits = 0;
+
+    void allocate(int n_tokens, int vocab_size) {
+        N = n_tokens;
+        vocab_bits = 1;
+        while ((1 << vocab_bits) < vocab_size) vocab_bits++;
+        std::vector<int> iota(N);
+        for (int i = 0; i < N; i++) iota[i] = i;
+        cudaCheck(cudaMalloc(&positions, N * sizeof(int)));
+        cudaCheck(cudaMalloc(&sorted_tokens, N * sizeof(int)));
+        cudaCheck(cudaMalloc(&sorted_positions, N * sizeof(int)));
+        cudaCheck(cudaMemcpy(positions, iota.data(), N * sizeof(int), cudaMemcpyHostToDevice));
+        cudaCheck(cub::DeviceRadixSort::SortPairs(nullptr, cub_bytes, (const int*)nullptr, (int*)nullptr,
+                                                  (const int*)nullptr, (int*)nullptr, N, 0, vocab_bits));
+        cudaCheck(cudaMalloc(&cub_temp, cub_bytes));
+    }
+    void release() {
+        cudaCheck(cudaFree(positions));
+        cudaCheck(cudaFree(sorted_tokens));
+        cudaCheck(cudaFree(sorted_positions));
+        cudaCheck(cudaFree(cub_temp));
+    }
+};
+
+inline void embedding_backward(float* dwte, const int* tokens, const floatX* dout, int N, int C,
+                               EmbeddingSortScratch& scratch) {
+    size_t bytes = scratch.cub_bytes;
+    cudaCheck(cub::DeviceRadixSort::SortPairs(scratch.cub_temp, bytes, tokens, scratch.sorted_tokens, scratch.positions,
+                                              scratch.sorted_positions, N, 0, scratch.vocab_bits));
+    embedding_backward_kernel<<<N, THREADS>>>(dwte, scratch.sorted_tokens, scratch.sorted_positions, dout, N, C);
+    launchCheck();
+}
+
+inline void rmsnorm_forward(floatX* out, float* rstd, const floatX* inp, int N, int C) {
+    rmsnorm_forward_kernel<<<ceil_div(N, THREADS / WARP), THREADS>>>(out, rstd, inp, N, C);
+    launchCheck();
+}
+
+inline void rmsnorm_backward(floatX* dinp, const floatX* dout, const floatX* out, const float* rstd, int N, int C) {
+    rmsnorm_backward_kernel<<<ceil_div(N, THREADS / WARP), THREADS>>>(dinp, dout, out, rstd, N, C);
+    launchCheck();
+}
+
+// out (N, OC) = inp (N, IC) @ weight (OC, IC)^T. Row-major storage seen by
+// column-major cuBLAS: out^T = weight^T-as-stored (op T) x inp^T.
+inline void matmul_forward(cublasHandle_t cublas, floatX* out, const floatX* inp, const floatX* weight, int N, int IC,
+                           int OC) {
+    const float one = 1.0f, zero = 0.0f;
+    cublasCheck(cublasGemmEx(cublas, CUBLAS_OP_T, CUBLAS_OP_N, OC, N, IC, &one, weight, CUBLAS_FLOATX, IC, inp,
+                             CUBLAS_FLOATX, IC, &zero, out, CUBLAS_FLOATX, OC, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+// dinp (N, IC) = dout @ weight (overwrites); dweight (OC, IC, fp32) += dout^T @ inp.
+inline void matmul_backward(cublasHandle_t cublas, floatX* dinp, float* dweight, const floatX* dout, const floatX* inp,
+                            const floatX* weight, int N, int IC, int OC) {
+    const float one = 1.0f, zero = 0.0f;
+    cublasCheck(cublasGemmEx(cublas, CUBLAS_OP_N, CUBLAS_OP_N, IC, N, OC, &one, weight, CUBLAS_FLOATX, IC, dout,
+                             CUBLAS_FLOATX, OC, &zero, dinp, CUBLAS_FLOATX, IC, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    cublasCheck(cublasGemmEx(cublas, CUBLAS_OP_N, CUBLAS_OP_T, IC, OC, N, &one, inp, CUBLAS_FLOATX, IC, dout,
+                             CUBLAS_FLOATX, OC, &one, dweight, CUDA_R_32F, IC, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+// RoPE angles t * 10000^(-2i/d) for t < T, i < d/2, computed in double on
+// the host once, so the kernels only look them up.
+struct RopeTables {
+    float *cos = nullptr, *sin = nullptr;
+    void allocate(int T, int hd) {
+        int half = hd / 2;
+        std::vector<float> c((size_t)T * half), s((size_t)T * half);
+        for (int t = 0; t < T; t++)
+            for (int i = 0; i < half; i++) {
+                double angle = t * std::pow(10000.0, -2.0 * i / hd);
+                c[(size_t)t * half + i] = (float)std::cos(angle);
+                s[(size_t)t * half + i] = (float)std::sin(angle);
+            }
+        cudaCheck(cudaMalloc(&cos, c.size() * sizeof(float)));
+        cudaCheck(cudaMalloc(&sin, s.size() * sizeof(float)));
+        cudaCheck(cudaMemcpy(cos, c.data(), c.size() * sizeof(float), cudaMemcpyHostToDevice));
+        cudaCheck(cudaMemcpy(sin, s.data(), s.size() * sizeof(float), cudaMemcpyHostToDevice));
+    }
+    void release() {
+        cudaCheck(cudaFree(cos));
+        cudaCheck(cudaFree(sin));
+    }
+};
+
+inline void rope_qknorm_forward(floatX* qkv, float* rstd, const RopeTables& rope, int B, int T, int H, int KVH, int hd) {
+    int items = B * T * (H + KVH);
+    rope_qknorm_forward_kernel<<<ceil_div(items, THREADS / WARP), THREADS>>>(qkv, rstd, rope.cos, rope.sin, B * T, T,
+                                                                             H, KVH, hd);
+    launchCheck();
+}
+
+inline void rope_qknorm_backward(floatX* dqkv, const floatX* qkv, const float* rstd, const RopeTables& rope, int B,
+                                 int T, int H, int KVH, int hd) {
+    int items = B * T * (H + KVH);
+    rope_qknorm_backward_kernel<<<ceil_div(items, THREADS / WARP), THREADS>>>(dqkv, qkv, rstd, rope.cos, rope.sin,
+                                                                              B * T, T, H, KVH, hd);
+    launchCheck();
+}
+
+// The attention kernels need more than the default 48 KB of shared memory
+// for wide heads; raise the limit once before the first launch.
+inline void attention_setup(int hd) {
+    int bytes = (int)attention_smem_bytes(hd);
+    cudaCheck(cudaFuncSetAttribute(attention_forward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    cudaCheck(cudaFuncSetAttribute(attention_backward_dq_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    cudaCheck(cudaFuncSetAttribute(attention_backward_dkv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+}
+
+inline void attention_forward(floatX* out, float* lse, const floatX* qkv, int B, int T, int H, int KVH, int hd) {
+    dim3 grid(ceil_div(T, ATT_ROWS), H, B);
+    attention_forward_kernel<<<grid, ATT_ROWS * WARP, attention_smem_bytes(hd)>>>(out, lse, qkv, T, H, KVH, hd);
+    launchCheck();
+}
+
+// delta is (N, H) fp32 scratch.
+inline void attention_backward(floatX* dqkv, const floatX* dout, const floatX* out, const float* lse, const floatX* qkv,
+                               float* delta, int B, int T, int H, int KVH, int hd) {
+    attention_delta_kernel<<<ceil_div((size_t)B * T * H, THREADS / WARP), THREADS>>>(delta, dout, out, B * T, H, hd);
+    launchCheck();
+    attention_backward_dq_kernel<<<dim3(ceil_div(T, ATT_ROWS), H, B), ATT_ROWS * WARP, attention_smem_bytes(hd)>>>(
+        dqkv, dout, lse, delta, qkv, T, H, KVH, hd);
+    launchCheck();
+    attention_backward_dkv_kernel<<<dim3(ceil_div(T, ATT_ROWS), KVH, B), ATT_ROWS * WARP, attention_smem_bytes(hd)>>>(
+        dqkv, dout, lse, delta, qkv, T, H, KVH, hd);
+    launchCheck();
+}
+
+inline void relu2_forward(floatX* out, const floatX* inp, size_t n) {
+    relu2_forward_kernel<<<ceil_div(n, THREADS), THREADS>>>(out, inp, n);
+    launchCheck();
+}
+
+inline void relu2_backward(floatX* dinp, const floatX* dout, const floatX* inp, size_t n) {
+    relu2_backward_kernel<<<ceil_div(n, THREADS), THREADS>>>(dinp, dout, inp, n);
+    launchCheck();
+}
+
+inline void residual_forward(floatX* x, const floatX* y, size_t n) {
+    residual_forward_kernel<<<ceil_div(n, THREADS), THREADS>>>(x, y, n);
+    launchCheck();
+}
+
+// In place: logits (N, Vp) become dlogits when write_grad.
+inline void softcap_cross_entropy(float* losses, floatX* logits, const int* targets, int N, int V, int Vp, float dloss,
+                                  bool write_grad) {
+    softcap_cross_entropy_kernel<<<N, CE_THREADS>>>(losses, logits, targets, V, Vp, dloss, write_grad);
+    launchCheck();
+}
+
+inline void loss_sum(float* total, const float* losses, int N) {
+    loss_sum_kernel<<<1, CE_THREADS>>>(total, losses, N);
+    launchCheck();
+}
+
+// partial is NORM_BLOCKS floats of scratch.
+inline void grad_norm(float* norm, float* clip_scale, float* partial, const float* grads, size_t n, float max_norm) {
+    grad_norm_partial_kernel<<<NORM_BLOCKS, NORM_THREADS>>>(partial, grads, n);
+    launchCheck();
+    grad_norm_final_kernel<<<1, WARP>>>(norm, clip_scale, partial, max_norm);
+    launchCheck();
+}
+
+inline void adamw_update(float* master, floatX* params, float* m, float* v, const float* grads, size_t n, float lr,
+                         float beta1, float beta2, float eps, float weight_decay, int step, const float* clip_scale) {
+    float bc1 = 1.0f - powf(beta1, (float)step), bc2 = 1.0f - powf(beta2, (float)step);
+    adamw_kernel<<<ceil_div(n, THREADS), THREADS>>>(master, params, m, v, grads, n, lr, beta1, beta2, bc1, bc2, eps,
+                                                    weight_decay, clip_scale);
+    launchCheck();
+}
+
+inline void copy_to_floatX(floatX* out, const float* inp, size_t n) {
+    copy_to_floatX_kernel<<<ceil_div(n, THREADS), THREADS>>>(out, inp, n);
+    launchCheck();
+}
+
+// ----------------------------------------------------------------------------
+// 3. The model: parameters, activations, forward, backward, update.
+
+// Activations of one micro-batch of B x T tokens (N = B*T), allocated once.
+// What the backward needs is kept per layer: the normalised inputs of the
+// attention and the FFN (and their rstd), qkv after RoPE and QK-norm (and
+// their rstd), the attention output and its lse, and the FFN's
+// pre-activation. The residual stream itself is one buffer updated in place:
+// no backward op needs it, only the normalised copies.
+struct Activations {
+    int B = 0, T = 0;
+    int *tokens = nullptr, *targets = nullptr;
+    floatX *x0 = nullptr, *residual = nullptr, *lnf = nullptr, *logits = nullptr;
+    float *x0_rstd = nullptr, *lnf_rstd = nullptr, *losses = nullptr;
+    struct Layer {
+        floatX *ln1, *qkv, *atty, *ln2, *fc_pre;
+        float *ln1_rstd, *qk_rstd, *lse, *ln2_rstd;
+    };
+    std::vector<Layer> layers;
+    // backward scratch, reused by every layer
+    floatX *dresidual = nullptr, *dwide = nullptr, *dnarrow = nullptr, *ffn_act = nullptr;
+    float* att_delta = nullptr;
+    size_t bytes = 0;
+};
+
+struct Model {
+    ModelConfig config;
+    std::vector<ParamTensor> tensors;
+    std::vector<size_t> offsets;  // of each tensor in the flat buffers
+    size_t num_params = 0;
+    float *master = nullptr, *grads = nullptr, *adam_m = nullptr, *adam_v = nullptr;
+    floatX* params = nullptr;  // what the matmuls read; aliases master in the FP32 build
+    Activations acts;
+    RopeTables rope;
+    EmbeddingSortScratch embedding_sort;
+    cublasHandle_t cublas = nullptr;
+    // step scalars on the device: read by the host only at logging steps
+    float *loss_total = nullptr, *grad_norm_value = nullptr, *clip_scale = nullptr, *norm_partial = nullptr;
+
+    const floatX* param(int tensor) const { return params + offsets[tensor]; }
+    float* grad(int tensor) const { return grads + offsets[tensor]; }
+    int tensor_index(const std::string& name) const {
+        for (size_t i = 0; i < tensors.size(); i++)
+            if (tensors[i].name == name) return (int)i;
+        fail("internal: no parameter tensor '%s'", name.c_str());
+    }
+};
+
+template <typename T>
+static T* device_alloc(size_t count, size_t* total) {
+    T* p = nullptr;
+    cudaCheck(cudaMalloc(&p, count * sizeof(T)));
+    *total += count * sizeof(T);
+    return p;
+}
+
+// Allocates everything a training run needs for micro-batches of B x T,
+// once. Returns the bytes allocated.
+inline size_t model_allocate(Model* model, int B, int T) {
+    const ModelConfig& c = model->config;
+    model->tensors = parameter_tensors(c);
+    model->offsets.clear();
+    model->num_params = 0;
+    for (const ParamTensor& t : model->tensors) {
+        model->offsets.push_back(model->num_params);
+        model->num_params += (size_t)t.numel();
+    }
+    size_t total = 0, n = model->num_params;
+    model->master = device_alloc<float>(n, &total);
+    model->grads = device_alloc<float>(n, &total);
+    model->adam_m = device_alloc<float>(n, &total);
+    model->adam_v = device_alloc<float>(n, &total);
+#ifdef ENABLE_FP32
+    model->params = model->master;
+#else
+    model->params = device_alloc<floatX>(n, &total);
+#endif
+    cudaCheck(cudaMemset(model->adam_m, 0, n * sizeof(float)));
+    cudaCheck(cudaMemset(model->adam_v, 0, n * sizeof(float)));
+    cudaCheck(cudaMemset(model->grads, 0, n * sizeof(float)));
+
+    Activations& a = model->acts;
+    const size_t N = (size_t)B * T, C = c.n_embd, Vp = c.padded_vocab();
+    const size_t qkv_width = (size_t)(c.n_head + 2 * c.n_kv_head) * c.head_dim(), ffn = 4 * C;
+    a.B = B;
+    a.T = T;
+    size_t bytes = 0;
+    a.tokens = device_alloc<int>(N, &bytes);
+    a.targets = device_alloc<int>(N, &bytes);
+    a.x0 = device_alloc<floatX>(N * C, &bytes);
+    a.x0_rstd = device_alloc<float>(N, &bytes);
+    a.residual = device_alloc<floatX>(N * C, &bytes);
+    a.layers.resize(c.n_layer);
+    for (auto& L : a.layers) {
+        L.ln1 = device_alloc<floatX>(N * C, &bytes);
+        L.ln1_rstd = device_alloc<float>(N, &bytes);
+        L.qkv = device_alloc<floatX>(N * qkv_width, &bytes);
+        L.qk_rstd = device_alloc<float>(N * (c.n_head + c.n_kv_head), &bytes);
+        L.atty = device_alloc<floatX>(N * C, &bytes);
+        L.lse = device_alloc<float>(N * c.n_head, &bytes);
+        L.ln2 = device_alloc<floatX>(N * C, &bytes);
+        L.ln2_rstd = device_alloc<float>(N, &bytes);
+        L.fc_pre = device_alloc<floatX>(N * ffn, &bytes);
+    }
+    a.lnf = device_alloc<floatX>(N * C, &bytes);
+    a.lnf_rstd = device_alloc<float>(N, &bytes);
+    a.logits = device_alloc<floatX>(N * Vp, &bytes);
+    a.losses = device_alloc<float>(N, &bytes);
+    a.dresidual = device_alloc<floatX>(N * C, &bytes);
+    a.dwide = device_alloc<floatX>(N * std::max(ffn, qkv_width), &bytes);
+    a.dnarrow = device_alloc<floatX>(N * C, &bytes);
+    a.ffn_act = device_alloc<floatX>(N * ffn, &bytes);
+    a.att_delta = device_alloc<float>(N * c.n_head, &bytes);
+    a.bytes = bytes;
+    total += bytes;
+
+    model->rope.allocate(T, c.head_dim());
+    model->embedding_sort.allocate((int)N, c.vocab_size);
+    model->loss_total = device_alloc<float>(1, &total);
+    model->grad_norm_value = device_alloc<float>(1, &total);
+    model->clip_scale = device_alloc<float>(1, &total);
+    model->norm_partial = device_alloc<float>(NORM_BLOCKS, &total);
+    cublasCheck(cublasCreate(&model->cublas));
+    cublasCheck(cublasSetMathMode(model->cublas, CUBLAS_DEFAULT_MATH));  // no TF32 in the FP32 build
+    if (c.head_dim() % 2 != 0 || c.head_dim() > ATT_MAX_DIMS_PER_LANE * WARP)
+        fail("head dim %d: the attention kernels need an even head dim <= %d", c.head_dim(),
+             ATT_MAX_DIMS_PER_LANE * WARP);
+    attention_setup(c.head_dim());
+    return total;
+}
+
+// SPEC init (model_config.h gives each tensor its std), drawn on the host
+// from the seed in storage order, so it is the same on every GPU.
+inline void model_init_parameters(Model* model, uint64_t seed) {
+    std::vector<float> host(model->num_params);
+    Rng rng(seed_mix(seed, 0x1417));
+    for (size_t t = 0; t < model->tensors.size(); t++) {
+        const ParamTensor& p = model->tensors[t];
+        float* w = host.data() + model->offsets[t];
+        int64_t real = (p.rows - p.padding_rows) * p.cols;
+        for (int64_t i = 0; i < p.numel(); i++) {
+            if (i >= real || p.init_std == 0.0) { w[i] = 0.0f; continue; }
+            double u1 = rng.uniform(), u2 = rng.uniform();  // Box-Muller
+            w[i] = (float)(p.init_std * std::sqrt(-2.0 * std::log(1.0 - u1)) * std::cos(2.0 * M_PI * u2));
+        }
+    }
+    cudaCheck(cudaMemcpy(model->master, host.data(), host.size() * sizeof(float), cudaMemcpyHostToDevice));
+    copy_to_floatX(model->params, model->master, model->num_params);
+}
+
+// Forward pass on B' x T' tokens (B' <= B, T' <= T) already in acts.tokens.
+// With targets, the per-token losses are added into *loss_total; with
+// `backward_next`, the logits are turned into dlogits for dloss = the
+// weight of one token in the step's mean loss.
+inline void model_forward(Model* model, int B, int T, bool with_targets, bool backward_next, float dloss) {
+    const ModelConfig& c = model->config;
+    Activations& a = model->acts;
+    cublasHandle_t h = model->cublas;
+    const int N = B * T, C = c.n_embd, H = c.n_head, KVH = c.n_kv_head, hd = c.head_dim();
+    const int qkv_width = (H + 2 * KVH) * hd, ffn = 4 * C;
+    int t = 0;  // tensor cursor: the storage order is the order of use
+    embedding_forward(a.residual, a.tokens, model->param(t++), N, C);
+    rmsnorm_forward(a.x0, a.x0_rstd, a.residual, N, C);
+    cudaCheck(cudaMemcpyAsync(a.residual, a.x0, (size_t)N * C * sizeof(floatX), cudaMemcpyDeviceToDevice));
+    for (int l = 0; l < c.n_layer; l++) {
+        Activations::Layer& L = a.layers[l];
+        rmsnorm_forward(L.ln1, L.ln1_rstd, a.residual, N, C);
+        matmul_forward(h, L.qkv, L.ln1, model->param(t), N, C, qkv_width);  // wq, wk, wv are adjacent
+        t += 3;
+        rope_qknorm_forward(L.qkv, L.qk_rstd, model->rope, B, T, H, KVH, hd);
+        attention_forward(L.atty, L.lse, L.qkv, B, T, H, KVH, hd);
+        matmul_forward(h, a.dnarrow, L.atty, model->param(t++), N, C, C);
+        residual_forward(a.residual, a.dnarrow, (size_t)N * C);
+        rmsnorm_forward(L.ln2, L.ln2_rstd, a.residual, N, C);
+        matmul_forward(h, L.fc_pre, L.ln2, model->param(t++), N, C, ffn);
+        relu2_forward(a.ffn_act, L.fc_pre, (size_t)N * ffn);
+        matmul_forward(h, a.dnarrow, a.ffn_act, model->param(t++), N, ffn, C);
+        residual_forward(a.residual, a.dnarrow, (size_t)N * C);
+    }
+    rmsnorm_forward(a.lnf, a.lnf_rstd, a.residual, N, C);
+    matmul_forward(h, a.logits, a.lnf, model->param(t), N, C, c.padded_vocab());
+    if (with_targets) {
+        softcap_cross_entropy(a.losses, a.logits, a.targets, N, c.vocab_size, c.padded_vocab(), dloss, backward_next);
+        loss_sum(model->loss_total, a.losses, N);
+    }
+}
+
+// Backward of the last forward (which ran with backward_next): adds this
+// micro-batch's gradients into model->grads.
+inline void model_backward(Model* model) {
+    const ModelConfig& c = model->config;
+    Activations& a = model->acts;
+    cublasHandle_t h = model->cublas;
+    const int B = a.B, T = a.T, N = B * T, C = c.n_embd, H = c.n_head, KVH = c.n_kv_head, hd = c.head_dim();
+    const int qkv_width = (H + 2 * KVH) * hd, ffn = 4 * C;
+    int t = (int)model->tensors.size() - 1;  // lm_head; walk the storage order backwards
+    cudaCheck(cudaMemsetAsync(a.dresidual, 0, (size_t)N * C * sizeof(floatX)));
+    matmul_backward(h, a.dnarrow, model->grad(t), a.logits, a.lnf, model->param(t), N, C, c.padded_vocab());
+    t--;
+    rmsnorm_backward(a.dresidual, a.dnarrow, a.lnf, a.lnf_rstd, N, C);
+    for (int l = c.n_layer - 1; l >= 0; l--) {
+        Activations::Layer& L = a.layers[l];
+        // FFN: x += relu2(ln2 @ fc^T) @ proj^T
+        relu2_forward(a.ffn_act, L.fc_pre, (size_t)N * ffn);  // recomputed, not stored
+        matmul_backward(h, a.dwide, model->grad(t), a.dresidual, a.ffn_act, model->param(t), N, ffn, C);
+        t--;
+        relu2_backward(a.dwide, a.dwide, L.fc_pre, (size_t)N * ffn);
+        matmul_backward(h, a.dnarrow, model->grad(t), a.dwide, L.ln2, model->param(t), N, C, ffn);
+        t--;
+        rmsnorm_backward(a.dresidual, a.dnarrow, L.ln2, L.ln2_rstd, N, C);
+        // attention: x += attention(rope_qknorm(ln1 @ wqkv^T)) @ wo^T
+        matmul_backward(h, a.dnarrow, model->grad(t), a.dresidual, L.atty, model->param(t), N, C, C);
+        t--;
+        attention_backward(a.dwide, a.dnarrow, L.atty, L.lse, L.qkv, a.att_delta, B, T, H, KVH, hd);
+        rope_qknorm_backward(a.dwide, L.qkv, L.qk_rstd, model->rope, B, T, H, KVH, hd);
+        t -= 2;  // wq, wk, wv as one matrix starting at wq
+        matmul_backward(h, a.dnarrow, model->grad(t), a.dwide, L.ln1, model->param(t), N, C, qkv_width);
+        t--;
+        rmsnorm_backward(a.dresidual, a.dnarrow, L.ln1, L.ln1_rstd, N, C);
+    }
+    // the embedding's RMSNorm, then the lookup
+    cudaCheck(cudaMemsetAsync(a.dnarrow, 0, (size_t)N * C * sizeof(floatX)));
+    rmsnorm_backward(a.dnarrow, a.dresidual, a.x0, a.x0_rstd, N, C);
+    embedding_backward(model->grad(t), a.tokens, a.dnarrow, N, C, model->embedding_sort);
+}
+
+// Global-norm clipping and AdamW over every tensor; weight decay on the
+// matrices only (model_config.h marks them).
+inline void model_update(Model* model, float lr, float weight_decay, float max_grad_norm, int step) {
+    grad_norm(model->grad_norm_value, model->clip_scale, model->norm_partial, model->grads, model->num_params,
+              max_grad_norm);
+    for (size_t i = 0; i < model->tensors.size(); i++) {
+        size_t off = model->offsets[i], n = (size_t)model->tensors[i].numel();
+        float wd = model->tensors[i].is_matmul ? weight_decay : 0.0f;
+        adamw_update(model->master + off, model->params + off, model->adam_m + off, model->adam_v + off,
+                     model->grads + off, n, lr, 0.9f, 0.95f, 1e-8f, wd, step, model->clip_scale);
+    }
+}
+
+inline void model_free(Model* model) {
+    Activations& a = model->acts;
+    for (auto& L : a.layers)
+        for (void* p : {(void*)L.ln1, (void*)L.ln1_rstd, (void*)L.qkv, (void*)L.qk_rstd, (void*)L.atty, (void*)L.lse,
+                        (void*)L.ln2, (void*)L.ln2_rstd, (void*)L.fc_pre})
+            cudaCheck(cudaFree(p));
+    for (void* p : {(void*)a.tokens, (void*)a.targets, (void*)a.x0, (void*)a.x0_rstd, (void*)a.residual, (void*)a.lnf,
+                    (void*)a.lnf_rstd, (void*)a.logits, (void*)a.losses, (void*)a.dresidual, (void*)a.dwide,
+                    (void*)a.dnarrow, (void*)a.ffn_act, (void*)a.att_delta, (void*)model->master, (void*)model->grads,
+                    (void*)model->adam_m, (void*)model->adam_v, (void*)model->loss_total, (void*)model->grad_norm_value,
+                    (void*)model->clip_scale, (void*)model->norm_partial})
+        cudaCheck(cudaFree(p));
+#ifndef ENABLE_FP32
+    cudaCheck(cudaFree(model->params));
+#endif
+    model->rope.release();
+    model->embedding_sort.release();
+    cublasCheck(cublasDestroy(model->cublas));
 }

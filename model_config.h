@@ -7,6 +7,8 @@
 // truth with the CUDA code that will allocate these tensors.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <string>
@@ -50,14 +52,24 @@ inline std::string model_preset(const std::string& name, ModelConfig* c) {
 }
 
 // One parameter tensor: rows x cols (a vector has rows = 1), how many of it
-// a token uses on average, and whether it gets weight decay.
+// a token uses on average, whether it gets weight decay, and its init.
 struct ParamTensor {
     std::string name;
     int64_t rows, cols;
-    double active;   // fraction of the tensor one token's forward pass touches
-    bool is_matmul;  // multiplied against activations (counts in FLOPs, gets weight decay)
+    double active;    // fraction of the tensor one token's forward pass touches
+    bool is_matmul;   // multiplied against activations (counts in FLOPs, gets weight decay)
+    double init_std;  // N(0, init_std^2) at init; 0 = zeros
+    int64_t padding_rows = 0;  // trailing rows that only pad the shape (zero, never trained)
     int64_t numel() const { return rows * cols; }
 };
+
+// SPEC init: a matrix mapping fan_in -> fan_out features starts at
+// N(0, 1/fan_in) * min(1, sqrt(fan_out/fan_in)); the layers that write into
+// the residual stream (attention out, FFN/expert down-projections) and the
+// lm_head start at zero, so the model starts as the identity on its input.
+inline double matrix_init_std(int64_t fan_out, int64_t fan_in) {
+    return std::sqrt(1.0 / fan_in) * std::min(1.0, std::sqrt((double)fan_out / fan_in));
+}
 
 // The parameters in storage order. Matrices are stored (out, in). The token
 // embedding is a lookup (no FLOPs). Each MoE layer holds a router (E x C),
@@ -66,27 +78,27 @@ struct ParamTensor {
 inline std::vector<ParamTensor> parameter_tensors(const ModelConfig& c) {
     const int64_t C = c.n_embd, kv = (int64_t)c.n_kv_head * c.head_dim();
     std::vector<ParamTensor> p;
-    p.push_back({"wte", c.vocab_size, C, 1.0, false});
+    p.push_back({"wte", c.vocab_size, C, 1.0, false, 1.0});
     for (int l = 0; l < c.n_layer; l++) {
         std::string L = "h" + std::to_string(l) + ".";
-        p.push_back({L + "attn.wq", C, C, 1.0, true});
-        p.push_back({L + "attn.wk", kv, C, 1.0, true});
-        p.push_back({L + "attn.wv", kv, C, 1.0, true});
-        p.push_back({L + "attn.wo", C, C, 1.0, true});
+        p.push_back({L + "attn.wq", C, C, 1.0, true, matrix_init_std(C, C)});
+        p.push_back({L + "attn.wk", kv, C, 1.0, true, matrix_init_std(kv, C)});
+        p.push_back({L + "attn.wv", kv, C, 1.0, true, matrix_init_std(kv, C)});
+        p.push_back({L + "attn.wo", C, C, 1.0, true, 0.0});
         if (!c.is_moe_layer(l)) {
-            p.push_back({L + "mlp.fc", 4 * C, C, 1.0, true});
-            p.push_back({L + "mlp.proj", C, 4 * C, 1.0, true});
+            p.push_back({L + "mlp.fc", 4 * C, C, 1.0, true, matrix_init_std(4 * C, C)});
+            p.push_back({L + "mlp.proj", C, 4 * C, 1.0, true, 0.0});
             continue;
         }
         const int64_t E = c.n_experts;
         double used = (double)c.router.top_k / E;
-        p.push_back({L + "moe.router", E, C, 1.0, true});
-        p.push_back({L + "moe.shared.fc", 2 * C, C, 1.0, true});
-        p.push_back({L + "moe.shared.proj", C, 2 * C, 1.0, true});
-        p.push_back({L + "moe.experts.fc", E * 2 * C, C, used, true});
-        p.push_back({L + "moe.experts.proj", E * C, 2 * C, used, true});
+        p.push_back({L + "moe.router", E, C, 1.0, true, std::sqrt(1.0 / C)});
+        p.push_back({L + "moe.shared.fc", 2 * C, C, 1.0, true, matrix_init_std(2 * C, C)});
+        p.push_back({L + "moe.shared.proj", C, 2 * C, 1.0, true, 0.0});
+        p.push_back({L + "moe.experts.fc", E * 2 * C, C, used, true, matrix_init_std(2 * C, C)});
+        p.push_back({L + "moe.experts.proj", E * C, 2 * C, used, true, 0.0});
     }
-    p.push_back({"lm_head", c.vocab_size, C, 1.0, true});
+    p.push_back({"lm_head", c.padded_vocab(), C, 1.0, true, 0.0, c.padded_vocab() - c.vocab_size});
     return p;
 }
 
@@ -97,9 +109,10 @@ struct ParamCounts {
 inline ParamCounts count_parameters(const ModelConfig& c) {
     ParamCounts n;
     for (const ParamTensor& t : parameter_tensors(c)) {
-        n.total += (double)t.numel();
-        n.active += t.active * t.numel();
-        if (t.is_matmul) n.active_matmul += t.active * t.numel();
+        double real = (double)(t.rows - t.padding_rows) * t.cols;
+        n.total += real;
+        n.active += t.active * real;
+        if (t.is_matmul) n.active_matmul += t.active * real;
     }
     return n;
 }

@@ -65,7 +65,6 @@ struct Options {
     double final_lr_frac = 0.0;
     int schedule = 0;
     double warmdown_frac = 0.2, weight_decay = 0.1, grad_clip = 1.0;
-    int recompute = 0;
     int val_every = 250, val_batches = 20, sample_every = 1000, sample_tokens = 64, log_every = 10;
     int seed = 1337, synthetic_vocab = GPT2_VOCAB;
 };
@@ -114,7 +113,6 @@ static std::vector<Flag> flag_table(Options& o) {
         {"-wd", "optim", Flag::Real, &o.warmdown_frac, 0, 1, nullptr, "wsd: fraction of the run spent in the warm-down"},
         {"-c", "optim", Flag::Real, &o.weight_decay, 0, 10, nullptr, "AdamW weight decay (matrices only)"},
         {"-gc", "optim", Flag::Real, &o.grad_clip, 0, 1e6, nullptr, "clip the global gradient norm to this (0: off)"},
-        {"-rc", "optim", Flag::Int, &o.recompute, 0, 1, nullptr, "1: recompute activations in backward to save memory"},
         {"-v", "eval", Flag::Int, &o.val_every, 0, 1e9, nullptr, "validate every N steps (0: off)"},
         {"-vm", "eval", Flag::Int, &o.val_batches, 1, 1e9, nullptr, "validation micro-batches per evaluation"},
         {"-s", "eval", Flag::Int, &o.sample_every, 0, 1e9, nullptr, "print a sample every N steps (0: off)"},
@@ -371,9 +369,223 @@ static void print_config(const Options& o, const ModelConfig& c, const DataSourc
     fflush(stdout);
 }
 
+// ----------------------------------------------------------------------------
+// Learning-rate schedule: linear warm-up to the peak, then cosine decay or
+// constant-then-linear warm-down to final_lr_frac x peak.
+
+static int warmup_steps(const Options& o, int steps) { return o.warmup >= 0 ? o.warmup : std::min(700, steps / 10); }
+
+static float learning_rate(const Options& o, int step, int steps) {
+    int warmup = warmup_steps(o, steps);
+    double peak = o.lr, floor = o.lr * o.final_lr_frac;
+    if (step < warmup) return (float)(peak * (step + 1) / warmup);
+    double progress = (double)(step - warmup) / std::max(1, steps - warmup);
+    if (o.schedule == 0) return (float)(floor + 0.5 * (1.0 + std::cos(M_PI * progress)) * (peak - floor));
+    int warmdown_start = steps - (int)(o.warmdown_frac * steps);
+    if (step < warmdown_start) return (float)peak;
+    return (float)(peak + (floor - peak) * (double)(step - warmdown_start) / std::max(1, steps - warmdown_start));
+}
+
+// ----------------------------------------------------------------------------
+// Checkpoints: everything a bit-exact resume needs. A header of int64
+// fields, then the fp32 master weights and both AdamW moments (the bf16
+// weights are re-derived from the master copy). Written to a temp file and
+// renamed, so a crash mid-write never damages the last good checkpoint.
+
+static const int64_t CHECKPOINT_MAGIC = 0x7472616E5F65745FLL;  // "train_et_"
+enum CheckpointField {
+    CK_MAGIC, CK_VERSION, CK_STEP, CK_NUM_PARAMS, CK_LAYERS, CK_EMBD, CK_HEADS, CK_KV_HEADS, CK_VOCAB, CK_EXPERTS,
+    CK_BATCH, CK_SEQ_LEN, CK_TOTAL_BATCH, CK_WORLD, CK_SEED, CK_EPOCH, CK_SHARD_POS, CK_ROUND, CK_RNG0,
+    CK_HEADER_FIELDS = CK_RNG0 + 4 + 8  // room to grow
+};
+
+struct TrainState {
+    int step = 0;  // steps completed
+    LoaderPosition data;
+    Rng sample_rng{0};
+};
+
+static std::string checkpoint_path(const std::string& dir, int step) {
+    return string_format("%s/ckpt_%08d.bin", dir.c_str(), step);
+}
+
+static void write_all(FILE* f, const void* data, size_t bytes, const std::string& path) {
+    if (fwrite(data, 1, bytes, f) != bytes) fail("%s: write failed (disk full?)", path.c_str());
+}
+
+static void save_checkpoint(const Options& o, const Model& model, const TrainState& st, int world, float* host_buffer) {
+    const ModelConfig& c = model.config;
+    int64_t h[CK_HEADER_FIELDS] = {};
+    h[CK_MAGIC] = CHECKPOINT_MAGIC; h[CK_VERSION] = 1; h[CK_STEP] = st.step; h[CK_NUM_PARAMS] = (int64_t)model.num_params;
+    h[CK_LAYERS] = c.n_layer; h[CK_EMBD] = c.n_embd; h[CK_HEADS] = c.n_head; h[CK_KV_HEADS] = c.n_kv_head;
+    h[CK_VOCAB] = c.vocab_size; h[CK_EXPERTS] = c.n_experts; h[CK_BATCH] = o.batch; h[CK_SEQ_LEN] = o.seq_len;
+    h[CK_TOTAL_BATCH] = o.total_batch; h[CK_WORLD] = world; h[CK_SEED] = o.seed;
+    h[CK_EPOCH] = (int64_t)st.data.epoch; h[CK_SHARD_POS] = (int64_t)st.data.shard_pos; h[CK_ROUND] = (int64_t)st.data.round;
+    for (int i = 0; i < 4; i++) h[CK_RNG0 + i] = (int64_t)st.sample_rng.s[i];
+    std::string path = checkpoint_path(o.out_dir, st.step), tmp = path + ".tmp";
+    FILE* f = fopen(tmp.c_str(), "wb");
+    if (!f) fail("%s: cannot create (%s)", tmp.c_str(), strerror(errno));
+    write_all(f, h, sizeof(h), tmp);
+    for (const float* buf : {model.master, model.adam_m, model.adam_v}) {
+        cudaCheck(cudaMemcpy(host_buffer, buf, model.num_params * sizeof(float), cudaMemcpyDeviceToHost));
+        write_all(f, host_buffer, model.num_params * sizeof(float), tmp);
+    }
+    if (fclose(f) != 0) fail("%s: write failed (disk full?)", tmp.c_str());
+    if (rename(tmp.c_str(), path.c_str()) != 0) fail("%s: rename failed (%s)", path.c_str(), strerror(errno));
+    if (o.checkpoints_kept > 0) {
+        std::vector<std::string> all = glob_sorted(o.out_dir + "/ckpt_*.bin");
+        for (size_t i = 0; i + o.checkpoints_kept < all.size(); i++) remove(all[i].c_str());
+    }
+}
+
+static void read_all(FILE* f, void* data, size_t bytes, const std::string& path) {
+    if (fread(data, 1, bytes, f) != bytes) fail("%s: truncated checkpoint", path.c_str());
+}
+
+// Loads the newest checkpoint of -o into the model; the settings that
+// shape the model or the data stream must match, or the resume would not
+// be the same run.
+static TrainState load_checkpoint(const Options& o, Model* model, int world, float* host_buffer) {
+    std::vector<std::string> all = glob_sorted(o.out_dir + "/ckpt_*.bin");
+    if (all.empty()) fail("-y 1: no checkpoint (ckpt_*.bin) in %s", o.out_dir.c_str());
+    const std::string& path = all.back();
+    FILE* f = fopen(path.c_str(), "rb");
+    if (!f) fail("%s: cannot open (%s)", path.c_str(), strerror(errno));
+    int64_t h[CK_HEADER_FIELDS];
+    read_all(f, h, sizeof(h), path);
+    if (h[CK_MAGIC] != CHECKPOINT_MAGIC || h[CK_VERSION] != 1) fail("%s: not a train_et checkpoint (version 1)", path.c_str());
+    const ModelConfig& c = model->config;
+    struct { int field; int64_t want; const char* what; } checks[] = {
+        {CK_LAYERS, c.n_layer, "-m (layers)"}, {CK_EMBD, c.n_embd, "-m (width)"}, {CK_HEADS, c.n_head, "-m (heads)"},
+        {CK_KV_HEADS, c.n_kv_head, "-kv"}, {CK_VOCAB, c.vocab_size, "the data's vocab size"},
+        {CK_EXPERTS, c.n_experts, "-e"}, {CK_BATCH, o.batch, "-b"}, {CK_SEQ_LEN, o.seq_len, "-t"},
+        {CK_TOTAL_BATCH, o.total_batch, "-d"}, {CK_WORLD, world, "the number of processes"}, {CK_SEED, o.seed, "-sd"},
+        {CK_NUM_PARAMS, (int64_t)model->num_params, "the parameter count"}};
+    for (const auto& k : checks)
+        if (h[k.field] != k.want)
+            fail("%s: was written with %s = %lld, this run has %lld; resume with the same settings", path.c_str(),
+                 k.what, (long long)h[k.field], (long long)k.want);
+    for (float* buf : {model->master, model->adam_m, model->adam_v}) {
+        read_all(f, host_buffer, model->num_params * sizeof(float), path);
+        cudaCheck(cudaMemcpy(buf, host_buffer, model->num_params * sizeof(float), cudaMemcpyHostToDevice));
+    }
+    fclose(f);
+    copy_to_floatX(model->params, model->master, model->num_params);
+    TrainState st;
+    st.step = (int)h[CK_STEP];
+    st.data.epoch = (uint64_t)h[CK_EPOCH];
+    st.data.shard_pos = (uint64_t)h[CK_SHARD_POS];
+    st.data.round = (uint64_t)h[CK_ROUND];
+    for (int i = 0; i < 4; i++) st.sample_rng.s[i] = (uint64_t)h[CK_RNG0 + i];
+    printf("resumed  %s (step %d)\n", path.c_str(), st.step);
+    return st;
+}
+
+// ----------------------------------------------------------------------------
+// The training run.
+
+// Feeds micro-batches to the GPU without a host-device sync: two pinned
+// host buffers take turns; before refilling one, the host waits only for
+// the copy that last read it.
+struct BatchFeeder {
+    int* host[2][2] = {};  // [buffer][inputs, targets]
+    cudaEvent_t copied[2];
+    int next = 0;
+    size_t count = 0;
+
+    void allocate(size_t tokens) {
+        count = tokens;
+        for (int b = 0; b < 2; b++) {
+            for (int k = 0; k < 2; k++) cudaCheck(cudaMallocHost(&host[b][k], tokens * sizeof(int)));
+            cudaCheck(cudaEventCreateWithFlags(&copied[b], cudaEventDisableTiming));
+            cudaCheck(cudaEventRecord(copied[b]));
+        }
+    }
+    void feed(DataLoader& loader, Activations& acts) {
+        cudaCheck(cudaEventSynchronize(copied[next]));
+        loader.next_batch(host[next][0], host[next][1]);
+        cudaCheck(cudaMemcpyAsync(acts.tokens, host[next][0], count * sizeof(int), cudaMemcpyHostToDevice));
+        cudaCheck(cudaMemcpyAsync(acts.targets, host[next][1], count * sizeof(int), cudaMemcpyHostToDevice));
+        cudaCheck(cudaEventRecord(copied[next]));
+        next ^= 1;
+    }
+};
+
+// Mean loss over `batches` validation micro-batches (from the start of the
+// validation data each time, so every evaluation sees the same tokens).
+static float evaluate(Model* model, DataLoader& val, BatchFeeder& feeder, int batches) {
+    val.reset();
+    cudaCheck(cudaMemset(model->loss_total, 0, sizeof(float)));
+    for (int i = 0; i < batches; i++) {
+        feeder.feed(val, model->acts);
+        model_forward(model, model->acts.B, model->acts.T, true, false, 0.0f);
+    }
+    float total = 0;
+    cudaCheck(cudaMemcpy(&total, model->loss_total, sizeof(float), cudaMemcpyDeviceToHost));
+    return total / ((float)batches * model->acts.B * model->acts.T);
+}
+
+// Samples `length` tokens after an EOT, recomputing the whole prefix for
+// each new token (simple; sampling is rare). Softmax over the soft-capped
+// logits of the real vocab, temperature 1.
+static std::vector<int> sample(Model* model, int length, int eot, Rng& rng, std::vector<floatX>& logits_row) {
+    const ModelConfig& c = model->config;
+    std::vector<int> seq = {eot};
+    std::vector<double> p(c.vocab_size);
+    while ((int)seq.size() <= length && (int)seq.size() <= model->acts.T) {
+        int T = (int)seq.size();
+        cudaCheck(cudaMemcpy(model->acts.tokens, seq.data(), T * sizeof(int), cudaMemcpyHostToDevice));
+        model_forward(model, 1, T, false, false, 0.0f);
+        cudaCheck(cudaMemcpy(logits_row.data(), model->acts.logits + (size_t)(T - 1) * c.padded_vocab(),
+                             c.padded_vocab() * sizeof(floatX), cudaMemcpyDeviceToHost));
+        double max = -1e30, sum = 0;
+        for (int j = 0; j < c.vocab_size; j++) {
+            p[j] = 15.0 * std::tanh((double)(float)logits_row[j] / 15.0);
+            max = std::max(max, p[j]);
+        }
+        for (int j = 0; j < c.vocab_size; j++) sum += (p[j] = std::exp(p[j] - max));
+        double u = rng.uniform() * sum;
+        int next = 0;
+        for (double acc = p[0]; acc < u && next + 1 < c.vocab_size; acc += p[++next]) {}
+        seq.push_back(next);
+    }
+    return std::vector<int>(seq.begin() + 1, seq.end());
+}
+
+// Prints to the console and to <out>/train.log; JSON lines go to train.jsonl.
+struct RunLog {
+    FILE *text = nullptr, *json = nullptr;
+    void open(const std::string& dir) {
+        text = fopen((dir + "/train.log").c_str(), "a");
+        json = fopen((dir + "/train.jsonl").c_str(), "a");
+        if (!text || !json) fail("-o: cannot write logs in %s (%s)", dir.c_str(), strerror(errno));
+    }
+    void print(const char* fmt, ...) {
+        char buf[4096];
+        va_list args;
+        va_start(args, fmt);
+        vsnprintf(buf, sizeof(buf), fmt, args);
+        va_end(args);
+        fputs(buf, stdout);
+        fputs(buf, text);
+        fflush(stdout);
+        fflush(text);
+    }
+    void record(const std::string& line) {
+        fprintf(json, "%s\n", line.c_str());
+        fflush(json);
+    }
+};
+
+static void make_dir(const std::string& dir) {
+    std::string cmd = "mkdir -p '" + dir + "'";
+    if (dir.find('\'') != std::string::npos || system(cmd.c_str()) != 0)
+        fail("-o: cannot create the output dir '%s'", dir.c_str());
+}
+
 int main(int argc, char** argv) {
     Options o = parse_flags(argc, argv);
-    ModelConfig model = model_from_options(o);
+    ModelConfig config = model_from_options(o);
     if (o.max_steps == 0) fail("-x: 0 steps; use a positive count, or -1 for one epoch");
     const int world = 1, rank = 0;  // one process per GPU: multi-GPU arrives with NCCL training
     int micro_tokens = o.batch * o.seq_len * world;
@@ -383,17 +595,21 @@ int main(int argc, char** argv) {
     int grad_accum = o.total_batch / micro_tokens;
     DataSources data;
     open_data(o, &data);
-    model.vocab_size = data.vocab_size;
+    config.vocab_size = data.vocab_size;
 
-    DataLoader train_loader;
+    DataLoader train_loader, val_loader;
     std::string err = train_loader.init(data.train.get(), o.batch, o.seq_len, rank, world, (uint64_t)o.seed, true);
     if (!err.empty()) fail("-i: %s", err.c_str());
+    if (data.val) {
+        err = val_loader.init(data.val.get(), o.batch, o.seq_len, rank, world, (uint64_t)o.seed, false);
+        if (!err.empty()) fail("-j: %s", err.c_str());
+    }
     size_t steps_per_epoch = train_loader.batches_per_epoch() / grad_accum;
     if (steps_per_epoch == 0)
         fail("-d: one epoch of the train data (%zu micro-batches) is less than one step of %d; use a smaller -d",
              train_loader.batches_per_epoch(), grad_accum);
     int steps = o.max_steps > 0 ? o.max_steps : (int)steps_per_epoch;
-    print_config(o, model, data, grad_accum, steps, steps_per_epoch);
+    print_config(o, config, data, grad_accum, steps, steps_per_epoch);
 
     GpuInfo gpu;
     err = gpu_open(rank, &gpu);
@@ -403,6 +619,109 @@ int main(int argc, char** argv) {
     printf("gpu      %s, %d SMs, %.0f GiB, compute capability %d.%d, peak bf16 %.0f TFLOP/s\n", gpu.prop.name,
            gpu.prop.multiProcessorCount, gpu.prop.totalGlobalMem / 1073741824.0, gpu.prop.major, gpu.prop.minor,
            gpu.peak_bf16_flops / 1e12);
-    printf("stopping after start-up: the training loop arrives with the dense transformer (model.cuh)\n");
+    if (config.n_experts > 0) {
+        printf("stopping after start-up: the MoE layers (router.cuh) are not built yet; -e 0 trains the dense model\n");
+        return 0;
+    }
+
+    Model model;
+    model.config = config;
+    size_t bytes = model_allocate(&model, o.batch, o.seq_len);
+    printf("memory   %.2f GiB on the GPU: weights, gradients and AdamW state %.2f GiB, activations %.2f GiB\n",
+           bytes / 1073741824.0, (bytes - model.acts.bytes) / 1073741824.0, model.acts.bytes / 1073741824.0);
+    int val_batches = data.val ? (int)std::min<size_t>(o.val_batches, val_loader.batches_per_epoch()) : 0;
+    BatchFeeder feeder;
+    feeder.allocate((size_t)o.batch * o.seq_len);
+    float* host_buffer = nullptr;  // for checkpoints: one array at a time
+    cudaCheck(cudaMallocHost(&host_buffer, model.num_params * sizeof(float)));
+    std::vector<floatX> logits_row(config.padded_vocab());
+    Tokenizer tokenizer;
+    if (!data.tokenizer_path.empty()) tokenizer.load(data.tokenizer_path);
+    make_dir(o.out_dir);
+    RunLog log;
+    log.open(o.out_dir);
+
+    TrainState st;
+    st.sample_rng = Rng(seed_mix((uint64_t)o.seed, 0x5A3E));
+    if (o.resume) {
+        st = load_checkpoint(o, &model, world, host_buffer);
+        train_loader.restore(st.data);
+    } else {
+        model_init_parameters(&model, (uint64_t)o.seed);
+    }
+
+    const double flops_per_token = training_flops_per_token(config);
+    const float dloss = 1.0f / ((float)o.total_batch);
+    double window_start = wall_seconds(), run_start = window_start;
+    int window_steps = 0;
+    for (; st.step < steps; ) {
+        int step = st.step;
+        bool last = step == steps - 1;
+        if (data.val && o.val_every > 0 && step % o.val_every == 0) {
+            float val_loss = evaluate(&model, val_loader, feeder, val_batches);
+            log.print("step %6d | val loss %.4f\n", step, val_loss);
+            log.record(string_format("{\"step\": %d, \"val_loss\": %.6f}", step, val_loss));
+            window_start = wall_seconds();
+            window_steps = 0;
+        }
+        if (o.sample_every > 0 && step > 0 && step % o.sample_every == 0) {
+            std::vector<int> ids = sample(&model, o.sample_tokens, config.vocab_size - 1, st.sample_rng, logits_row);
+            std::string text;
+            for (int id : ids) text += tokenizer.vocab_size() > id ? tokenizer.decode(id) : " " + std::to_string(id);
+            log.print("step %6d | sample:%s%s\n", step, tokenizer.vocab_size() ? "\n" : "", text.c_str());
+            window_start = wall_seconds();
+            window_steps = 0;
+        }
+
+        cudaCheck(cudaMemsetAsync(model.grads, 0, model.num_params * sizeof(float)));
+        cudaCheck(cudaMemsetAsync(model.loss_total, 0, sizeof(float)));
+        for (int micro = 0; micro < grad_accum; micro++) {
+            feeder.feed(train_loader, model.acts);
+            model_forward(&model, o.batch, o.seq_len, true, true, dloss);
+            model_backward(&model);
+        }
+        float lr = learning_rate(o, step, steps);
+        model_update(&model, lr, (float)o.weight_decay, (float)o.grad_clip, step + 1);
+        st.step++;
+        st.data = train_loader.position();
+        window_steps++;
+
+        bool checkpoint = last || (o.checkpoint_every > 0 && st.step % o.checkpoint_every == 0);
+        if (step % o.log_every == 0 || last || checkpoint) {
+            float loss_total = 0, norm = 0;
+            cudaCheck(cudaMemcpy(&loss_total, model.loss_total, sizeof(float), cudaMemcpyDeviceToHost));
+            cudaCheck(cudaMemcpy(&norm, model.grad_norm_value, sizeof(float), cudaMemcpyDeviceToHost));
+            float loss = loss_total / o.total_batch;
+            double now = wall_seconds(), dt = (now - window_start) / window_steps;
+            double tokens_per_s = o.total_batch / dt;
+            double mfu = gpu.peak_bf16_flops > 0 ? flops_per_token * tokens_per_s / gpu.peak_bf16_flops : 0;
+            double eta = dt * (steps - st.step);
+            log.print("step %6d/%d | loss %.4f | lr %.2e | norm %.3f | %.0f ms | %.0f tok/s | MFU %.1f%% | ETA %s\n",
+                      step, steps, loss, lr, norm, dt * 1e3, tokens_per_s, 100 * mfu, format_duration(eta).c_str());
+            log.record(string_format("{\"step\": %d, \"loss\": %.6f, \"lr\": %.6e, \"grad_norm\": %.6f, "
+                                     "\"step_ms\": %.3f, \"tokens_per_s\": %.1f, \"mfu\": %.5f}",
+                                     step, loss, lr, norm, dt * 1e3, tokens_per_s, mfu));
+            if (!std::isfinite(loss) || !std::isfinite(norm)) {
+                std::vector<std::string> saved = glob_sorted(o.out_dir + "/ckpt_*.bin");
+                fail("loss %.4f, gradient norm %.4f at step %d: training diverged. The last good checkpoint is %s "
+                     "(resume with -y 1, perhaps with a lower -l)", loss, norm, step,
+                     saved.empty() ? "none" : saved.back().c_str());
+            }
+            window_start = wall_seconds();
+            window_steps = 0;
+        }
+        if (checkpoint) {
+            save_checkpoint(o, model, st, world, host_buffer);
+            window_start = wall_seconds();
+            window_steps = 0;
+        }
+    }
+    if (data.val && o.val_every > 0) {
+        float val_loss = evaluate(&model, val_loader, feeder, val_batches);
+        log.print("step %6d | val loss %.4f (final)\n", steps, val_loss);
+        log.record(string_format("{\"step\": %d, \"val_loss\": %.6f}", steps, val_loss));
+    }
+    log.print("done: %d steps in %s\n", steps, format_duration(wall_seconds() - run_start).c_str());
+    model_free(&model);
     return 0;
 }

@@ -44,7 +44,8 @@ def run_module(namespace):
         except Exception as e:  # noqa: BLE001: every error is a failure to report
             failed += 1
             where = traceback.extract_tb(e.__traceback__)[-1]
-            reason = str(e) or type(e).__name__
+            reason = str(e) if isinstance(e, AssertionError) else f"{type(e).__name__}: {e}"
+            reason = " ".join(reason.split()) or "assertion failed"  # one line, whatever it quotes
             print(f"FAIL - {name}: {reason} (line {where.lineno})", flush=True)
     return 1 if failed else 0
 

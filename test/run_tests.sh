@@ -3,10 +3,11 @@
 # machine can run, counts the "ok / FAIL / skip" lines the test programs
 # print, and ends with one line "N passed, N failed, N skipped".
 #
-# A build is a test too: the CPU tests, and the CUDA program in both
-# precisions (nvcc compiles it without a GPU). GPU tests run only where a
-# CUDA device exists; elsewhere they are reported as skipped.
+# A build is a test too: the CPU tests, and the CUDA program and the GPU
+# tests in both precisions (nvcc compiles them without a GPU). GPU tests run
+# only where a CUDA device exists; elsewhere they are reported as skipped.
 set -u
+shopt -s nullglob
 cd "$(dirname "$0")/.."
 mkdir -p build
 passed=0
@@ -54,9 +55,11 @@ build() {
 
 echo "== builds"
 cpu_tests=$(ls test/test_*.cpp | sed 's|^test/|build/|; s|\.cpp$||')
+gpu_tests=$(ls test/gpu_test_*.cu 2>/dev/null | sed 's|^test/|build/|; s|\.cu$||' | sed 's|.*|&.bf16 &.fp32|')
 build "CPU tests" make --no-print-directory -s $cpu_tests
 build "train_et (BF16, the default)" make --no-print-directory -s train_et
 build "train_et (FP32)" make --no-print-directory -s build/train_et_fp32
+[ -n "$gpu_tests" ] && build "GPU tests (BF16 and FP32)" make --no-print-directory -s $gpu_tests
 
 echo "== CPU tests"
 for t in $cpu_tests; do
@@ -68,16 +71,14 @@ done
 
 echo "== GPU tests"
 if nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then
-    gpu_tests=$(ls test/gpu_test_*.cu 2>/dev/null)
-    if [ -z "$gpu_tests" ]; then
-        echo "(none yet: the first GPU parity tests arrive with the dense transformer)"
-    fi
     for t in $gpu_tests; do
-        bin=build/$(basename "$t" .cu)
-        build "$bin" make --no-print-directory -s "$bin" && run "$bin" "$bin"
+        if [ -x "$t" ]; then run "$t" "$t"; fi
+    done
+    for t in test/gpu_test_*.py; do
+        run "$t" python3 "$t"
     done
 else
-    echo "skip - GPU tests: no CUDA device on this machine"
+    echo "skip - GPU tests: no CUDA device on this machine ($(echo $gpu_tests test/gpu_test_*.py | wc -w) programs compiled or ready, not run)"
     skipped=$((skipped + 1))
 fi
 

@@ -16,7 +16,7 @@ from harness import REPO, Skip, main, shared_file
 
 TRAIN_ET = os.path.join(REPO, "train_et")
 FLAGS = ["-i", "-j", "-o", "-y", "-n", "-nk", "-sv", "-m", "-e", "-r", "-k", "-kv", "-eb", "-ew", "-ec", "-tb",
-         "-ta", "-tu", "-ep", "-er", "-b", "-t", "-d", "-x", "-l", "-u", "-q", "-a", "-wd", "-c", "-gc", "-rc",
+         "-ta", "-tu", "-ep", "-er", "-b", "-t", "-d", "-x", "-l", "-u", "-q", "-a", "-wd", "-c", "-gc",
          "-v", "-vm", "-s", "-g", "-li", "-sd", "-h"]
 SMALL = ["-m", "tiny", "-t", "64", "-b", "4", "-d", "256"]
 

@@ -1,0 +1,694 @@
+#!/usr/bin/env python3
+"""Prepare training data for train_et: GPT-2 BPE tokens in llm.c's binary shard format.
+
+The trainer never tokenizes: it reads shards of uint16 token ids written here,
+and a small id-to-bytes table it uses to print text samples.
+
+Subcommands:
+  fineweb    FineWeb-Edu from Hugging Face, or a local .jsonl/.txt file fully
+             offline, into shards of --shard-size tokens with EOT (50256) in
+             front of every document. Shard 0 is validation, the rest training.
+             Tokenizes in parallel and resumes after an interrupt with output
+             byte-identical to an uninterrupted run.
+  text       one text file the way llm.c prepared tiny shakespeare: split on
+             blank lines, EOT before each part, the first --val-tokens tokens
+             to <name>_val.bin and the rest to <name>_train.bin.
+  tokenizer  only the id-to-bytes table.
+
+File formats (llm.c's, byte for byte, all little-endian):
+  shard            256 x int32 header [20240520, 1, token count, 0, ...],
+                   then the tokens as uint16.
+  tokenizer table  256 x int32 header [20240328, 1, vocab size, 0, ...],
+                   then for each id in order: uint8 length, that many bytes.
+
+Examples:
+  python data/prepare.py fineweb                      # sample-10BT -> data/edu_fineweb10B
+  python data/prepare.py fineweb --input docs.jsonl --encoder encoder.json --vocab vocab.bpe
+  python data/prepare.py text tiny_shakespeare.txt    # -> data/tiny_shakespeare/
+  python data/prepare.py tokenizer data/gpt2_tokenizer.bin
+"""
+
+import argparse
+import array
+import contextlib
+import itertools
+import json
+import multiprocessing
+import os
+import signal
+import struct
+import sys
+from pathlib import Path
+
+try:
+    import tiktoken
+    from tqdm import tqdm
+except ImportError as missing:
+    sys.exit(f"error: the Python package {missing.name!r} is not installed; "
+             f"run: pip install -r {Path(__file__).resolve().parent / 'requirements.txt'}")
+
+EOT = 50256
+GPT2_VOCAB_SIZE = 50257
+# GPT-2's pre-tokenization pattern, in the equivalent faster form tiktoken's own gpt2 encoding uses.
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+
+HEADER_INTS = 256
+SHARD_MAGIC, SHARD_VERSION = 20240520, 1
+TOKENIZER_MAGIC, TOKENIZER_VERSION = 20240328, 1
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+FINEWEB_DATASET = "HuggingFaceFW/fineweb-edu"
+# config -> (default output directory under data/, nominal GPT-2 token count used for the ETA)
+FINEWEB_CONFIGS = {
+    "sample-10BT": ("edu_fineweb10B", 10 * 10**9),
+    "sample-100BT": ("edu_fineweb100B", 100 * 10**9),
+}
+STATE_FILE_NAME = "prepare_state.json"
+TOKENIZER_TABLE_NAME = "gpt2_tokenizer.bin"
+DOC_SPLITS = ("blank-line", "line", "none")
+
+
+class PrepareError(Exception):
+    """A problem the user can fix: reported as one line, without a traceback."""
+
+
+class Interrupted(Exception):
+    """The run was stopped before the end; every file already under its final name is complete."""
+
+
+# ---------------------------------------------------------------------------
+# The GPT-2 tokenizer
+
+
+def gpt2_char_to_byte():
+    """GPT-2's encoder.json spells every byte as a printable character.
+
+    Printable Latin-1 bytes stand for themselves; the 68 others (controls, space,
+    a few invisible ones) are shifted to chr(256), chr(257), ... in byte order.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    char_to_byte = {chr(byte): byte for byte in printable}
+    hidden = [byte for byte in range(256) if byte not in printable]
+    char_to_byte.update({chr(256 + n): byte for n, byte in enumerate(hidden)})
+    return char_to_byte
+
+
+def read_local_file(path, what):
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PrepareError(f"{what} not found: {path}; check the path") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise PrepareError(f"cannot read {what} {path}: {e}") from None
+
+
+def load_gpt2_from_files(encoder_path, vocab_path):
+    """Build the GPT-2 encoding from encoder.json and vocab.bpe, with no network.
+
+    We parse the files ourselves: tiktoken's own helper caches even local files in
+    a temp directory keyed by path, so an edited file could be served stale.
+    tiktoken merges by rank, so vocab.bpe's merge order must match the ids in
+    encoder.json; checking that catches a mismatched pair of files.
+    """
+    char_to_byte = gpt2_char_to_byte()
+
+    def spelled_to_bytes(spelled, where):
+        try:
+            return bytes(char_to_byte[char] for char in spelled)
+        except KeyError:
+            raise PrepareError(f"{where}: {spelled!r} is not a GPT-2 byte-level token; "
+                               f"pass GPT-2's encoder.json and vocab.bpe") from None
+
+    try:
+        encoder = json.loads(read_local_file(encoder_path, "--encoder file"))
+    except json.JSONDecodeError as e:
+        raise PrepareError(f"{encoder_path} is not valid JSON ({e.msg} at line {e.lineno}); "
+                           f"pass GPT-2's encoder.json as --encoder") from None
+    if not isinstance(encoder, dict) or encoder.get("<|endoftext|>") != EOT or len(encoder) != GPT2_VOCAB_SIZE:
+        raise PrepareError(f"{encoder_path} is not GPT-2's encoder.json ({GPT2_VOCAB_SIZE} entries, "
+                           f"<|endoftext|> = {EOT}); pass GPT-2's encoder.json as --encoder")
+    ranks = {spelled_to_bytes(spelled, encoder_path): token_id
+             for spelled, token_id in encoder.items() if spelled != "<|endoftext|>"}
+
+    merge_lines = read_local_file(vocab_path, "--vocab file").splitlines()
+    rank = 256  # ids below 256 are the single bytes
+    for line_number, line in enumerate(merge_lines, start=1):
+        if line_number == 1 and line.startswith("#version"):
+            continue
+        if not line:
+            continue
+        pair = line.split()
+        if len(pair) != 2 or ranks.get(spelled_to_bytes(pair[0] + pair[1], f"{vocab_path}:{line_number}")) != rank:
+            raise PrepareError(f"{vocab_path}:{line_number}: merge {line[:40]!r} does not match {encoder_path}; "
+                               f"pass the vocab.bpe that belongs to this encoder.json")
+        rank += 1
+    if rank != EOT:
+        raise PrepareError(f"{vocab_path} has {rank - 256} merges, GPT-2 has {EOT - 256}; pass GPT-2's vocab.bpe")
+
+    return tiktoken.Encoding(name="gpt2-local-files", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": EOT}, explicit_n_vocab=GPT2_VOCAB_SIZE)
+
+
+def load_gpt2(encoder_path, vocab_path):
+    if encoder_path is None and vocab_path is None:
+        try:
+            return tiktoken.get_encoding("gpt2")
+        except Exception as e:  # tiktoken downloads the files on first use; any failure means the same fix
+            raise PrepareError(f"could not get tiktoken's GPT-2 encoding ({first_line(e)}); "
+                               f"offline, pass --encoder encoder.json --vocab vocab.bpe") from None
+    if encoder_path is None or vocab_path is None:
+        raise PrepareError("--encoder and --vocab go together: pass both GPT-2 files (encoder.json and vocab.bpe)")
+    return load_gpt2_from_files(encoder_path, vocab_path)
+
+
+def first_line(error):
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
+# ---------------------------------------------------------------------------
+# Writing files
+
+
+def file_header(magic, version, count):
+    return struct.pack("<3i", magic, version, count) + bytes(4 * (HEADER_INTS - 3))
+
+
+def tokens_to_bytes(tokens):
+    """Token ids as uint16 little-endian bytes (every GPT-2 id fits in 16 bits)."""
+    packed = array.array("H", tokens)
+    if sys.byteorder == "big":
+        packed.byteswap()
+    return packed.tobytes()
+
+
+def bytes_to_tokens(data):
+    tokens = array.array("H")
+    tokens.frombytes(data)
+    if sys.byteorder == "big":
+        tokens.byteswap()
+    return tokens.tolist()
+
+
+def write_atomically(path, *parts):
+    """Write under a hidden temporary name, then rename: no reader and no resumed
+    run ever sees half a file under the final name, whenever the process dies."""
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        with open(partial, "wb") as f:
+            for part in parts:
+                f.write(part)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+    except OSError as e:
+        raise PrepareError(f"cannot write {path}: {e.strerror}; check the free space and the permissions "
+                           f"of {path.parent}, or choose another output location") from None
+
+
+def write_shard(path, token_bytes):
+    write_atomically(path, file_header(SHARD_MAGIC, SHARD_VERSION, len(token_bytes) // 2), token_bytes)
+
+
+def write_tokenizer_table(encoding, path):
+    table = bytearray(file_header(TOKENIZER_MAGIC, TOKENIZER_VERSION, encoding.n_vocab))
+    for token_id in range(encoding.n_vocab):
+        token = encoding.decode_single_token_bytes(token_id)
+        table.append(len(token))
+        table += token
+    write_atomically(path, table)
+
+
+def make_out_dir(path, option):
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PrepareError(f"cannot create output directory {path}: {e.strerror}; choose another {option}") from None
+
+
+# ---------------------------------------------------------------------------
+# Reading documents
+#
+# A source yields (text, fraction): the document and how much of the input has
+# been read once it is, or None where that is unknown. The fraction only feeds
+# the progress bar's ETA.
+
+
+def check_input_file(path):
+    if not path.is_file():
+        raise PrepareError(f"input file not found: {path}; check the path given to --input")
+    if path.suffix.lower() not in (".jsonl", ".txt"):
+        raise PrepareError(f"{path}: --input takes a .jsonl file (one JSON object per line) or a .txt file, "
+                           f"not {path.suffix or 'a file without a suffix'}; rename it to the format it holds")
+
+
+def input_file_documents(path, text_field, doc_split):
+    if path.suffix.lower() == ".jsonl":
+        return jsonl_documents(path, text_field)
+    return text_file_documents(path, doc_split)
+
+
+@contextlib.contextmanager
+def open_utf8(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            yield f
+    except UnicodeDecodeError as e:
+        raise PrepareError(f"{path} is not UTF-8 text ({e.reason}); convert it to UTF-8 "
+                           f"(e.g. iconv -f latin1 -t utf-8)") from None
+    except OSError as e:
+        raise PrepareError(f"cannot read {path}: {e.strerror}") from None
+
+
+def jsonl_documents(path, text_field):
+    size = max(path.stat().st_size, 1)
+    with open_utf8(path) as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PrepareError(f"{path}:{line_number}: not valid JSON ({e.msg} at column {e.colno}); "
+                                   f"fix or remove that line") from None
+            if not isinstance(record, dict):
+                raise PrepareError(f"{path}:{line_number}: expected a JSON object with a {text_field!r} field, "
+                                   f"got {type(record).__name__}; fix or remove that line")
+            if text_field not in record:
+                fields = ", ".join(map(repr, record)) or "none"
+                raise PrepareError(f"{path}:{line_number}: no {text_field!r} field (fields: {fields}); "
+                                   f"name the text field with --text-field")
+            text = record[text_field]
+            if not isinstance(text, str):
+                raise PrepareError(f"{path}:{line_number}: field {text_field!r} is {type(text).__name__}, "
+                                   f"not a string; fix that line or choose another --text-field")
+            yield text, f.buffer.tell() / size
+
+
+def text_file_documents(path, doc_split):
+    """Documents of a plain text file. blank-line: runs of non-blank lines joined
+    by newlines, separated by one or more blank (or whitespace-only) lines;
+    line: every non-blank line; none: the whole file, exactly as it is."""
+    size = max(path.stat().st_size, 1)
+    with open_utf8(path) as f:
+        if doc_split == "none":
+            yield f.read(), 1.0
+            return
+        paragraph = []
+        for line in f:
+            line = line.rstrip("\n")
+            if line.strip():
+                paragraph.append(line)
+                if doc_split == "line":
+                    yield line, f.buffer.tell() / size
+                    paragraph.clear()
+            elif paragraph:
+                yield "\n".join(paragraph), f.buffer.tell() / size
+                paragraph.clear()
+        if paragraph:
+            yield "\n".join(paragraph), 1.0
+
+
+def open_fineweb(config, text_field, stream, skip):
+    """FineWeb-Edu's documents after the first `skip`, from Hugging Face."""
+    try:
+        import datasets  # only this path needs it, so offline preparation works without it
+    except ImportError:
+        raise PrepareError(f"downloading FineWeb-Edu needs the 'datasets' package: pip install -r "
+                           f"{Path(__file__).resolve().parent / 'requirements.txt'} (or prepare a local file "
+                           f"with --input)") from None
+    try:
+        dataset = datasets.load_dataset(FINEWEB_DATASET, name=config, split="train", streaming=stream)
+    except Exception as e:  # network, disk, authentication: all end in the same advice
+        raise PrepareError(f"could not load {FINEWEB_DATASET} ({config}) from Hugging Face ({first_line(e)}); "
+                           f"check the network and the free disk space, or prepare a local file with --input") from None
+    if dataset.column_names is not None and text_field not in dataset.column_names:
+        raise PrepareError(f"{FINEWEB_DATASET} ({config}) has no {text_field!r} column "
+                           f"(columns: {', '.join(dataset.column_names)}); choose another --text-field")
+    total_rows = dataset_rows(dataset)
+    remaining = dataset.select_columns([text_field]).skip(skip)
+
+    def documents():
+        try:
+            for row_number, row in enumerate(remaining, start=skip + 1):
+                yield row[text_field], row_number / total_rows if total_rows else None
+        except Exception as e:  # a dropped connection mid-download: the finished shards are safe
+            raise PrepareError(f"reading {FINEWEB_DATASET} ({config}) failed ({first_line(e)}); "
+                               f"run the same command again to continue from the last finished shard") from None
+
+    return documents()
+
+
+def dataset_rows(dataset):
+    try:
+        return len(dataset)
+    except TypeError:  # a streaming dataset has no length; its metadata may still know the row count
+        try:
+            return dataset.info.splits["train"].num_examples or None
+        except (AttributeError, KeyError, TypeError):
+            return None
+
+
+# ---------------------------------------------------------------------------
+# Tokenizing in parallel
+#
+# Workers get the encoding once, when they start; each task is then just text,
+# and each result the document's tokens (EOT first) as uint16 bytes, in order.
+
+worker_encoding = None
+
+
+def start_worker(encoding):
+    global worker_encoding
+    worker_encoding = encoding
+    # Ctrl-C reaches the whole process group; only the main process should react to it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The pool stops its workers with SIGTERM: they must just die, not run the main process's handler.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def tokenize_document(document):
+    text, fraction = document
+    return tokens_to_bytes([EOT, *worker_encoding.encode_ordinary(text)]), fraction
+
+
+@contextlib.contextmanager
+def tokenized(documents, encoding, workers):
+    global worker_encoding
+    if workers == 1:
+        worker_encoding = encoding
+        yield map(tokenize_document, documents)
+        return
+    # imap keeps document order; its feeder blocks once the task pipe is full, so a
+    # huge dataset is never read into memory ahead of the workers.
+    with multiprocessing.Pool(workers, initializer=start_worker, initargs=(encoding,)) as pool:
+        yield pool.imap(tokenize_document, documents, chunksize=16)
+
+
+# ---------------------------------------------------------------------------
+# Shards and the resume state
+#
+# After every shard, the state file records how many documents have been
+# consumed and the tokens already cut off for the next shard (the rest of the
+# document that straddles the boundary). A re-run skips those documents, starts
+# the next shard with those tokens, and so writes exactly the same bytes.
+
+
+def shard_name(index):
+    split = "val" if index == 0 else "train"
+    return f"edu_fineweb_{split}_{index:06d}.bin"
+
+
+def fresh_state(settings):
+    return {"settings": settings, "shards_written": 0, "tokens_written": 0,
+            "documents_consumed": 0, "spill_tokens": [], "complete": False}
+
+
+def save_state(out_dir, state):
+    write_atomically(out_dir / STATE_FILE_NAME, json.dumps(state).encode())
+
+
+def load_state(out_dir, settings):
+    path = out_dir / STATE_FILE_NAME
+    if not path.exists():
+        return fresh_state(settings)
+    try:
+        state = json.loads(path.read_text())
+        shards_written = state["shards_written"]
+        recorded_settings = state["settings"]
+        if not set(fresh_state(settings)) <= set(state):
+            raise KeyError("missing fields")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise PrepareError(f"cannot read the resume state {path} ({first_line(e)}); delete it to start over") from None
+    if recorded_settings != settings:
+        differing = sorted(key for key in settings.keys() | recorded_settings.keys()
+                           if settings.get(key) != recorded_settings.get(key))
+        raise PrepareError(f"{path} belongs to a different run (differs in: {', '.join(differing)}); "
+                           f"choose another --out, or delete {path} and the shards next to it to start over")
+    for index in range(shards_written):
+        if not (out_dir / shard_name(index)).is_file():
+            raise PrepareError(f"{path} says {shards_written} shards are done but {shard_name(index)} is missing; "
+                               f"delete {path} to start over")
+    return state
+
+
+class ShardWriter:
+    """Cuts the stream of document tokens into shards of exactly shard_size tokens
+    (the last one holds the remainder), saving the resume state after each."""
+
+    def __init__(self, out_dir, shard_size, state, stop_after_shards):
+        self.out_dir = out_dir
+        self.state = state
+        self.stop_after_shards = stop_after_shards
+        self.shards_this_run = 0
+        self.buffer = bytearray(2 * shard_size)
+        self.filled = 0  # in bytes
+
+    def add_document(self, token_bytes):
+        self.state["documents_consumed"] += 1
+        self.add_tokens(token_bytes)
+
+    def add_tokens(self, token_bytes):
+        rest = memoryview(token_bytes)
+        while rest:
+            take = min(len(rest), len(self.buffer) - self.filled)
+            self.buffer[self.filled:self.filled + take] = rest[:take]
+            self.filled += take
+            rest = rest[take:]
+            if self.filled == len(self.buffer):
+                self.write_shard(spill=rest)
+
+    def finish(self):
+        if self.filled:
+            self.write_shard(spill=b"")
+        self.state["complete"] = True
+        save_state(self.out_dir, self.state)
+
+    def write_shard(self, spill):
+        index = self.state["shards_written"]
+        write_shard(self.out_dir / shard_name(index), memoryview(self.buffer)[:self.filled])
+        self.state["shards_written"] = index + 1
+        self.state["tokens_written"] += self.filled // 2
+        self.state["spill_tokens"] = bytes_to_tokens(spill)
+        save_state(self.out_dir, self.state)
+        self.filled = 0
+        self.shards_this_run += 1
+        if self.shards_this_run == self.stop_after_shards:
+            raise Interrupted(f"stopped by --stop-after-shards {self.stop_after_shards} "
+                              f"({index + 1} shards in {self.out_dir})")
+
+
+# ---------------------------------------------------------------------------
+# The subcommands
+
+
+def run_settings(args):
+    """What defines a run's output: a resumed run must match it exactly."""
+    settings = {"shard_size": args.shard_size}
+    if args.input is None:
+        settings.update(dataset=FINEWEB_DATASET, config=args.config, text_field=args.text_field, stream=args.stream)
+        return settings
+    stat = args.input.stat()
+    settings.update(input=str(args.input.resolve()), input_bytes=stat.st_size, input_mtime_ns=stat.st_mtime_ns)
+    if args.input.suffix.lower() == ".jsonl":
+        settings["text_field"] = args.text_field
+    else:
+        settings["doc_split"] = args.doc_split
+    return settings
+
+
+def prepare_fineweb(args):
+    out_dir = args.out or REPO_ROOT / "data" / FINEWEB_CONFIGS[args.config][0]
+    if args.input is not None:
+        check_input_file(args.input)
+    settings = run_settings(args)
+    make_out_dir(out_dir, "--out")
+    state = load_state(out_dir, settings)
+    if state["complete"]:
+        print(f"already complete: {out_dir} holds {state['shards_written']} shards, {state['tokens_written']:,} tokens "
+              f"(delete {out_dir / STATE_FILE_NAME} and the shards to prepare them again)")
+        return
+
+    encoding = load_gpt2(args.encoder, args.vocab)
+    write_tokenizer_table(encoding, out_dir / TOKENIZER_TABLE_NAME)
+    skip = state["documents_consumed"]
+    if args.input is not None:
+        documents = itertools.islice(input_file_documents(args.input, args.text_field, args.doc_split), skip, None)
+        source, nominal_tokens = args.input, None
+    else:
+        documents = open_fineweb(args.config, args.text_field, args.stream, skip)
+        source, nominal_tokens = f"{FINEWEB_DATASET} ({args.config})", FINEWEB_CONFIGS[args.config][1]
+    if skip:
+        print(f"resuming: {state['shards_written']} shards done, skipping the first {skip:,} documents")
+    print(f"tokenizing {source} into {out_dir}: shards of {args.shard_size:,} tokens, --workers {args.workers}")
+
+    writer = ShardWriter(out_dir, args.shard_size, state, args.stop_after_shards)
+    tokens_so_far = state["tokens_written"] + len(state["spill_tokens"])
+    with tokenized(documents, encoding, args.workers) as results, \
+            tqdm(total=nominal_tokens, initial=tokens_so_far, unit="tok", unit_scale=True,
+                 dynamic_ncols=True, desc="tokens") as progress:
+        # The tail of the document the last run stopped in; it may fill whole shards by itself.
+        writer.add_tokens(tokens_to_bytes(state["spill_tokens"]))
+        for token_bytes, fraction in results:
+            writer.add_document(token_bytes)
+            progress.update(len(token_bytes) // 2)
+            if fraction:
+                progress.total = round(progress.n / fraction)
+        progress.total = progress.n
+        if state["documents_consumed"] == 0:
+            raise PrepareError(f"{source} holds no documents; check the file and --doc-split / --text-field")
+        writer.finish()
+    print(f"wrote {state['shards_written']} shards, {state['tokens_written']:,} tokens "
+          f"({state['documents_consumed']:,} documents) to {out_dir}")
+
+
+def prepare_text(args):
+    if not args.file.is_file():
+        raise PrepareError(f"input file not found: {args.file}; check the path")
+    name = args.name or args.file.stem
+    out_dir = args.out or REPO_ROOT / "data" / name
+    make_out_dir(out_dir, "--out")
+    encoding = load_gpt2(args.encoder, args.vocab)
+    with open_utf8(args.file) as f:
+        parts = f.read().split("\n\n")
+    tokens = []
+    for index, part in enumerate(parts):
+        tokens.append(EOT)
+        # llm.c's recipe: every part but the last gets its separating blank line back
+        tokens.extend(encoding.encode_ordinary(part if index == len(parts) - 1 else part + "\n\n"))
+    if len(tokens) <= args.val_tokens:
+        raise PrepareError(f"{args.file} gives only {len(tokens):,} tokens, not more than --val-tokens "
+                           f"{args.val_tokens:,}; lower --val-tokens")
+    val_path, train_path = out_dir / f"{name}_val.bin", out_dir / f"{name}_train.bin"
+    write_shard(val_path, tokens_to_bytes(tokens[:args.val_tokens]))
+    write_shard(train_path, tokens_to_bytes(tokens[args.val_tokens:]))
+    write_tokenizer_table(encoding, out_dir / TOKENIZER_TABLE_NAME)
+    print(f"wrote {val_path} ({args.val_tokens:,} tokens) and {train_path} "
+          f"({len(tokens) - args.val_tokens:,} tokens)")
+
+
+def prepare_tokenizer(args):
+    make_out_dir(args.path.parent, "PATH")
+    encoding = load_gpt2(args.encoder, args.vocab)
+    write_tokenizer_table(encoding, args.path)
+    print(f"wrote {args.path} ({encoding.n_vocab} tokens)")
+
+
+# ---------------------------------------------------------------------------
+# Command line
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one line naming the fix, like every other error here."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}; see: {self.prog} -h\n")
+
+
+def positive_int(text):
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def default_workers():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def parse_args(argv):
+    summary, _, details = __doc__.partition("\n\n")
+    parser = ArgumentParser(prog="prepare.py", description=summary, epilog=details,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    bpe_files = ArgumentParser(add_help=False)
+    bpe = bpe_files.add_argument_group(
+        "GPT-2 BPE", "Local GPT-2 tokenizer files, for working with no network; without them "
+                     "tiktoken's gpt2 encoding is used (downloaded once, then cached).")
+    bpe.add_argument("--encoder", type=Path, metavar="ENCODER_JSON", help="GPT-2's encoder.json")
+    bpe.add_argument("--vocab", type=Path, metavar="VOCAB_BPE", help="GPT-2's vocab.bpe (the merges)")
+
+    fineweb = commands.add_parser(
+        "fineweb", parents=[bpe_files], help="FineWeb-Edu (or a local file) -> token shards",
+        description="Tokenize FineWeb-Edu (downloaded from Hugging Face, or a local --input file) into "
+                    "shards <out>/edu_fineweb_{val|train}_NNNNNN.bin, EOT before every document; shard 0 is "
+                    "validation. Documents may straddle shards. Interrupted runs (Ctrl-C, kill) continue "
+                    f"where they stopped when the same command is run again (state in <out>/{STATE_FILE_NAME}); "
+                    "the result is byte-identical to an uninterrupted run.")
+    fineweb.add_argument("--config", choices=FINEWEB_CONFIGS, default="sample-10BT",
+                         help="FineWeb-Edu sample to download (default: %(default)s)")
+    fineweb.add_argument("--out", type=Path, metavar="DIR",
+                         help="output directory (default: data/edu_fineweb10B or data/edu_fineweb100B in the "
+                              "repository, by --config)")
+    fineweb.add_argument("--shard-size", type=positive_int, default=100_000_000, metavar="TOKENS",
+                         help="tokens per shard; the last shard holds the remainder (default: %(default)s)")
+    fineweb.add_argument("--workers", type=positive_int, default=default_workers(), metavar="N",
+                         help="tokenizer processes (default: the CPUs available, here %(default)s)")
+    fineweb.add_argument("--input", type=Path, metavar="FILE",
+                         help="prepare this local file instead of downloading, fully offline: .jsonl (one JSON "
+                              "object per line) or .txt")
+    fineweb.add_argument("--text-field", default="text", metavar="NAME",
+                         help="field holding the document text, in --input .jsonl lines or the dataset's rows "
+                              "(default: %(default)s)")
+    fineweb.add_argument("--doc-split", choices=DOC_SPLITS, default="blank-line",
+                         help="how a --input .txt file splits into documents: blank-line (paragraphs separated "
+                              "by blank lines), line (every non-blank line), none (the whole file is one "
+                              "document) (default: %(default)s)")
+    fineweb.add_argument("--stream", action="store_true",
+                         help="stream the download instead of keeping a local copy in the Hugging Face cache; "
+                              "uses no disk for the raw data, but resuming re-reads the skipped documents")
+    fineweb.add_argument("--stop-after-shards", type=positive_int, metavar="N",
+                         help="testing aid: stop after writing N shards in this run, exactly as an interrupt "
+                              "would, so that resuming can be tested")
+    fineweb.set_defaults(run=prepare_fineweb)
+
+    text = commands.add_parser(
+        "text", parents=[bpe_files], help="one text file -> <name>_val.bin and <name>_train.bin (llm.c style)",
+        description="Tokenize one text file the way llm.c prepared tiny shakespeare: split on \"\\n\\n\", EOT "
+                    "before each part, each part but the last followed by \"\\n\\n\"; the first --val-tokens "
+                    "tokens go to <out>/<name>_val.bin, the rest to <out>/<name>_train.bin. The whole file is "
+                    "held in memory: for large corpora use `fineweb --input`.")
+    text.add_argument("file", type=Path, metavar="FILE", help="UTF-8 text file")
+    text.add_argument("--out", type=Path, metavar="DIR",
+                      help="output directory (default: data/<name> in the repository)")
+    text.add_argument("--name", help="file name prefix of the shards (default: FILE's name without suffix)")
+    text.add_argument("--val-tokens", type=positive_int, default=32768, metavar="TOKENS",
+                      help="tokens for the validation shard (default: %(default)s)")
+    text.set_defaults(run=prepare_text)
+
+    tokenizer = commands.add_parser(
+        "tokenizer", parents=[bpe_files], help="only the id-to-bytes table the trainer uses to print samples",
+        description="Write GPT-2's id-to-bytes table (llm.c's gpt2_tokenizer.bin format).")
+    tokenizer.add_argument("path", type=Path, nargs="?", default=REPO_ROOT / "data" / TOKENIZER_TABLE_NAME,
+                           metavar="PATH",
+                           help="where to write it (default: data/gpt2_tokenizer.bin in the repository)")
+    tokenizer.set_defaults(run=prepare_tokenizer)
+
+    return parser.parse_args(argv)
+
+
+def stop_on_sigterm(signum, frame):
+    raise Interrupted("terminated (SIGTERM)")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
+    try:
+        args.run(args)
+    except PrepareError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (Interrupted, KeyboardInterrupt) as e:
+        reason = str(e) if isinstance(e, Interrupted) else "interrupted (Ctrl-C)"
+        print(f"{reason}; finished files are kept, run the same command again to continue", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

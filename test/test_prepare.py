@@ -1,0 +1,418 @@
+#!/usr/bin/env python3
+"""Tests of data/prepare.py, the data-preparation CLI.
+
+Each test runs prepare.py as a user would (a subprocess, local GPT-2 tokenizer
+files, no network) and checks its files byte for byte: against real llm.c
+outputs where they exist, otherwise against tokens computed here with
+tiktoken's own loader for the same files. Real data comes from the shared data
+directory (env TRAIN_ET_SHARED_DATA, else ../shared/data next to the checkout);
+tests that need it, or tiktoken, are skipped when it is absent.
+
+No pytest: run `python3 test/test_prepare.py`. It prints one line per test
+(`ok - name`, `FAIL - name: reason`, `skip - name: reason`) and exits 1 if any
+test failed.
+"""
+
+import array
+import functools
+import importlib.util
+import json
+import os
+import random
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from harness import Skip, main, shared_data_dir
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PREPARE = REPO_ROOT / "data" / "prepare.py"
+SHARED_DATA = Path(shared_data_dir())
+
+EOT = 50256
+SHARD_MAGIC = 20240520
+HEADER_BYTES = 256 * 4
+SMALL_SHARD = 5000
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+
+
+def need_tiktoken():
+    if importlib.util.find_spec("tiktoken") is None:
+        raise Skip("tiktoken is not installed")
+
+
+def shared(name):
+    """Path of a shared data file; skips the test when it is not there."""
+    need_tiktoken()
+    path = SHARED_DATA / name
+    if not path.is_file():
+        raise Skip(f"no shared data file {path}")
+    return path
+
+
+def bpe_args():
+    return ["--encoder", str(shared("gpt2_encoder.json")), "--vocab", str(shared("gpt2_vocab.bpe"))]
+
+
+def run_prepare(*args, **popen_options):
+    return subprocess.run([sys.executable, str(PREPARE), *map(str, args)],
+                          capture_output=True, text=True, timeout=120, **popen_options)
+
+
+def prepare_ok(*args, **popen_options):
+    result = run_prepare(*args, **popen_options)
+    assert result.returncode == 0, f"exit {result.returncode}: {result.stderr.strip()[-500:]}"
+    return result
+
+
+def expect_one_line_error(result, *must_name):
+    """A failure is exit 1 and one line `error: ...` naming what the user must fix, never a traceback."""
+    assert result.returncode == 1, f"exit {result.returncode}, expected 1; stderr: {result.stderr.strip()[-300:]}"
+    assert "Traceback" not in result.stderr, f"traceback: {result.stderr.strip()[-300:]}"
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, f"expected one error line, got: {result.stderr.strip()[-300:]}"
+    for name in must_name:
+        assert str(name) in errors[0], f"error line does not name {name}: {errors[0]}"
+    return errors[0]
+
+
+@functools.cache
+def oracle_encoding():
+    """GPT-2 from the local files through tiktoken's own loader: an oracle independent of prepare.py."""
+    import tiktoken
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    from tiktoken_ext.openai_public import r50k_pat_str
+
+    os.environ["TIKTOKEN_CACHE_DIR"] = ""  # read the local files directly, no cache copies
+    ranks = data_gym_to_mergeable_bpe_ranks(str(shared("gpt2_vocab.bpe")), str(shared("gpt2_encoder.json")))
+    return tiktoken.Encoding(name="gpt2-test-oracle", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": EOT}, explicit_n_vocab=EOT + 1)
+
+
+def expected_tokens(documents):
+    encoding = oracle_encoding()
+    tokens = array.array("H")
+    for document in documents:
+        tokens.append(EOT)
+        tokens.extend(encoding.encode_ordinary(document))
+    return tokens
+
+
+def read_shard(path):
+    data = path.read_bytes()
+    magic, version, count = struct.unpack("<3i", data[:12])
+    assert (magic, version) == (SHARD_MAGIC, 1), f"{path.name}: header starts {magic}, {version}"
+    assert data[12:HEADER_BYTES] == bytes(HEADER_BYTES - 12), f"{path.name}: header padding is not zero"
+    assert len(data) == HEADER_BYTES + 2 * count, f"{path.name}: {len(data)} bytes for {count} tokens"
+    tokens = array.array("H")
+    tokens.frombytes(data[HEADER_BYTES:])
+    if sys.byteorder == "big":
+        tokens.byteswap()
+    return tokens
+
+
+def read_fineweb_shards(out_dir, shard_size):
+    """All shards' tokens in order, checking names, val-then-train, and that only the last shard is short."""
+    paths = sorted(out_dir.glob("edu_fineweb_*.bin"), key=lambda path: path.name[-10:])
+    assert paths, f"no shards in {out_dir}"
+    tokens = array.array("H")
+    for index, path in enumerate(paths):
+        split = "val" if index == 0 else "train"
+        assert path.name == f"edu_fineweb_{split}_{index:06d}.bin", f"shard {index} is named {path.name}"
+        shard = read_shard(path)
+        last = index == len(paths) - 1
+        assert (0 < len(shard) <= shard_size) if last else len(shard) == shard_size, \
+            f"{path.name} holds {len(shard)} tokens (shard size {shard_size})"
+        tokens.extend(shard)
+    return tokens
+
+
+def sample_documents(count, seed=1):
+    """Documents cut from real FineWeb-Edu text at random lengths, plus awkward ones:
+    empty, the literal EOT string (must stay ordinary text), and one longer than
+    several shards (it must straddle three or more)."""
+    text = shared("fineweb_edu_sample.txt").read_text(encoding="utf-8")
+    rng = random.Random(seed)
+    documents, start = [], 0
+    for _ in range(count):
+        length = rng.randint(1, 3000)
+        documents.append(text[start:start + length])
+        start = (start + length) % (len(text) - 3000)
+    documents[3:3] = [text[:60_000], "", "<|endoftext|> is plain text here", "naïve café 😀"]
+    return documents
+
+
+def write_jsonl(path, documents):
+    with open(path, "w", encoding="utf-8") as f:
+        for index, document in enumerate(documents):
+            f.write(json.dumps({"id": index, "text": document}) + "\n")
+
+
+# Stands in for the `datasets` package in a subprocess: the real package, with
+# load_dataset answering from a local list of documents instead of the Hub.
+DATASETS_STAND_IN = """
+import importlib, json, os, sys
+
+sys.path.remove(os.path.dirname(__file__))
+del sys.modules["datasets"]
+real = importlib.import_module("datasets")
+
+
+def load_dataset(path, name=None, split=None, streaming=False):
+    assert (path, name, split) == ("HuggingFaceFW/fineweb-edu", "sample-10BT", "train"), (path, name, split)
+    with open(os.environ["STAND_IN_DOCUMENTS"]) as f:
+        documents = json.load(f)
+    dataset = real.Dataset.from_dict({"id": list(range(len(documents))), "text": documents})
+    return dataset.to_iterable_dataset() if streaming else dataset
+
+
+real.load_dataset = load_dataset
+sys.modules["datasets"] = real
+"""
+
+
+def offline_hub_environment(directory, documents):
+    if importlib.util.find_spec("datasets") is None:
+        raise Skip("the datasets package is not installed")
+    (directory / "datasets.py").write_text(DATASETS_STAND_IN)
+    (directory / "documents.json").write_text(json.dumps(documents))
+    python_path = os.pathsep.join(filter(None, [str(directory), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": python_path, "STAND_IN_DOCUMENTS": str(directory / "documents.json"),
+            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def files_in(directory):
+    return {path.name: path.read_bytes() for path in sorted(directory.iterdir())}
+
+
+def same_files(expected_dir, actual_dir):
+    expected, actual = files_in(expected_dir), files_in(actual_dir)
+    assert sorted(actual) == sorted(expected), f"files differ: {sorted(set(actual) ^ set(expected))}"
+    differing = [name for name in expected if expected[name] != actual[name]]
+    assert not differing, f"contents differ: {differing}"
+
+
+# ---------------------------------------------------------------------------
+# Reproducing llm.c's files
+
+
+def test_tokenizer_table_matches_llmc():
+    with tempfile.TemporaryDirectory() as tmp:
+        table = Path(tmp) / "nested" / "gpt2_tokenizer.bin"
+        prepare_ok("tokenizer", table, *bpe_args())
+        assert table.read_bytes() == shared("gpt2_tokenizer.bin").read_bytes(), "table differs from llm.c's"
+
+
+def test_text_reproduces_tiny_shakespeare_shards():
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        prepare_ok("text", shared("tiny_shakespeare.txt"), "--out", out, *bpe_args())
+        for name in ("tiny_shakespeare_val.bin", "tiny_shakespeare_train.bin", "gpt2_tokenizer.bin"):
+            assert (out / name).read_bytes() == shared(name).read_bytes(), f"{name} differs from llm.c's"
+
+
+def test_fineweb_whole_file_as_one_document_matches_sample_bin():
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        prepare_ok("fineweb", "--input", shared("fineweb_edu_sample.txt"), "--doc-split", "none",
+                   "--out", out, "--workers", 1, *bpe_args())
+        shards = sorted(out.glob("edu_fineweb_*.bin"))
+        assert [path.name for path in shards] == ["edu_fineweb_val_000000.bin"], f"shards: {shards}"
+        assert shards[0].read_bytes() == shared("fineweb_edu_sample.bin").read_bytes(), "differs from the sample"
+
+
+# ---------------------------------------------------------------------------
+# Offline FineWeb-style shards
+
+
+def test_fineweb_jsonl_shards_hold_every_document_in_order():
+    documents = sample_documents(300)
+    with tempfile.TemporaryDirectory() as tmp:
+        source, out = Path(tmp) / "docs.jsonl", Path(tmp) / "out"
+        write_jsonl(source, documents)
+        prepare_ok("fineweb", "--input", source, "--out", out, "--shard-size", SMALL_SHARD, "--workers", 2,
+                   *bpe_args())
+        tokens = read_fineweb_shards(out, SMALL_SHARD)
+        assert tokens == expected_tokens(documents), "shard tokens != EOT + tokens of each document"
+        assert (out / "gpt2_tokenizer.bin").read_bytes() == shared("gpt2_tokenizer.bin").read_bytes()
+
+
+def test_fineweb_txt_splits_documents_on_blank_lines():
+    lines = [line for line in shared("fineweb_edu_sample.txt").read_text(encoding="utf-8").split("\n")
+             if line.strip()][:600]
+    rng = random.Random(2)
+    documents, text = [], ""
+    while lines:
+        take = rng.randint(1, 3)
+        documents.append("\n".join(lines[:take]))
+        del lines[:take]
+        text += documents[-1] + rng.choice(["\n\n", "\n\n\n", "\n \t\n"])
+    with tempfile.TemporaryDirectory() as tmp:
+        source, out = Path(tmp) / "docs.txt", Path(tmp) / "out"
+        source.write_text(text, encoding="utf-8")
+        prepare_ok("fineweb", "--input", source, "--out", out, "--shard-size", SMALL_SHARD, "--workers", 1,
+                   *bpe_args())
+        assert read_fineweb_shards(out, SMALL_SHARD) == expected_tokens(documents), \
+            "shard tokens != EOT + tokens of each paragraph"
+
+
+def test_fineweb_download_path_downloaded_and_streamed():
+    documents = sample_documents(120, seed=6)
+    with tempfile.TemporaryDirectory() as tmp:
+        downloaded, streamed = Path(tmp) / "downloaded", Path(tmp) / "streamed"
+        hub = offline_hub_environment(Path(tmp), documents)
+        common = ["fineweb", "--shard-size", SMALL_SHARD, "--workers", 2, *bpe_args()]
+        prepare_ok(*common, "--out", downloaded, env=hub)
+        assert read_fineweb_shards(downloaded, SMALL_SHARD) == expected_tokens(documents), \
+            "shard tokens != EOT + tokens of each dataset row"
+
+        stopped = run_prepare(*common, "--out", streamed, "--stream", "--stop-after-shards", 2, env=hub)
+        assert stopped.returncode == 130, f"stopped run: exit {stopped.returncode}: {stopped.stderr[-300:]}"
+        prepare_ok(*common, "--out", streamed, "--stream", env=hub)
+        shards = sorted(path.name for path in downloaded.glob("edu_fineweb_*.bin"))
+        assert sorted(path.name for path in streamed.glob("edu_fineweb_*.bin")) == shards, "shard names differ"
+        differing = [name for name in shards if (downloaded / name).read_bytes() != (streamed / name).read_bytes()]
+        assert not differing, f"streamed and resumed shards differ from downloaded ones: {differing}"
+
+
+# ---------------------------------------------------------------------------
+# Resuming
+
+
+def test_resume_after_stops_is_byte_identical():
+    documents = sample_documents(200, seed=3)
+    with tempfile.TemporaryDirectory() as tmp:
+        source, whole, resumed = Path(tmp) / "docs.jsonl", Path(tmp) / "whole", Path(tmp) / "resumed"
+        write_jsonl(source, documents)
+        common = ["fineweb", "--input", source, "--shard-size", SMALL_SHARD, *bpe_args()]
+        prepare_ok(*common, "--out", whole, "--workers", 2)
+
+        # The first stop lands inside the long document: what spills over fills more than a shard.
+        for stop_after, shards_so_far, workers in ((1, 1, 2), (4, 5, 1)):
+            result = run_prepare(*common, "--out", resumed, "--workers", workers, "--stop-after-shards", stop_after)
+            assert result.returncode == 130, f"stopped run: exit {result.returncode}: {result.stderr[-300:]}"
+            shards = sorted(resumed.glob("edu_fineweb_*.bin"))
+            assert len(shards) == shards_so_far, f"{len(shards)} shards after the stop, expected {shards_so_far}"
+            if stop_after == 1:
+                spill = json.loads((resumed / "prepare_state.json").read_text())["spill_tokens"]
+                assert len(spill) > SMALL_SHARD, f"the first stop spills {len(spill)} tokens, meant > a shard"
+
+        prepare_ok(*common, "--out", resumed, "--workers", 2)
+        same_files(whole, resumed)
+        again = prepare_ok(*common, "--out", resumed)
+        assert "already complete" in again.stdout, f"re-run of a finished run said: {again.stdout.strip()}"
+        same_files(whole, resumed)
+
+
+def test_resume_after_kill_is_byte_identical():
+    documents = sample_documents(600, seed=4)
+    with tempfile.TemporaryDirectory() as tmp:
+        source, whole, killed = Path(tmp) / "docs.jsonl", Path(tmp) / "whole", Path(tmp) / "killed"
+        write_jsonl(source, documents)
+        common = ["fineweb", "--input", source, "--shard-size", 500, "--workers", 2, *bpe_args()]
+        prepare_ok(*common, "--out", whole)
+
+        # SIGKILL the whole process group (workers too) as soon as the first shard is recorded.
+        process = subprocess.Popen([sys.executable, str(PREPARE), *map(str, common), "--out", str(killed)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while not (killed / "prepare_state.json").exists() and process.poll() is None:
+            assert time.monotonic() < deadline, "no shard written within 60 s"
+            time.sleep(0.002)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+        prepare_ok(*common, "--out", killed)
+        same_files(whole, killed)
+
+
+def test_resume_refuses_a_different_run():
+    documents = sample_documents(50, seed=5)
+    with tempfile.TemporaryDirectory() as tmp:
+        source, out = Path(tmp) / "docs.jsonl", Path(tmp) / "out"
+        write_jsonl(source, documents)
+        common = ["fineweb", "--input", source, "--out", out, *bpe_args()]
+        result = run_prepare(*common, "--shard-size", SMALL_SHARD, "--stop-after-shards", 1)
+        assert result.returncode == 130, f"stopped run: exit {result.returncode}: {result.stderr[-300:]}"
+        expect_one_line_error(run_prepare(*common, "--shard-size", SMALL_SHARD + 1), "prepare_state.json",
+                              "shard_size")
+
+
+# ---------------------------------------------------------------------------
+# Bad inputs: one line naming the file and the fix, non-zero exit
+
+
+def test_missing_input_file_is_one_line_error():
+    need_tiktoken()
+    with tempfile.TemporaryDirectory() as tmp:
+        missing = Path(tmp) / "no_such_file.jsonl"
+        result = run_prepare("fineweb", "--input", missing, "--out", Path(tmp) / "out")
+        expect_one_line_error(result, missing)
+        assert result.stderr.strip().count("\n") == 0, f"more than one line: {result.stderr}"
+        expect_one_line_error(run_prepare("text", missing), missing)
+
+
+def test_broken_jsonl_line_is_one_line_error_naming_file_and_line():
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "broken.jsonl"
+        source.write_text('{"text": "one"}\n{"text": "two"}\n{"text": "three"\n{"text": "four"}\n')
+        result = run_prepare("fineweb", "--input", source, "--out", Path(tmp) / "out", "--workers", 2, *bpe_args())
+        expect_one_line_error(result, f"{source}:3")
+
+
+def test_missing_text_field_is_one_line_error_naming_the_option():
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "fields.jsonl"
+        source.write_text('{"text": "one"}\n{"content": "two"}\n')
+        result = run_prepare("fineweb", "--input", source, "--out", Path(tmp) / "out", *bpe_args())
+        expect_one_line_error(result, f"{source}:2", "'text'", "--text-field")
+
+        renamed = Path(tmp) / "content.jsonl"
+        renamed.write_text('{"content": "one"}\n{"content": "two"}\n')
+        out = Path(tmp) / "renamed"
+        prepare_ok("fineweb", "--input", renamed, "--out", out, "--text-field", "content", *bpe_args())
+        assert read_fineweb_shards(out, 100_000_000) == expected_tokens(["one", "two"]), "--text-field ignored"
+
+
+def test_unwritable_out_dir_is_one_line_error():
+    need_tiktoken()
+    with tempfile.TemporaryDirectory() as tmp:
+        not_a_dir = Path(tmp) / "a_file"
+        not_a_dir.write_text("")
+        source = Path(tmp) / "docs.txt"
+        source.write_text("hello\n")
+        out = not_a_dir / "out"
+        expect_one_line_error(run_prepare("fineweb", "--input", source, "--out", out), out, "--out")
+        expect_one_line_error(run_prepare("text", source, "--out", out), out, "--out")
+
+
+def test_encoder_without_vocab_is_one_line_error():
+    need_tiktoken()
+    with tempfile.TemporaryDirectory() as tmp:
+        result = run_prepare("tokenizer", Path(tmp) / "table.bin", "--encoder", Path(tmp) / "encoder.json")
+        expect_one_line_error(result, "--vocab")
+
+
+def test_every_command_and_option_has_help():
+    need_tiktoken()
+    options = {"fineweb": ["--config", "--out", "--shard-size", "--workers", "--input", "--text-field",
+                           "--doc-split", "--stream", "--stop-after-shards", "--encoder", "--vocab"],
+               "text": ["--out", "--name", "--val-tokens", "--encoder", "--vocab"],
+               "tokenizer": ["--encoder", "--vocab"]}
+    top = prepare_ok("-h")
+    for command, names in options.items():
+        assert command in top.stdout, f"-h does not list {command}"
+        helped = prepare_ok(command, "-h").stdout
+        missing = [name for name in names if name not in helped]
+        assert not missing, f"{command} -h does not document {missing}"
+
+
+if __name__ == "__main__":
+    main(globals())
