@@ -2,6 +2,7 @@
 #
 #   make train_et              the trainer (nvcc; builds without a GPU)
 #   make test                  every test this machine can run, then "N passed, N failed"
+#   make bench                 time the d12 dense training step on this GPU (dev/bench.sh)
 #   make clean
 #
 # Switches:
@@ -44,7 +45,7 @@ CXX_FLAGS := -O2 -std=c++17 -Wall -Wextra -Werror
 HEADERS := $(wildcard *.h *.cuh data/*.h)
 BUILD_FLAGS := $(NVCC_FLAGS) $(PRECISION_FLAGS) $(NCCL_FLAGS)
 
-.PHONY: all test clean FORCE
+.PHONY: all test bench clean FORCE
 all: train_et
 
 # Rebuild when the switches change, not only when sources do.
@@ -68,12 +69,20 @@ build/gpu_test_%.fp32: test/gpu_test_%.cu $(HEADERS) $(wildcard test/*.h)
 	@mkdir -p build
 	$(NVCC) $(NVCC_FLAGS) -DENABLE_FP32 $< -o $@ $(LIBS)
 
+# The benchmark of dev/ (BF16; dev/bench.sh runs it).
+build/bench_step: dev/bench_step.cu $(HEADERS)
+	@mkdir -p build
+	$(NVCC) $(NVCC_FLAGS) -DENABLE_BF16 $< -o $@ $(LIBS)
+
 build/test_%: test/test_%.cpp $(HEADERS) $(wildcard test/*.h)
 	@mkdir -p build
 	$(CXX) $(CXX_FLAGS) $< -o $@
 
 test:
 	@bash test/run_tests.sh
+
+bench:
+	@bash dev/bench.sh
 
 clean:
 	rm -rf build train_et

@@ -732,9 +732,10 @@ inline void rope_qknorm_backward(floatX* dqkv, const floatX* qkv, const float* r
 }
 
 // The attention kernels need more than the default 48 KB of shared memory
-// for wide heads; raise the limit once before the first launch.
-inline void attention_setup(int hd) {
-    int bytes = (int)attention_smem_bytes(hd);
+// for wide heads: raise their limit once to what the widest supported head
+// needs (a limit, not an allocation: each launch asks for what its hd uses).
+inline void attention_setup() {
+    int bytes = (int)attention_smem_bytes(ATT_MAX_DIMS_PER_LANE * WARP);
     cudaCheck(cudaFuncSetAttribute(attention_forward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
     cudaCheck(cudaFuncSetAttribute(attention_backward_dq_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
     cudaCheck(cudaFuncSetAttribute(attention_backward_dkv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
@@ -934,7 +935,7 @@ inline size_t model_allocate(Model* model, int B, int T) {
     if (c.head_dim() % 2 != 0 || c.head_dim() > ATT_MAX_DIMS_PER_LANE * WARP)
         fail("head dim %d: the attention kernels need an even head dim <= %d", c.head_dim(),
              ATT_MAX_DIMS_PER_LANE * WARP);
-    attention_setup(c.head_dim());
+    attention_setup();
     return total;
 }
 
@@ -994,13 +995,13 @@ inline void model_forward(Model* model, int B, int T, bool with_targets, bool ba
     }
 }
 
-// Backward of the last forward (which ran with backward_next): adds this
-// micro-batch's gradients into model->grads.
-inline void model_backward(Model* model) {
+// Backward of the last forward, which ran on the same B x T with
+// backward_next: adds this micro-batch's gradients into model->grads.
+inline void model_backward(Model* model, int B, int T) {
     const ModelConfig& c = model->config;
     Activations& a = model->acts;
     cublasHandle_t h = model->cublas;
-    const int B = a.B, T = a.T, N = B * T, C = c.n_embd, H = c.n_head, KVH = c.n_kv_head, hd = c.head_dim();
+    const int N = B * T, C = c.n_embd, H = c.n_head, KVH = c.n_kv_head, hd = c.head_dim();
     const int qkv_width = (H + 2 * KVH) * hd, ffn = 4 * C;
     int t = (int)model->tensors.size() - 1;  // lm_head; walk the storage order backwards
     cudaCheck(cudaMemsetAsync(a.dresidual, 0, (size_t)N * C * sizeof(floatX)));
@@ -1034,13 +1035,13 @@ inline void model_backward(Model* model) {
 }
 
 // Global-norm clipping and AdamW over every tensor; weight decay on the
-// matrices only (model_config.h marks them).
+// matrices only (ParamTensor::decays).
 inline void model_update(Model* model, float lr, float weight_decay, float max_grad_norm, int step) {
     grad_norm(model->grad_norm_value, model->clip_scale, model->norm_partial, model->grads, model->num_params,
               max_grad_norm);
     for (size_t i = 0; i < model->tensors.size(); i++) {
         size_t off = model->offsets[i], n = (size_t)model->tensors[i].numel();
-        float wd = model->tensors[i].is_matmul ? weight_decay : 0.0f;
+        float wd = model->tensors[i].decays() ? weight_decay : 0.0f;
         adamw_update(model->master + off, model->params + off, model->adam_m + off, model->adam_v + off,
                      model->grads + off, n, lr, 0.9f, 0.95f, 1e-8f, wd, step, model->clip_scale);
     }

@@ -52,15 +52,18 @@ inline std::string model_preset(const std::string& name, ModelConfig* c) {
 }
 
 // One parameter tensor: rows x cols (a vector has rows = 1), how many of it
-// a token uses on average, whether it gets weight decay, and its init.
+// a token uses on average, whether it is a matmul weight, and its init.
 struct ParamTensor {
     std::string name;
     int64_t rows, cols;
     double active;    // fraction of the tensor one token's forward pass touches
-    bool is_matmul;   // multiplied against activations (counts in FLOPs, gets weight decay)
+    bool is_matmul;   // multiplied against activations (counts in FLOPs)
     double init_std;  // N(0, init_std^2) at init; 0 = zeros
     int64_t padding_rows = 0;  // trailing rows that only pad the shape (zero, never trained)
     int64_t numel() const { return rows * cols; }
+    // Weight decay applies to matrices only; this model has no vectors (no
+    // biases, no norm weights), so in practice every tensor decays.
+    bool decays() const { return rows > 1 && cols > 1; }
 };
 
 // SPEC init: a matrix mapping fan_in -> fan_out features starts at

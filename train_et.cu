@@ -9,9 +9,12 @@
 // corpus when the default location is empty); the start-up report (model
 // size, parameters, FLOPs per token, data, batch); then the GPU.
 #include <libgen.h>
+#include <unistd.h>
 
 #include <cerrno>
+#include <climits>
 #include <cmath>
+#include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -102,7 +105,7 @@ static std::vector<Flag> flag_table(Options& o) {
         {"-tu", "routing", Flag::Real, &o.lossfree_rate, 0, 1, nullptr, "TC: loss-free bias update rate u"},
         {"-ep", "routing", Flag::Choice, &o.ec_pool, 0, 0, "micro|seq|global", "EC: routing pool (micro-batch on this GPU, one sequence, global batch)"},
         {"-er", "routing", Flag::Choice, &o.eval_routing, 0, 0, "threshold|batch", "EC/ET at eval: tracked cutoffs (causal) or the batch's top-k (not causal)"},
-        {"-b", "batch", Flag::Int, &o.batch, 1, 65536, nullptr, "micro-batch: sequences per GPU per micro-step"},
+        {"-b", "batch", Flag::Int, &o.batch, 1, 65535, nullptr, "micro-batch: sequences per GPU per micro-step"},
         {"-t", "batch", Flag::Int, &o.seq_len, 8, 65536, nullptr, "sequence length in tokens"},
         {"-d", "batch", Flag::Int, &o.total_batch, 1, 1e9, nullptr, "total batch per step in tokens (gradient accumulation reaches it)"},
         {"-x", "batch", Flag::Int, &o.max_steps, -1, 1e9, nullptr, "training steps (-1: one epoch of the train data)"},
@@ -305,6 +308,8 @@ static void open_data(const Options& o, DataSources* d) {
 // ----------------------------------------------------------------------------
 // Start-up report.
 
+static int warmup_steps(const Options& o, int steps) { return o.warmup >= 0 ? o.warmup : std::min(700, steps / 10); }
+
 static void print_config(const Options& o, const ModelConfig& c, const DataSources& d, int grad_accum, int steps,
                          size_t steps_per_epoch) {
     ParamCounts n = count_parameters(c);
@@ -362,9 +367,8 @@ static void print_config(const Options& o, const ModelConfig& c, const DataSourc
            o.total_batch);
     printf("steps    %d (%.2f epochs; %zu steps per epoch)\n", steps, (double)steps / steps_per_epoch, steps_per_epoch);
     const char* sched[] = {"cosine", "wsd"};
-    int warmup = o.warmup >= 0 ? o.warmup : std::min(700, steps / 10);
     printf("optim    AdamW lr %g, %s schedule, warm-up %d, final %g x peak, weight decay %g, clip %g\n", o.lr,
-           sched[o.schedule], warmup, o.final_lr_frac, o.weight_decay, o.grad_clip);
+           sched[o.schedule], warmup_steps(o, steps), o.final_lr_frac, o.weight_decay, o.grad_clip);
     printf("output   %s (checkpoint every %d steps%s)\n", o.out_dir.c_str(), o.checkpoint_every, o.resume ? ", resuming" : "");
     fflush(stdout);
 }
@@ -373,17 +377,15 @@ static void print_config(const Options& o, const ModelConfig& c, const DataSourc
 // Learning-rate schedule: linear warm-up to the peak, then cosine decay or
 // constant-then-linear warm-down to final_lr_frac x peak.
 
-static int warmup_steps(const Options& o, int steps) { return o.warmup >= 0 ? o.warmup : std::min(700, steps / 10); }
-
 static float learning_rate(const Options& o, int step, int steps) {
     int warmup = warmup_steps(o, steps);
     double peak = o.lr, floor = o.lr * o.final_lr_frac;
     if (step < warmup) return (float)(peak * (step + 1) / warmup);
-    double progress = (double)(step - warmup) / std::max(1, steps - warmup);
+    double progress = (double)(step - warmup) / std::max(1, steps - 1 - warmup);  // 1 on the last step
     if (o.schedule == 0) return (float)(floor + 0.5 * (1.0 + std::cos(M_PI * progress)) * (peak - floor));
     int warmdown_start = steps - (int)(o.warmdown_frac * steps);
     if (step < warmdown_start) return (float)peak;
-    return (float)(peak + (floor - peak) * (double)(step - warmdown_start) / std::max(1, steps - warmdown_start));
+    return (float)(peak + (floor - peak) * (double)(step - warmdown_start) / std::max(1, steps - 1 - warmdown_start));
 }
 
 // ----------------------------------------------------------------------------
@@ -395,9 +397,49 @@ static float learning_rate(const Options& o, int step, int steps) {
 static const int64_t CHECKPOINT_MAGIC = 0x7472616E5F65745FLL;  // "train_et_"
 enum CheckpointField {
     CK_MAGIC, CK_VERSION, CK_STEP, CK_NUM_PARAMS, CK_LAYERS, CK_EMBD, CK_HEADS, CK_KV_HEADS, CK_VOCAB, CK_EXPERTS,
-    CK_BATCH, CK_SEQ_LEN, CK_TOTAL_BATCH, CK_WORLD, CK_SEED, CK_EPOCH, CK_SHARD_POS, CK_ROUND, CK_RNG0,
-    CK_HEADER_FIELDS = CK_RNG0 + 4 + 8  // room to grow
+    CK_BATCH, CK_SEQ_LEN, CK_TOTAL_BATCH, CK_WORLD, CK_SEED, CK_DATA, CK_STEPS, CK_WARMUP, CK_SCHEDULE,
+    // doubles, stored bit for bit
+    CK_LR, CK_FINAL_LR, CK_WARMDOWN, CK_WEIGHT_DECAY, CK_GRAD_CLIP,
+    // where the run is
+    CK_EPOCH, CK_SHARD_POS, CK_ROUND, CK_RNG0, CK_RNG3 = CK_RNG0 + 3,
+    CK_HEADER_FIELDS = 64  // room to grow
 };
+
+static int64_t double_bits(double x) {
+    int64_t bits;
+    memcpy(&bits, &x, sizeof(bits));
+    return bits;
+}
+
+// Identifies the training data by its shape (shard count and sizes), so a
+// resume on other shards is caught; the synthetic corpus is fixed by -sd, -sv.
+static int64_t data_fingerprint(const TokenSource& source) {
+    uint64_t h = seed_mix(source.num_shards(), 0xDA7A);
+    for (size_t i = 0; i < source.num_shards(); i++) h = seed_mix(h, source.shard_tokens(i));
+    return (int64_t)h;
+}
+
+// The settings a resumed run must share with the run it continues: they
+// shape the model, the data stream or the update of every remaining step.
+static void checkpoint_settings(const Options& o, const ModelConfig& c, size_t num_params, int world, int steps,
+                                int64_t data, int64_t* h) {
+    h[CK_NUM_PARAMS] = (int64_t)num_params;
+    h[CK_LAYERS] = c.n_layer; h[CK_EMBD] = c.n_embd; h[CK_HEADS] = c.n_head; h[CK_KV_HEADS] = c.n_kv_head;
+    h[CK_VOCAB] = c.vocab_size; h[CK_EXPERTS] = c.n_experts; h[CK_BATCH] = o.batch; h[CK_SEQ_LEN] = o.seq_len;
+    h[CK_TOTAL_BATCH] = o.total_batch; h[CK_WORLD] = world; h[CK_SEED] = o.seed; h[CK_DATA] = data;
+    h[CK_STEPS] = steps; h[CK_WARMUP] = warmup_steps(o, steps); h[CK_SCHEDULE] = o.schedule;
+    h[CK_LR] = double_bits(o.lr); h[CK_FINAL_LR] = double_bits(o.final_lr_frac);
+    h[CK_WARMDOWN] = double_bits(o.warmdown_frac); h[CK_WEIGHT_DECAY] = double_bits(o.weight_decay);
+    h[CK_GRAD_CLIP] = double_bits(o.grad_clip);
+}
+
+static const struct { CheckpointField field; const char* what; } CHECKPOINT_CHECKS[] = {
+    {CK_LAYERS, "-m (layers)"}, {CK_EMBD, "-m (width)"}, {CK_HEADS, "-m (heads)"}, {CK_KV_HEADS, "-kv"},
+    {CK_VOCAB, "the data's vocab size"}, {CK_EXPERTS, "-e"}, {CK_NUM_PARAMS, "the parameter count"},
+    {CK_BATCH, "-b"}, {CK_SEQ_LEN, "-t"}, {CK_TOTAL_BATCH, "-d"}, {CK_WORLD, "the number of processes"},
+    {CK_SEED, "-sd"}, {CK_DATA, "the training data (-i: shard count and sizes)"}, {CK_STEPS, "the step count (-x)"},
+    {CK_WARMUP, "-u"}, {CK_SCHEDULE, "-a"}, {CK_LR, "-l"}, {CK_FINAL_LR, "-q"}, {CK_WARMDOWN, "-wd"},
+    {CK_WEIGHT_DECAY, "-c"}, {CK_GRAD_CLIP, "-gc"}};
 
 struct TrainState {
     int step = 0;  // steps completed
@@ -406,20 +448,18 @@ struct TrainState {
 };
 
 static std::string checkpoint_path(const std::string& dir, int step) {
-    return string_format("%s/ckpt_%08d.bin", dir.c_str(), step);
+    return string_format("%s/ckpt_%010d.bin", dir.c_str(), step);
 }
 
 static void write_all(FILE* f, const void* data, size_t bytes, const std::string& path) {
     if (fwrite(data, 1, bytes, f) != bytes) fail("%s: write failed (disk full?)", path.c_str());
 }
 
-static void save_checkpoint(const Options& o, const Model& model, const TrainState& st, int world, float* host_buffer) {
-    const ModelConfig& c = model.config;
-    int64_t h[CK_HEADER_FIELDS] = {};
-    h[CK_MAGIC] = CHECKPOINT_MAGIC; h[CK_VERSION] = 1; h[CK_STEP] = st.step; h[CK_NUM_PARAMS] = (int64_t)model.num_params;
-    h[CK_LAYERS] = c.n_layer; h[CK_EMBD] = c.n_embd; h[CK_HEADS] = c.n_head; h[CK_KV_HEADS] = c.n_kv_head;
-    h[CK_VOCAB] = c.vocab_size; h[CK_EXPERTS] = c.n_experts; h[CK_BATCH] = o.batch; h[CK_SEQ_LEN] = o.seq_len;
-    h[CK_TOTAL_BATCH] = o.total_batch; h[CK_WORLD] = world; h[CK_SEED] = o.seed;
+static void save_checkpoint(const Options& o, const Model& model, const TrainState& st, const int64_t* settings,
+                            float* host_buffer) {
+    int64_t h[CK_HEADER_FIELDS];
+    memcpy(h, settings, sizeof(h));
+    h[CK_MAGIC] = CHECKPOINT_MAGIC; h[CK_VERSION] = 1; h[CK_STEP] = st.step;
     h[CK_EPOCH] = (int64_t)st.data.epoch; h[CK_SHARD_POS] = (int64_t)st.data.shard_pos; h[CK_ROUND] = (int64_t)st.data.round;
     for (int i = 0; i < 4; i++) h[CK_RNG0 + i] = (int64_t)st.sample_rng.s[i];
     std::string path = checkpoint_path(o.out_dir, st.step), tmp = path + ".tmp";
@@ -430,7 +470,8 @@ static void save_checkpoint(const Options& o, const Model& model, const TrainSta
         cudaCheck(cudaMemcpy(host_buffer, buf, model.num_params * sizeof(float), cudaMemcpyDeviceToHost));
         write_all(f, host_buffer, model.num_params * sizeof(float), tmp);
     }
-    if (fclose(f) != 0) fail("%s: write failed (disk full?)", tmp.c_str());
+    // on disk before the rename, so even a power cut leaves the old or the new checkpoint whole
+    if (fflush(f) != 0 || fsync(fileno(f)) != 0 || fclose(f) != 0) fail("%s: write failed (disk full?)", tmp.c_str());
     if (rename(tmp.c_str(), path.c_str()) != 0) fail("%s: rename failed (%s)", path.c_str(), strerror(errno));
     if (o.checkpoints_kept > 0) {
         std::vector<std::string> all = glob_sorted(o.out_dir + "/ckpt_*.bin");
@@ -442,34 +483,29 @@ static void read_all(FILE* f, void* data, size_t bytes, const std::string& path)
     if (fread(data, 1, bytes, f) != bytes) fail("%s: truncated checkpoint", path.c_str());
 }
 
-// Loads the newest checkpoint of -o into the model; the settings that
-// shape the model or the data stream must match, or the resume would not
-// be the same run.
-static TrainState load_checkpoint(const Options& o, Model* model, int world, float* host_buffer) {
+// Loads the newest checkpoint of -o (main made sure there is one) into the
+// model. Every setting that shapes the model, the data stream or the update
+// (CHECKPOINT_CHECKS) must match, or the resume would not be the same run.
+static TrainState load_checkpoint(const Options& o, Model* model, const int64_t* settings, float* host_buffer) {
     std::vector<std::string> all = glob_sorted(o.out_dir + "/ckpt_*.bin");
-    if (all.empty()) fail("-y 1: no checkpoint (ckpt_*.bin) in %s", o.out_dir.c_str());
     const std::string& path = all.back();
     FILE* f = fopen(path.c_str(), "rb");
     if (!f) fail("%s: cannot open (%s)", path.c_str(), strerror(errno));
     int64_t h[CK_HEADER_FIELDS];
     read_all(f, h, sizeof(h), path);
     if (h[CK_MAGIC] != CHECKPOINT_MAGIC || h[CK_VERSION] != 1) fail("%s: not a train_et checkpoint (version 1)", path.c_str());
-    const ModelConfig& c = model->config;
-    struct { int field; int64_t want; const char* what; } checks[] = {
-        {CK_LAYERS, c.n_layer, "-m (layers)"}, {CK_EMBD, c.n_embd, "-m (width)"}, {CK_HEADS, c.n_head, "-m (heads)"},
-        {CK_KV_HEADS, c.n_kv_head, "-kv"}, {CK_VOCAB, c.vocab_size, "the data's vocab size"},
-        {CK_EXPERTS, c.n_experts, "-e"}, {CK_BATCH, o.batch, "-b"}, {CK_SEQ_LEN, o.seq_len, "-t"},
-        {CK_TOTAL_BATCH, o.total_batch, "-d"}, {CK_WORLD, world, "the number of processes"}, {CK_SEED, o.seed, "-sd"},
-        {CK_NUM_PARAMS, (int64_t)model->num_params, "the parameter count"}};
-    for (const auto& k : checks)
-        if (h[k.field] != k.want)
-            fail("%s: was written with %s = %lld, this run has %lld; resume with the same settings", path.c_str(),
-                 k.what, (long long)h[k.field], (long long)k.want);
+    for (const auto& k : CHECKPOINT_CHECKS)
+        if (h[k.field] != settings[k.field])
+            fail("%s: was written with another %s; resume with the settings of the run it belongs to", path.c_str(),
+                 k.what);
     for (float* buf : {model->master, model->adam_m, model->adam_v}) {
         read_all(f, host_buffer, model->num_params * sizeof(float), path);
         cudaCheck(cudaMemcpy(buf, host_buffer, model->num_params * sizeof(float), cudaMemcpyHostToDevice));
     }
+    char extra;
+    bool trailing = fread(&extra, 1, 1, f) == 1;
     fclose(f);
+    if (trailing) fail("%s: longer than its header says: not a checkpoint of this run", path.c_str());
     copy_to_floatX(model->params, model->master, model->num_params);
     TrainState st;
     st.step = (int)h[CK_STEP];
@@ -588,11 +624,13 @@ int main(int argc, char** argv) {
     ModelConfig config = model_from_options(o);
     if (o.max_steps == 0) fail("-x: 0 steps; use a positive count, or -1 for one epoch");
     const int world = 1, rank = 0;  // one process per GPU: multi-GPU arrives with NCCL training
-    int micro_tokens = o.batch * o.seq_len * world;
+    int64_t micro_tokens = (int64_t)o.batch * o.seq_len * world;
+    if (micro_tokens > INT_MAX)
+        fail("-b x -t: %lld tokens per micro-step is more than %d; use a smaller -b or -t", (long long)micro_tokens, INT_MAX);
     if (o.total_batch % micro_tokens != 0)
-        fail("-d: %d tokens is not a multiple of -b x -t x processes = %d x %d x %d = %d", o.total_batch, o.batch,
-             o.seq_len, world, micro_tokens);
-    int grad_accum = o.total_batch / micro_tokens;
+        fail("-d: %d tokens is not a multiple of -b x -t x processes = %d x %d x %d = %lld", o.total_batch, o.batch,
+             o.seq_len, world, (long long)micro_tokens);
+    int grad_accum = (int)(o.total_batch / micro_tokens);
     DataSources data;
     open_data(o, &data);
     config.vocab_size = data.vocab_size;
@@ -602,7 +640,10 @@ int main(int argc, char** argv) {
     if (!err.empty()) fail("-i: %s", err.c_str());
     if (data.val) {
         err = val_loader.init(data.val.get(), o.batch, o.seq_len, rank, world, (uint64_t)o.seed, false);
-        if (!err.empty()) fail("-j: %s", err.c_str());
+        if (!err.empty()) {
+            printf("warning: validation off: %s\n", err.c_str());
+            data.val.reset();
+        }
     }
     size_t steps_per_epoch = train_loader.batches_per_epoch() / grad_accum;
     if (steps_per_epoch == 0)
@@ -610,6 +651,10 @@ int main(int argc, char** argv) {
              train_loader.batches_per_epoch(), grad_accum);
     int steps = o.max_steps > 0 ? o.max_steps : (int)steps_per_epoch;
     print_config(o, config, data, grad_accum, steps, steps_per_epoch);
+    bool has_checkpoints = !glob_sorted(o.out_dir + "/ckpt_*.bin").empty();
+    if (!o.resume && has_checkpoints)
+        fail("-o: %s holds checkpoints of an earlier run: resume it with -y 1, or choose another -o", o.out_dir.c_str());
+    if (o.resume && !has_checkpoints) fail("-y 1: no checkpoint (ckpt_*.bin) in %s to resume from", o.out_dir.c_str());
 
     GpuInfo gpu;
     err = gpu_open(rank, &gpu);
@@ -640,11 +685,13 @@ int main(int argc, char** argv) {
     make_dir(o.out_dir);
     RunLog log;
     log.open(o.out_dir);
+    int64_t settings[CK_HEADER_FIELDS] = {};
+    checkpoint_settings(o, config, model.num_params, world, steps, data_fingerprint(*data.train), settings);
 
     TrainState st;
     st.sample_rng = Rng(seed_mix((uint64_t)o.seed, 0x5A3E));
     if (o.resume) {
-        st = load_checkpoint(o, &model, world, host_buffer);
+        st = load_checkpoint(o, &model, settings, host_buffer);
         train_loader.restore(st.data);
     } else {
         model_init_parameters(&model, (uint64_t)o.seed);
@@ -678,7 +725,7 @@ int main(int argc, char** argv) {
         for (int micro = 0; micro < grad_accum; micro++) {
             feeder.feed(train_loader, model.acts);
             model_forward(&model, o.batch, o.seq_len, true, true, dloss);
-            model_backward(&model);
+            model_backward(&model, o.batch, o.seq_len);
         }
         float lr = learning_rate(o, step, steps);
         model_update(&model, lr, (float)o.weight_decay, (float)o.grad_clip, step + 1);
@@ -687,7 +734,7 @@ int main(int argc, char** argv) {
         window_steps++;
 
         bool checkpoint = last || (o.checkpoint_every > 0 && st.step % o.checkpoint_every == 0);
-        if (step % o.log_every == 0 || last || checkpoint) {
+        if (st.step % o.log_every == 0 || st.step == 1 || last || checkpoint) {
             float loss_total = 0, norm = 0;
             cudaCheck(cudaMemcpy(&loss_total, model.loss_total, sizeof(float), cudaMemcpyDeviceToHost));
             cudaCheck(cudaMemcpy(&norm, model.grad_norm_value, sizeof(float), cudaMemcpyDeviceToHost));
@@ -697,21 +744,21 @@ int main(int argc, char** argv) {
             double mfu = gpu.peak_bf16_flops > 0 ? flops_per_token * tokens_per_s / gpu.peak_bf16_flops : 0;
             double eta = dt * (steps - st.step);
             log.print("step %6d/%d | loss %.4f | lr %.2e | norm %.3f | %.0f ms | %.0f tok/s | MFU %.1f%% | ETA %s\n",
-                      step, steps, loss, lr, norm, dt * 1e3, tokens_per_s, 100 * mfu, format_duration(eta).c_str());
+                      st.step, steps, loss, lr, norm, dt * 1e3, tokens_per_s, 100 * mfu, format_duration(eta).c_str());
             log.record(string_format("{\"step\": %d, \"loss\": %.6f, \"lr\": %.6e, \"grad_norm\": %.6f, "
                                      "\"step_ms\": %.3f, \"tokens_per_s\": %.1f, \"mfu\": %.5f}",
-                                     step, loss, lr, norm, dt * 1e3, tokens_per_s, mfu));
+                                     st.step, loss, lr, norm, dt * 1e3, tokens_per_s, mfu));
             if (!std::isfinite(loss) || !std::isfinite(norm)) {
                 std::vector<std::string> saved = glob_sorted(o.out_dir + "/ckpt_*.bin");
                 fail("loss %.4f, gradient norm %.4f at step %d: training diverged. The last good checkpoint is %s "
-                     "(resume with -y 1, perhaps with a lower -l)", loss, norm, step,
+                     "(resume with -y 1, perhaps with a lower -l)", loss, norm, st.step,
                      saved.empty() ? "none" : saved.back().c_str());
             }
             window_start = wall_seconds();
             window_steps = 0;
         }
         if (checkpoint) {
-            save_checkpoint(o, model, st, world, host_buffer);
+            save_checkpoint(o, model, st, settings, host_buffer);
             window_start = wall_seconds();
             window_steps = 0;
         }

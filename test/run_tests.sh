@@ -60,6 +60,7 @@ build "CPU tests" make --no-print-directory -s $cpu_tests
 build "train_et (BF16, the default)" make --no-print-directory -s train_et
 build "train_et (FP32)" make --no-print-directory -s build/train_et_fp32
 [ -n "$gpu_tests" ] && build "GPU tests (BF16 and FP32)" make --no-print-directory -s $gpu_tests
+build "dev/bench_step" make --no-print-directory -s build/bench_step
 
 echo "== CPU tests"
 for t in $cpu_tests; do

@@ -57,10 +57,10 @@ def test_help_lists_every_flag():
 def test_bad_flags_give_one_line():
     cases = [
         (["-Q", "1"], "unknown flag '-Q'"),
-        (["-b"], "-b: missing value (expected an integer in [1, 65536])"),
+        (["-b"], "-b: missing value (expected an integer in [1, 65535])"),
         (["-b", "x"], "-b: 'x' is not an integer"),
         (["-b", "3.5"], "-b: '3.5' is not an integer"),
-        (["-b", "0"], "-b: 0 is out of range (expected an integer in [1, 65536])"),
+        (["-b", "0"], "-b: 0 is out of range (expected an integer in [1, 65535])"),
         (["-l", "fast"], "-l: 'fast' is not a number"),
         (["-eb", "1"], "-eb: 1 is out of range"),
         (["-r", "moe"], "-r: unknown value 'moe' (expected one of tc|ec|et)"),
@@ -138,6 +138,15 @@ def test_real_shards_and_tokenizer():
         r = train_et(*SMALL, "-i", f"{d}/tiny_shakespeare_train.bin")
         assert f"tokenizer: {d}/gpt2_tokenizer.bin" in r.stdout and "vocab 50257" in r.stdout, r.stdout
         assert "val:   none (validation off)" in r.stdout, r.stdout
+
+
+def test_output_dir_checkpoints_guard():
+    with tempfile.TemporaryDirectory() as d:
+        r = train_et(*SMALL, "-i", "synthetic", "-o", d, "-y", "1")
+        assert r.returncode == 1 and r.stderr == f"error: -y 1: no checkpoint (ckpt_*.bin) in {d} to resume from\n", r.stderr
+        open(f"{d}/ckpt_0000000100.bin", "wb").close()
+        r = train_et(*SMALL, "-i", "synthetic", "-o", d)
+        assert r.returncode == 1 and r.stderr.startswith(f"error: -o: {d} holds checkpoints of an earlier run"), r.stderr
 
 
 def test_startup_report_d12():
