@@ -13,16 +13,10 @@
 #include <functional>
 
 #include "check.h"
+#include "gradcheck.h"
 #include "reference_moe.h"
 
-using Vec = std::vector<double>;
 using Mask = std::vector<int>;
-
-static Vec random_vector(Rng& rng, size_t n, double lo = -1, double hi = 1) {
-    Vec v(n);
-    for (double& x : v) x = lo + (hi - lo) * rng.uniform();
-    return v;
-}
 
 // Multiples of 0.25 in [-1, 1]: nine values, so equal logits are common and
 // the tie rules get exercised.
@@ -31,22 +25,6 @@ static Vec random_quarters(Rng& rng, size_t n) {
     for (double& x : v) x = ((int)rng.below(9) - 4) * 0.25;
     return v;
 }
-
-static double dot(const Vec& a, const Vec& b) {
-    double sum = 0;
-    for (size_t i = 0; i < a.size(); i++) sum += a[i] * b[i];
-    return sum;
-}
-
-static Vec minus(const Vec& a, const Vec& b) {
-    Vec d(a.size());
-    for (size_t i = 0; i < a.size(); i++) d[i] = a[i] - b[i];
-    return d;
-}
-
-// Outputs a function overwrites start as NaN, so any element it leaves
-// unwritten shows up.
-static Vec nans(size_t n) { return Vec(n, NAN); }
 
 // Hand-made cases are easiest to read one expert at a time; the reference
 // wants (N, E) rows. columns[i][n] -> out[n*E + i].
@@ -57,34 +35,6 @@ static std::vector<T> from_columns(const std::vector<std::vector<T>>& columns) {
     for (int i = 0; i < E; i++)
         for (int n = 0; n < N; n++) out[n * E + i] = columns[i][n];
     return out;
-}
-
-// Compares analytic[i] with the central difference (L(x+h) - L(x-h)) / 2h of
-// objective() for each i, perturbing (*x)[i] in place. The error is relative,
-// with a floor so gradients that should be zero compare absolutely.
-static void check_gradient(Test& t, const std::string& what, Vec* x, const Vec& analytic,
-                           const std::function<double()>& objective) {
-    const double h = 1e-6, tolerance = 1e-6, floor = 1e-2;
-    double worst = 0, worst_analytic = 0, worst_numeric = 0;
-    size_t worst_i = 0;
-    for (size_t i = 0; i < x->size(); i++) {
-        double saved = (*x)[i];
-        (*x)[i] = saved + h;
-        double plus = objective();
-        (*x)[i] = saved - h;
-        double minus = objective();
-        (*x)[i] = saved;
-        double numeric = (plus - minus) / (2 * h);
-        double error = std::fabs(analytic[i] - numeric) / std::max(std::fabs(analytic[i]) + std::fabs(numeric), floor);
-        if (!(error <= worst)) {  // also catches NaN
-            worst = error;
-            worst_i = i;
-            worst_analytic = analytic[i];
-            worst_numeric = numeric;
-        }
-    }
-    CHECK(t, worst < tolerance, "%s: relative error %.2e at element %zu (analytic %.12g, numeric %.12g)",
-          what.c_str(), worst, worst_i, worst_analytic, worst_numeric);
 }
 
 static double largest_magnitude(const Vec& v) {
