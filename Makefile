@@ -1,7 +1,7 @@
 # Makefile for train_et.
 #
 #   make train_et              the trainer (nvcc; builds without a GPU)
-#   make test                  every test this machine can run, then "N passed, N failed"
+#   make test                  every test this machine can run, then "N passed, N failed, N skipped"
 #   make bench                 time the d12 dense training step on this GPU (dev/bench.sh)
 #   make clean
 #
@@ -15,9 +15,9 @@ NVCC ?= nvcc
 CXX ?= g++
 PRECISION ?= BF16
 
-GPU_ARCH ?= $(shell nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d '.')
+GPU_ARCH ?= $(shell nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d '.' | grep -E '^[0-9]+$$')
 ifeq ($(strip $(GPU_ARCH)),)
-  GPU_ARCH := 90
+  override GPU_ARCH := 90
 endif
 
 ifeq ($(PRECISION),BF16)

@@ -61,7 +61,6 @@ inline void cublas_check(cublasStatus_t status, const char* call, const char* fi
 #define launchCheck() cuda_check(cudaGetLastError(), "kernel launch", __FILE__, __LINE__)
 
 struct GpuInfo {
-    int device = -1;
     cudaDeviceProp prop;
     double peak_bf16_flops = 0;  // dense, per second; 0 when unknown
 };
@@ -83,7 +82,6 @@ inline std::string gpu_open(int local_rank, GpuInfo* gpu) {
                (err != cudaSuccess ? cudaGetErrorString(err) : "0 devices") + ")";
     if (local_rank >= count)
         return string_format("process %d needs GPU %d but only %d are visible", local_rank, local_rank, count);
-    gpu->device = local_rank;
     cudaCheck(cudaSetDevice(local_rank));
     cudaCheck(cudaGetDeviceProperties(&gpu->prop, local_rank));
     gpu->peak_bf16_flops = peak_bf16_flops(gpu->prop);
@@ -827,8 +825,10 @@ struct Activations {
         float *ln1_rstd, *qk_rstd, *lse, *ln2_rstd;
     };
     std::vector<Layer> layers;
-    // backward scratch, reused by every layer
-    floatX *dresidual = nullptr, *dwide = nullptr, *dnarrow = nullptr, *ffn_act = nullptr;
+    // reused by every layer: dresidual is the residual stream's gradient; the
+    // scratch buffers hold branch outputs in the forward and gradients in the
+    // backward (narrow: N x C, wide: N x max(4C, qkv width))
+    floatX *dresidual = nullptr, *scratch_wide = nullptr, *scratch_narrow = nullptr, *ffn_act = nullptr;
     float* att_delta = nullptr;
     size_t bytes = 0;
 };
@@ -917,8 +917,8 @@ inline size_t model_allocate(Model* model, int B, int T) {
     a.logits = device_alloc<floatX>(N * Vp, &bytes);
     a.losses = device_alloc<float>(N, &bytes);
     a.dresidual = device_alloc<floatX>(N * C, &bytes);
-    a.dwide = device_alloc<floatX>(N * std::max(ffn, qkv_width), &bytes);
-    a.dnarrow = device_alloc<floatX>(N * C, &bytes);
+    a.scratch_wide = device_alloc<floatX>(N * std::max(ffn, qkv_width), &bytes);
+    a.scratch_narrow = device_alloc<floatX>(N * C, &bytes);
     a.ffn_act = device_alloc<floatX>(N * ffn, &bytes);
     a.att_delta = device_alloc<float>(N * c.n_head, &bytes);
     a.bytes = bytes;
@@ -979,13 +979,13 @@ inline void model_forward(Model* model, int B, int T, bool with_targets, bool ba
         t += 3;
         rope_qknorm_forward(L.qkv, L.qk_rstd, model->rope, B, T, H, KVH, hd);
         attention_forward(L.atty, L.lse, L.qkv, B, T, H, KVH, hd);
-        matmul_forward(h, a.dnarrow, L.atty, model->param(t++), N, C, C);
-        residual_forward(a.residual, a.dnarrow, (size_t)N * C);
+        matmul_forward(h, a.scratch_narrow, L.atty, model->param(t++), N, C, C);
+        residual_forward(a.residual, a.scratch_narrow, (size_t)N * C);
         rmsnorm_forward(L.ln2, L.ln2_rstd, a.residual, N, C);
         matmul_forward(h, L.fc_pre, L.ln2, model->param(t++), N, C, ffn);
         relu2_forward(a.ffn_act, L.fc_pre, (size_t)N * ffn);
-        matmul_forward(h, a.dnarrow, a.ffn_act, model->param(t++), N, ffn, C);
-        residual_forward(a.residual, a.dnarrow, (size_t)N * C);
+        matmul_forward(h, a.scratch_narrow, a.ffn_act, model->param(t++), N, ffn, C);
+        residual_forward(a.residual, a.scratch_narrow, (size_t)N * C);
     }
     rmsnorm_forward(a.lnf, a.lnf_rstd, a.residual, N, C);
     matmul_forward(h, a.logits, a.lnf, model->param(t), N, C, c.padded_vocab());
@@ -1005,33 +1005,33 @@ inline void model_backward(Model* model, int B, int T) {
     const int qkv_width = (H + 2 * KVH) * hd, ffn = 4 * C;
     int t = (int)model->tensors.size() - 1;  // lm_head; walk the storage order backwards
     cudaCheck(cudaMemsetAsync(a.dresidual, 0, (size_t)N * C * sizeof(floatX)));
-    matmul_backward(h, a.dnarrow, model->grad(t), a.logits, a.lnf, model->param(t), N, C, c.padded_vocab());
+    matmul_backward(h, a.scratch_narrow, model->grad(t), a.logits, a.lnf, model->param(t), N, C, c.padded_vocab());
     t--;
-    rmsnorm_backward(a.dresidual, a.dnarrow, a.lnf, a.lnf_rstd, N, C);
+    rmsnorm_backward(a.dresidual, a.scratch_narrow, a.lnf, a.lnf_rstd, N, C);
     for (int l = c.n_layer - 1; l >= 0; l--) {
         Activations::Layer& L = a.layers[l];
         // FFN: x += relu2(ln2 @ fc^T) @ proj^T
         relu2_forward(a.ffn_act, L.fc_pre, (size_t)N * ffn);  // recomputed, not stored
-        matmul_backward(h, a.dwide, model->grad(t), a.dresidual, a.ffn_act, model->param(t), N, ffn, C);
+        matmul_backward(h, a.scratch_wide, model->grad(t), a.dresidual, a.ffn_act, model->param(t), N, ffn, C);
         t--;
-        relu2_backward(a.dwide, a.dwide, L.fc_pre, (size_t)N * ffn);
-        matmul_backward(h, a.dnarrow, model->grad(t), a.dwide, L.ln2, model->param(t), N, C, ffn);
+        relu2_backward(a.scratch_wide, a.scratch_wide, L.fc_pre, (size_t)N * ffn);
+        matmul_backward(h, a.scratch_narrow, model->grad(t), a.scratch_wide, L.ln2, model->param(t), N, C, ffn);
         t--;
-        rmsnorm_backward(a.dresidual, a.dnarrow, L.ln2, L.ln2_rstd, N, C);
+        rmsnorm_backward(a.dresidual, a.scratch_narrow, L.ln2, L.ln2_rstd, N, C);
         // attention: x += attention(rope_qknorm(ln1 @ wqkv^T)) @ wo^T
-        matmul_backward(h, a.dnarrow, model->grad(t), a.dresidual, L.atty, model->param(t), N, C, C);
+        matmul_backward(h, a.scratch_narrow, model->grad(t), a.dresidual, L.atty, model->param(t), N, C, C);
         t--;
-        attention_backward(a.dwide, a.dnarrow, L.atty, L.lse, L.qkv, a.att_delta, B, T, H, KVH, hd);
-        rope_qknorm_backward(a.dwide, L.qkv, L.qk_rstd, model->rope, B, T, H, KVH, hd);
+        attention_backward(a.scratch_wide, a.scratch_narrow, L.atty, L.lse, L.qkv, a.att_delta, B, T, H, KVH, hd);
+        rope_qknorm_backward(a.scratch_wide, L.qkv, L.qk_rstd, model->rope, B, T, H, KVH, hd);
         t -= 2;  // wq, wk, wv as one matrix starting at wq
-        matmul_backward(h, a.dnarrow, model->grad(t), a.dwide, L.ln1, model->param(t), N, C, qkv_width);
+        matmul_backward(h, a.scratch_narrow, model->grad(t), a.scratch_wide, L.ln1, model->param(t), N, C, qkv_width);
         t--;
-        rmsnorm_backward(a.dresidual, a.dnarrow, L.ln1, L.ln1_rstd, N, C);
+        rmsnorm_backward(a.dresidual, a.scratch_narrow, L.ln1, L.ln1_rstd, N, C);
     }
     // the embedding's RMSNorm, then the lookup
-    cudaCheck(cudaMemsetAsync(a.dnarrow, 0, (size_t)N * C * sizeof(floatX)));
-    rmsnorm_backward(a.dnarrow, a.dresidual, a.x0, a.x0_rstd, N, C);
-    embedding_backward(model->grad(t), a.tokens, a.dnarrow, N, C, model->embedding_sort);
+    cudaCheck(cudaMemsetAsync(a.scratch_narrow, 0, (size_t)N * C * sizeof(floatX)));
+    rmsnorm_backward(a.scratch_narrow, a.dresidual, a.x0, a.x0_rstd, N, C);
+    embedding_backward(model->grad(t), a.tokens, a.scratch_narrow, N, C, model->embedding_sort);
 }
 
 // Global-norm clipping and AdamW over every tensor; weight decay on the
@@ -1054,8 +1054,8 @@ inline void model_free(Model* model) {
                         (void*)L.ln2, (void*)L.ln2_rstd, (void*)L.fc_pre})
             cudaCheck(cudaFree(p));
     for (void* p : {(void*)a.tokens, (void*)a.targets, (void*)a.x0, (void*)a.x0_rstd, (void*)a.residual, (void*)a.lnf,
-                    (void*)a.lnf_rstd, (void*)a.logits, (void*)a.losses, (void*)a.dresidual, (void*)a.dwide,
-                    (void*)a.dnarrow, (void*)a.ffn_act, (void*)a.att_delta, (void*)model->master, (void*)model->grads,
+                    (void*)a.lnf_rstd, (void*)a.logits, (void*)a.losses, (void*)a.dresidual, (void*)a.scratch_wide,
+                    (void*)a.scratch_narrow, (void*)a.ffn_act, (void*)a.att_delta, (void*)model->master, (void*)model->grads,
                     (void*)model->adam_m, (void*)model->adam_v, (void*)model->loss_total, (void*)model->grad_norm_value,
                     (void*)model->clip_scale, (void*)model->norm_partial})
         cudaCheck(cudaFree(p));

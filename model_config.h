@@ -4,7 +4,7 @@
 // tensors with their shapes, and from that the parameter counts (total and
 // active per token) and the training FLOPs per token that MFU is measured
 // against. Plain C++, so tests and the start-up report share one source of
-// truth with the CUDA code that will allocate these tensors.
+// truth with the CUDA code that allocates these tensors (model.cuh).
 #pragma once
 
 #include <algorithm>

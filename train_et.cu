@@ -33,6 +33,7 @@
 #include "model.cuh"
 #include "model_config.h"
 #include "router.cuh"
+#include "schedule.h"
 
 #ifdef ENABLE_FP32
 static const char* PRECISION_NAME = "FP32";
@@ -44,29 +45,31 @@ static const char* DEFAULT_TRAIN = "data/edu_fineweb10B/edu_fineweb_train_*.bin"
 static const char* DEFAULT_VAL = "data/edu_fineweb10B/edu_fineweb_val_*.bin";
 static const int GPT2_VOCAB = 50257;
 // The synthetic corpus: validation is shard 0, training shards 1..1024 of
-// 2^20 tokens (about 1.07B tokens, 2048 steps of the default batch).
+// 2^20 tokens (about 1.07B tokens: 1984 steps of the default batch, as each
+// shard's tail that does not fill a batch is skipped).
 static const size_t SYNTHETIC_SHARD_TOKENS = 1 << 20;
 static const size_t SYNTHETIC_TRAIN_SHARDS = 1024;
 
 // ----------------------------------------------------------------------------
-// Options. Choice-valued options are indexes into their flag's choice list.
+// Options. Choice-valued options are indexes into their flag's choice list,
+// which lists the values in the order of their enum (RouterKind, ...).
 
 struct Options {
     std::string train_glob = DEFAULT_TRAIN, val_glob = DEFAULT_VAL, out_dir = "log_et";
     int resume = 0, checkpoint_every = 1000, checkpoints_kept = 2;
     std::string model = "d12";
-    int experts = 16, router = 2, top_k = 1, kv_heads = 0;
+    int experts = 16, router = (int)RouterKind::ET, top_k = 1, kv_heads = 0;
     double et_beta = 0.999;
     int et_warmup = -1;
     double capacity = 0.5;
-    int tc_balance = 1;
+    int tc_balance = (int)TcBalance::Aux;
     double aux_alpha = 0.001, lossfree_rate = 0.001;
-    int ec_pool = 0, eval_routing = 0;
+    int ec_pool = (int)EcPool::MicroBatch, eval_routing = (int)EvalRouting::Threshold;
     int batch = 16, seq_len = 2048, total_batch = 524288, max_steps = -1;
     double lr = 6e-4;
     int warmup = -1;
     double final_lr_frac = 0.0;
-    int schedule = 0;
+    int schedule = (int)LrSchedule::Cosine;
     double warmdown_frac = 0.2, weight_decay = 0.1, grad_clip = 1.0;
     int val_every = 250, val_batches = 20, sample_every = 1000, sample_tokens = 64, log_every = 10;
     int seed = 1337, synthetic_vocab = GPT2_VOCAB;
@@ -91,7 +94,7 @@ static std::vector<Flag> flag_table(Options& o) {
         {"-y", "data", Flag::Int, &o.resume, 0, 1, nullptr, "1: resume from the latest checkpoint in -o"},
         {"-n", "data", Flag::Int, &o.checkpoint_every, 0, 1e9, nullptr, "checkpoint every N steps (0: only at the end)"},
         {"-nk", "data", Flag::Int, &o.checkpoints_kept, 0, 1e6, nullptr, "keep the last N checkpoints (0: all)"},
-        {"-sv", "data", Flag::Int, &o.synthetic_vocab, 1024, 65536, nullptr, "vocab size of the synthetic corpus"},
+        {"-sv", "data", Flag::Int, &o.synthetic_vocab, 1024, 65536, nullptr, "vocab size of the synthetic corpus (-i synthetic only)"},
         {"-m", "model", Flag::Text, &o.model, 0, 0, nullptr, "model preset: tiny, or dN (N even; d12, d20 = paper)"},
         {"-e", "model", Flag::Int, &o.experts, 0, 1024, nullptr, "routed experts per MoE layer (0: dense model)"},
         {"-r", "model", Flag::Choice, &o.router, 0, 0, "tc|ec|et", "router: token choice, expert choice, expert threshold"},
@@ -120,7 +123,7 @@ static std::vector<Flag> flag_table(Options& o) {
         {"-vm", "eval", Flag::Int, &o.val_batches, 1, 1e9, nullptr, "validation micro-batches per evaluation"},
         {"-s", "eval", Flag::Int, &o.sample_every, 0, 1e9, nullptr, "print a sample every N steps (0: off)"},
         {"-g", "eval", Flag::Int, &o.sample_tokens, 1, 65536, nullptr, "tokens per sample"},
-        {"-li", "eval", Flag::Int, &o.log_every, 1, 1e9, nullptr, "log loss and routing metrics every N steps"},
+        {"-li", "eval", Flag::Int, &o.log_every, 1, 1e9, nullptr, "log the loss, speed and gradient norm every N steps"},
         {"-sd", "eval", Flag::Int, &o.seed, 0, 2147483647, nullptr, "random seed (weights, data order, sampling)"},
     };
 }
@@ -299,7 +302,9 @@ static void open_data(const Options& o, DataSources* d) {
         d->tokenizer_path = table;
     }
     d->train = open_shards(o.train_glob, d->vocab_size, "-i");
-    if (!glob_sorted(o.val_glob).empty())
+    // the default validation shards belong to the default training shards
+    bool default_pair = o.train_glob == DEFAULT_TRAIN || o.val_glob != DEFAULT_VAL;
+    if (default_pair && !glob_sorted(o.val_glob).empty())
         d->val = open_shards(o.val_glob, d->vocab_size, "-j");
     else if (o.val_glob != DEFAULT_VAL)
         fail("-j: no files match '%s'", o.val_glob.c_str());
@@ -308,7 +313,16 @@ static void open_data(const Options& o, DataSources* d) {
 // ----------------------------------------------------------------------------
 // Start-up report.
 
-static int warmup_steps(const Options& o, int steps) { return o.warmup >= 0 ? o.warmup : std::min(700, steps / 10); }
+static Schedule lr_schedule(const Options& o, int steps) {
+    Schedule s;
+    s.kind = (LrSchedule)o.schedule;
+    s.peak = o.lr;
+    s.final_frac = o.final_lr_frac;
+    s.warmdown_frac = o.warmdown_frac;
+    s.warmup = o.warmup >= 0 ? o.warmup : default_warmup_steps(steps);
+    s.steps = steps;
+    return s;
+}
 
 static void print_config(const Options& o, const ModelConfig& c, const DataSources& d, int grad_accum, int steps,
                          size_t steps_per_epoch) {
@@ -316,8 +330,9 @@ static void print_config(const Options& o, const ModelConfig& c, const DataSourc
     printf("train_et | %s build", PRECISION_NAME);
 #ifdef MULTI_GPU
     int nccl = 0;
-    ncclGetVersion(&nccl);
-    printf(", NCCL %d.%d.%d", nccl / 10000, nccl / 100 % 100, nccl % 100);
+    if (ncclGetVersion(&nccl) != ncclSuccess) fail("NCCL: ncclGetVersion failed: the NCCL library is unusable");
+    printf(", NCCL %d.%d.%d linked (multi-GPU training not wired yet: 1 process)", nccl / 10000, nccl / 100 % 100,
+           nccl % 100);
 #else
     printf(", single GPU (NO_MULTI_GPU)");
 #endif
@@ -368,24 +383,9 @@ static void print_config(const Options& o, const ModelConfig& c, const DataSourc
     printf("steps    %d (%.2f epochs; %zu steps per epoch)\n", steps, (double)steps / steps_per_epoch, steps_per_epoch);
     const char* sched[] = {"cosine", "wsd"};
     printf("optim    AdamW lr %g, %s schedule, warm-up %d, final %g x peak, weight decay %g, clip %g\n", o.lr,
-           sched[o.schedule], warmup_steps(o, steps), o.final_lr_frac, o.weight_decay, o.grad_clip);
+           sched[o.schedule], lr_schedule(o, steps).warmup, o.final_lr_frac, o.weight_decay, o.grad_clip);
     printf("output   %s (checkpoint every %d steps%s)\n", o.out_dir.c_str(), o.checkpoint_every, o.resume ? ", resuming" : "");
     fflush(stdout);
-}
-
-// ----------------------------------------------------------------------------
-// Learning-rate schedule: linear warm-up to the peak, then cosine decay or
-// constant-then-linear warm-down to final_lr_frac x peak.
-
-static float learning_rate(const Options& o, int step, int steps) {
-    int warmup = warmup_steps(o, steps);
-    double peak = o.lr, floor = o.lr * o.final_lr_frac;
-    if (step < warmup) return (float)(peak * (step + 1) / warmup);
-    double progress = (double)(step - warmup) / std::max(1, steps - 1 - warmup);  // 1 on the last step
-    if (o.schedule == 0) return (float)(floor + 0.5 * (1.0 + std::cos(M_PI * progress)) * (peak - floor));
-    int warmdown_start = steps - (int)(o.warmdown_frac * steps);
-    if (step < warmdown_start) return (float)peak;
-    return (float)(peak + (floor - peak) * (double)(step - warmdown_start) / std::max(1, steps - 1 - warmdown_start));
 }
 
 // ----------------------------------------------------------------------------
@@ -427,7 +427,7 @@ static void checkpoint_settings(const Options& o, const ModelConfig& c, size_t n
     h[CK_LAYERS] = c.n_layer; h[CK_EMBD] = c.n_embd; h[CK_HEADS] = c.n_head; h[CK_KV_HEADS] = c.n_kv_head;
     h[CK_VOCAB] = c.vocab_size; h[CK_EXPERTS] = c.n_experts; h[CK_BATCH] = o.batch; h[CK_SEQ_LEN] = o.seq_len;
     h[CK_TOTAL_BATCH] = o.total_batch; h[CK_WORLD] = world; h[CK_SEED] = o.seed; h[CK_DATA] = data;
-    h[CK_STEPS] = steps; h[CK_WARMUP] = warmup_steps(o, steps); h[CK_SCHEDULE] = o.schedule;
+    h[CK_STEPS] = steps; h[CK_WARMUP] = lr_schedule(o, steps).warmup; h[CK_SCHEDULE] = o.schedule;
     h[CK_LR] = double_bits(o.lr); h[CK_FINAL_LR] = double_bits(o.final_lr_frac);
     h[CK_WARMDOWN] = double_bits(o.warmdown_frac); h[CK_WEIGHT_DECAY] = double_bits(o.weight_decay);
     h[CK_GRAD_CLIP] = double_bits(o.grad_clip);
@@ -520,30 +520,34 @@ static TrainState load_checkpoint(const Options& o, Model* model, const int64_t*
 // ----------------------------------------------------------------------------
 // The training run.
 
-// Feeds micro-batches to the GPU without a host-device sync: two pinned
-// host buffers take turns; before refilling one, the host waits only for
-// the copy that last read it.
+// Feeds micro-batches to the GPU without a device sync: a ring of pinned
+// host buffers; before refilling one, the host waits only for the copy that
+// last read it, which was queued FEED_BUFFERS micro-batches ago, so the GPU
+// keeps that much work queued while the host reads data.
+static const int FEED_BUFFERS = 4;
 struct BatchFeeder {
-    int* host[2][2] = {};  // [buffer][inputs, targets]
-    cudaEvent_t copied[2];
+    int* inputs[FEED_BUFFERS] = {};
+    int* targets[FEED_BUFFERS] = {};
+    cudaEvent_t copied[FEED_BUFFERS];
     int next = 0;
     size_t count = 0;
 
     void allocate(size_t tokens) {
         count = tokens;
-        for (int b = 0; b < 2; b++) {
-            for (int k = 0; k < 2; k++) cudaCheck(cudaMallocHost(&host[b][k], tokens * sizeof(int)));
+        for (int b = 0; b < FEED_BUFFERS; b++) {
+            cudaCheck(cudaMallocHost(&inputs[b], tokens * sizeof(int)));
+            cudaCheck(cudaMallocHost(&targets[b], tokens * sizeof(int)));
             cudaCheck(cudaEventCreateWithFlags(&copied[b], cudaEventDisableTiming));
             cudaCheck(cudaEventRecord(copied[b]));
         }
     }
     void feed(DataLoader& loader, Activations& acts) {
         cudaCheck(cudaEventSynchronize(copied[next]));
-        loader.next_batch(host[next][0], host[next][1]);
-        cudaCheck(cudaMemcpyAsync(acts.tokens, host[next][0], count * sizeof(int), cudaMemcpyHostToDevice));
-        cudaCheck(cudaMemcpyAsync(acts.targets, host[next][1], count * sizeof(int), cudaMemcpyHostToDevice));
+        loader.next_batch(inputs[next], targets[next]);
+        cudaCheck(cudaMemcpyAsync(acts.tokens, inputs[next], count * sizeof(int), cudaMemcpyHostToDevice));
+        cudaCheck(cudaMemcpyAsync(acts.targets, targets[next], count * sizeof(int), cudaMemcpyHostToDevice));
         cudaCheck(cudaEventRecord(copied[next]));
-        next ^= 1;
+        next = (next + 1) % FEED_BUFFERS;
     }
 };
 
@@ -697,6 +701,7 @@ int main(int argc, char** argv) {
         model_init_parameters(&model, (uint64_t)o.seed);
     }
 
+    const Schedule schedule = lr_schedule(o, steps);
     const double flops_per_token = training_flops_per_token(config);
     const float dloss = 1.0f / ((float)o.total_batch);
     double window_start = wall_seconds(), run_start = window_start;
@@ -727,7 +732,7 @@ int main(int argc, char** argv) {
             model_forward(&model, o.batch, o.seq_len, true, true, dloss);
             model_backward(&model, o.batch, o.seq_len);
         }
-        float lr = learning_rate(o, step, steps);
+        float lr = schedule.at(step);
         model_update(&model, lr, (float)o.weight_decay, (float)o.grad_clip, step + 1);
         st.step++;
         st.data = train_loader.position();

@@ -72,7 +72,6 @@ class ShardFiles : public TokenSource {
         return string_format("%zu shard%s, %s tokens (%s)", files_.size(), files_.size() == 1 ? "" : "s",
                              human_count((double)total).c_str(), pattern_.c_str());
     }
-    const std::vector<std::string>& files() const { return files_; }
 
   private:
     std::string pattern_;
@@ -166,7 +165,6 @@ class DataLoader {
 
     // Batches (calls of next_batch) in one pass over the data.
     size_t batches_per_epoch() const { return rounds_per_epoch_; }
-    const TokenSource* source() const { return source_; }
 
   private:
     const TokenSource* source_ = nullptr;

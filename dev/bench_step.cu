@@ -84,7 +84,7 @@ static Options parse_flags(int argc, char** argv) {
         if (i + 1 >= argc) fail("%s: missing value\n%s", argv[i], USAGE);
         const char* v = argv[++i];
         if (f == "-m") o.model = v;
-        if (f == "-b") o.batch = int_flag("-b", v, 1, 65536);
+        if (f == "-b") o.batch = int_flag("-b", v, 1, 65535);
         if (f == "-t") o.seq_len = int_flag("-t", v, 8, 65536);  // train_et's ranges
         if (f == "-r") o.repeats = int_flag("-r", v, 1, 100000);
     }
@@ -301,8 +301,8 @@ int main(int argc, char** argv) {
     // towards inf or zero, so the phases using them restore them first.
     auto restore_grad_scratch = [&] {
         fill_normal(a.dresidual, NC, SEED + 101, 1.0f);
-        fill_normal(a.dnarrow, NC, SEED + 102, 1.0f);
-        fill_normal(a.dwide, (size_t)N * std::max(ffn, qkv_width), SEED + 103, 1.0f);
+        fill_normal(a.scratch_narrow, NC, SEED + 102, 1.0f);
+        fill_normal(a.scratch_wide, (size_t)N * std::max(ffn, qkv_width), SEED + 103, 1.0f);
     };
     const double att_fwd_flops = 4.0 * B * H * (T * (T + 1.0) / 2) * hd * L;
     const double mm_fwd_flops =
@@ -318,29 +318,29 @@ int main(int argc, char** argv) {
     phases.push_back({"attention backward", 2.5 * att_fwd_flops, [&] {
         for (int l = 0; l < L; l++) {
             Activations::Layer& Ly = a.layers[l];
-            attention_backward(a.dwide, a.dnarrow, Ly.atty, Ly.lse, Ly.qkv, a.att_delta, B, T, H, KVH, hd);
+            attention_backward(a.scratch_wide, a.scratch_narrow, Ly.atty, Ly.lse, Ly.qkv, a.att_delta, B, T, H, KVH, hd);
         }
     }, nullptr, {}});
     phases.push_back({"matmul forward (cuBLAS, + lm_head)", mm_fwd_flops, [&] {
         for (int l = 0; l < L; l++) {
             Activations::Layer& Ly = a.layers[l];
             matmul_forward(cublas, Ly.qkv, Ly.ln1, model.param(lt[l].wq), N, C, qkv_width);
-            matmul_forward(cublas, a.dnarrow, Ly.atty, model.param(lt[l].wo), N, C, C);
+            matmul_forward(cublas, a.scratch_narrow, Ly.atty, model.param(lt[l].wo), N, C, C);
             matmul_forward(cublas, Ly.fc_pre, Ly.ln2, model.param(lt[l].fc), N, C, ffn);
-            matmul_forward(cublas, a.dnarrow, a.ffn_act, model.param(lt[l].proj), N, ffn, C);
+            matmul_forward(cublas, a.scratch_narrow, a.ffn_act, model.param(lt[l].proj), N, ffn, C);
         }
         matmul_forward(cublas, a.logits, a.lnf, model.param(lm_head), N, C, Vp);
     }, nullptr, {}});
     phases.push_back({"matmul backward (cuBLAS, + lm_head)", 2.0 * mm_fwd_flops, [&] {
-        matmul_backward(cublas, a.dnarrow, model.grad(lm_head), a.logits, a.lnf, model.param(lm_head), N, C, Vp);
+        matmul_backward(cublas, a.scratch_narrow, model.grad(lm_head), a.logits, a.lnf, model.param(lm_head), N, C, Vp);
         for (int l = L - 1; l >= 0; l--) {
             Activations::Layer& Ly = a.layers[l];
-            matmul_backward(cublas, a.dwide, model.grad(lt[l].proj), a.dresidual, a.ffn_act, model.param(lt[l].proj),
+            matmul_backward(cublas, a.scratch_wide, model.grad(lt[l].proj), a.dresidual, a.ffn_act, model.param(lt[l].proj),
                             N, ffn, C);
-            matmul_backward(cublas, a.dnarrow, model.grad(lt[l].fc), a.dwide, Ly.ln2, model.param(lt[l].fc), N, C, ffn);
-            matmul_backward(cublas, a.dnarrow, model.grad(lt[l].wo), a.dresidual, Ly.atty, model.param(lt[l].wo), N, C,
+            matmul_backward(cublas, a.scratch_narrow, model.grad(lt[l].fc), a.scratch_wide, Ly.ln2, model.param(lt[l].fc), N, C, ffn);
+            matmul_backward(cublas, a.scratch_narrow, model.grad(lt[l].wo), a.dresidual, Ly.atty, model.param(lt[l].wo), N, C,
                             C);
-            matmul_backward(cublas, a.dnarrow, model.grad(lt[l].wq), a.dwide, Ly.ln1, model.param(lt[l].wq), N, C,
+            matmul_backward(cublas, a.scratch_narrow, model.grad(lt[l].wq), a.scratch_wide, Ly.ln1, model.param(lt[l].wq), N, C,
                             qkv_width);
         }
     }, nullptr, {}});
@@ -353,35 +353,35 @@ int main(int argc, char** argv) {
             rmsnorm_forward(Ly.ln2, Ly.ln2_rstd, a.residual, N, C);
         }
         rmsnorm_forward(a.lnf, a.lnf_rstd, a.residual, N, C);
-        rmsnorm_backward(a.dresidual, a.dnarrow, a.lnf, a.lnf_rstd, N, C);
+        rmsnorm_backward(a.dresidual, a.scratch_narrow, a.lnf, a.lnf_rstd, N, C);
         for (int l = L - 1; l >= 0; l--) {
             Activations::Layer& Ly = a.layers[l];
-            rmsnorm_backward(a.dresidual, a.dnarrow, Ly.ln2, Ly.ln2_rstd, N, C);
-            rope_qknorm_backward(a.dwide, Ly.qkv, Ly.qk_rstd, model.rope, B, T, H, KVH, hd);
-            rmsnorm_backward(a.dresidual, a.dnarrow, Ly.ln1, Ly.ln1_rstd, N, C);
+            rmsnorm_backward(a.dresidual, a.scratch_narrow, Ly.ln2, Ly.ln2_rstd, N, C);
+            rope_qknorm_backward(a.scratch_wide, Ly.qkv, Ly.qk_rstd, model.rope, B, T, H, KVH, hd);
+            rmsnorm_backward(a.dresidual, a.scratch_narrow, Ly.ln1, Ly.ln1_rstd, N, C);
         }
-        rmsnorm_backward(a.dnarrow, a.dresidual, a.x0, a.x0_rstd, N, C);
+        rmsnorm_backward(a.scratch_narrow, a.dresidual, a.x0, a.x0_rstd, N, C);
     }, restore_grad_scratch, {}});
-    // relu2_backward runs in place in the model (dwide *= 2 relu(fc_pre));
+    // relu2_backward runs in place in the model (scratch_wide *= 2 relu(fc_pre));
     // repeated, that would underflow, so here it reads ffn_act instead: the
     // same bytes moved, a fixed non-zero input.
     phases.push_back({"elementwise (relu2, residual, copies)", 0, [&] {
         cudaCheck(cudaMemcpyAsync(a.residual, a.x0, NC * sizeof(floatX), cudaMemcpyDeviceToDevice));
         for (int l = 0; l < L; l++) {
-            residual_forward(a.residual, a.dnarrow, NC);
+            residual_forward(a.residual, a.scratch_narrow, NC);
             relu2_forward(a.ffn_act, a.layers[l].fc_pre, (size_t)N * ffn);
-            residual_forward(a.residual, a.dnarrow, NC);
+            residual_forward(a.residual, a.scratch_narrow, NC);
         }
         cudaCheck(cudaMemsetAsync(a.dresidual, 0, NC * sizeof(floatX)));
         for (int l = L - 1; l >= 0; l--) {
             relu2_forward(a.ffn_act, a.layers[l].fc_pre, (size_t)N * ffn);
-            relu2_backward(a.dwide, a.ffn_act, a.layers[l].fc_pre, (size_t)N * ffn);
+            relu2_backward(a.scratch_wide, a.ffn_act, a.layers[l].fc_pre, (size_t)N * ffn);
         }
-        cudaCheck(cudaMemsetAsync(a.dnarrow, 0, NC * sizeof(floatX)));
+        cudaCheck(cudaMemsetAsync(a.scratch_narrow, 0, NC * sizeof(floatX)));
     }, restore_grad_scratch, {}});
     phases.push_back({"embedding (fwd + sort + bwd)", 0, [&] {
         embedding_forward(a.residual, a.tokens, model.param(wte), N, C);
-        embedding_backward(model.grad(wte), a.tokens, a.dnarrow, N, C, model.embedding_sort);
+        embedding_backward(model.grad(wte), a.tokens, a.scratch_narrow, N, C, model.embedding_sort);
     }, restore_grad_scratch, {}});
     // The loss kernel turns the logits into dlogits in place: each run gets
     // fresh logits from the lm_head product, untimed.

@@ -66,10 +66,16 @@ inline std::string shared_data_dir() {
     return env ? env : "../shared/data";
 }
 
-// A fresh, empty scratch directory for one test program.
+// A fresh, empty scratch directory for one test program, removed when the
+// program exits.
 inline std::string scratch_dir(const char* name) {
-    std::string dir = std::string("/tmp/train_et_test_") + name + "_" + std::to_string(getpid());
+    static std::string dir;
+    dir = std::string("/tmp/train_et_test_") + name + "_" + std::to_string(getpid());
     std::string cmd = "rm -rf '" + dir + "' && mkdir -p '" + dir + "'";
     if (system(cmd.c_str()) != 0) { fprintf(stderr, "cannot create %s\n", dir.c_str()); exit(1); }
+    atexit([] {
+        std::string rm = "rm -rf '" + dir + "'";
+        if (system(rm.c_str()) != 0) fprintf(stderr, "cannot remove %s\n", dir.c_str());
+    });
     return dir;
 }

@@ -796,8 +796,8 @@ static void poison_activations(Model& model) {
     poison(a.logits, N * Vp);
     poison(a.losses, N);
     poison(a.dresidual, N * C);
-    poison(a.dwide, N * std::max(ffn, qkv_width));
-    poison(a.dnarrow, N * C);
+    poison(a.scratch_wide, N * std::max(ffn, qkv_width));
+    poison(a.scratch_narrow, N * C);
     poison(a.ffn_act, N * ffn);
     poison(a.att_delta, N * H);
 }

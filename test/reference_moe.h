@@ -23,7 +23,7 @@
 // Backward: weight gradients and dr accumulate (+=); dh is overwritten.
 //
 // It includes nothing that reference.h does not, so a GPU test can wrap both
-// in one namespace (see test/gpu_test_model.cu).
+// in one namespace, as test/gpu_test_model.cu does with reference.h.
 #pragma once
 
 #include <algorithm>

@@ -37,12 +37,13 @@ run() {
     skipped=$((skipped + skip))
 }
 
-# A build step: one ok or FAIL line, with the compiler's output on failure.
+# A build step: one ok or FAIL line. The build must also be warning-free:
+# a compiler warning fails it, with the compiler's output shown.
 build() {
     local name=$1
     shift
     local out
-    if out=$("$@" 2>&1); then
+    if out=$("$@" 2>&1) && ! grep -qi 'warning' <<<"$out"; then
         echo "ok - build $name"
         passed=$((passed + 1))
     else

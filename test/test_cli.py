@@ -5,6 +5,7 @@ kind of bad flag or value gets one error line naming the flag and what is
 allowed, how the data source is chosen (synthetic fallback only for the
 default location), that bad shards are named, and what start-up reports.
 """
+import atexit
 import os
 import re
 import shutil
@@ -19,9 +20,13 @@ FLAGS = ["-i", "-j", "-o", "-y", "-n", "-nk", "-sv", "-m", "-e", "-r", "-k", "-k
          "-ta", "-tu", "-ep", "-er", "-b", "-t", "-d", "-x", "-l", "-u", "-q", "-a", "-wd", "-c", "-gc",
          "-v", "-vm", "-s", "-g", "-li", "-sd", "-h"]
 SMALL = ["-m", "tiny", "-t", "64", "-b", "4", "-d", "256"]
+# Runs start in an empty folder: no data/ there (so the synthetic fallback
+# is what the default gives) and whatever a run writes stays out of the repo.
+WORK = tempfile.mkdtemp(prefix="train_et_cli_")
+atexit.register(shutil.rmtree, WORK, ignore_errors=True)
 
 
-def train_et(*args, cwd=None):
+def train_et(*args, cwd=WORK):
     if not os.path.exists(TRAIN_ET):
         raise AssertionError(f"{TRAIN_ET} is not built (make train_et)")
     return subprocess.run([TRAIN_ET, *args], capture_output=True, text=True, cwd=cwd, timeout=120)
@@ -158,7 +163,7 @@ def test_startup_report_d12():
                  "flops    0.855 GFLOP per token",
                  "16 micro-steps: 524288 tokens per step"]:
         assert want in r.stdout, f"missing '{want}' in:\n{r.stdout}"
-    r = train_et("-i", "synthetic", "-e", "0")
+    r = train_et("-i", "synthetic", "-e", "0", "-b", "1", "-t", "64", "-d", "64", "-x", "1", "-v", "0", "-s", "0")
     assert "ffn      dense, width 3072" in r.stdout and "params   162.13M total, 162.13M active" in r.stdout, r.stdout
 
 
