@@ -51,9 +51,9 @@ def random_shard(directory, n_tokens, vocab=1000, seed=0):
 def test_tiny_model_overfits_one_batch():
     with tempfile.TemporaryDirectory() as d:
         shard = random_shard(d, 4 * 64 + 1)  # exactly one batch: every step sees it
-        train(f"{d}/out", "-i", shard, "-x", "400", "-l", "3e-3", "-u", "20", "-c", "0")
-        final = losses(f"{d}/out")[400][0]
-        assert final < 0.1, f"loss after 400 steps on one batch: {final}"
+        train(f"{d}/out", "-i", shard, "-x", "1000", "-l", "3e-3", "-u", "20", "-q", "0.1", "-c", "0", "-li", "100")
+        final = losses(f"{d}/out")[1000][0]
+        assert final < 0.1, f"loss after 1000 steps on one batch: {final}"
 
 
 def test_same_seed_same_losses():
