@@ -326,6 +326,7 @@ def test_resume_after_kill_is_byte_identical():
         while not (killed / "prepare_state.json").exists() and process.poll() is None:
             assert time.monotonic() < deadline, "no shard written within 60 s"
             time.sleep(0.002)
+        assert process.poll() is None, "the run finished before it could be killed; give it more documents"
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
 
