@@ -248,13 +248,19 @@ inline size_t attention_smem_bytes(int hd) {
     return (2 * (size_t)ATT_TILE * (hd + 1) + 2 * (size_t)ATT_ROWS * hd) * sizeof(float);
 }
 
-// Stages rows [row0, row0 + ATT_TILE) of one head of qkv-like storage into
-// shared memory (zeros past `rows`). All threads of the block take part.
-__device__ void load_tile(float* dst, const floatX* src, size_t row_stride, int row0, int rows, int hd) {
-    for (int i = threadIdx.x; i < ATT_TILE * hd; i += blockDim.x) {
+// Stages rows [row0, row0 + n) of one head (hd values at src + row *
+// src_stride) into shared memory as fp32, dst_stride apart, with zeros for
+// rows at or past `rows`. All threads of the block take part.
+__device__ void load_rows(float* dst, int n, int dst_stride, const floatX* src, size_t src_stride, int row0, int rows,
+                          int hd) {
+    for (int i = threadIdx.x; i < n * hd; i += blockDim.x) {
         int r = i / hd, d = i % hd;
-        dst[r * (hd + 1) + d] = row0 + r < rows ? to_float(src[(size_t)(row0 + r) * row_stride + d]) : 0.0f;
+        dst[r * dst_stride + d] = row0 + r < rows ? to_float(src[(size_t)(row0 + r) * src_stride + d]) : 0.0f;
     }
+}
+// A tile of ATT_TILE rows, padded to hd + 1 so lane j reading row j hits distinct banks.
+__device__ void load_tile(float* dst, const floatX* src, size_t src_stride, int row0, int rows, int hd) {
+    load_rows(dst, ATT_TILE, hd + 1, src, src_stride, row0, rows, hd);
 }
 
 __global__ void attention_forward_kernel(floatX* out, float* lse, const floatX* qkv, int T, int H, int KVH, int hd) {
@@ -268,10 +274,7 @@ __global__ void attention_forward_kernel(floatX* out, float* lse, const floatX* 
     size_t stride = (size_t)(H + 2 * KVH) * hd;
     const floatX* base = qkv + (size_t)b * T * stride;
     const float scale = rsqrtf((float)hd);
-    for (int x = threadIdx.x; x < ATT_ROWS * hd; x += blockDim.x) {
-        int r = x / hd, d = x % hd;
-        q_rows[x] = row0 + r < T ? to_float(base[(size_t)(row0 + r) * stride + h * hd + d]) : 0.0f;
-    }
+    load_rows(q_rows, ATT_ROWS, hd, base + (size_t)h * hd, stride, row0, T, hd);
     float m = -INFINITY, l = 0.0f, o[ATT_MAX_DIMS_PER_LANE];
 #pragma unroll
     for (int r = 0; r < ATT_MAX_DIMS_PER_LANE; r++) o[r] = 0.0f;
@@ -345,13 +348,9 @@ __global__ void attention_backward_dq_kernel(floatX* dqkv, const floatX* dout, c
     size_t stride = (size_t)(H + 2 * KVH) * hd;
     const floatX* base = qkv + (size_t)b * T * stride;
     const float scale = rsqrtf((float)hd);
-    for (int x = threadIdx.x; x < ATT_ROWS * hd; x += blockDim.x) {
-        int r = x / hd, d = x % hd;
-        bool ok = row0 + r < T;
-        size_t row = (size_t)b * T + row0 + r;
-        q_rows[x] = ok ? to_float(base[(size_t)(row0 + r) * stride + h * hd + d]) : 0.0f;
-        do_rows[x] = ok ? to_float(dout[row * H * hd + h * hd + d]) : 0.0f;
-    }
+    const floatX* dout_b = dout + (size_t)b * T * H * hd;
+    load_rows(q_rows, ATT_ROWS, hd, base + (size_t)h * hd, stride, row0, T, hd);
+    load_rows(do_rows, ATT_ROWS, hd, dout_b + (size_t)h * hd, (size_t)H * hd, row0, T, hd);
     size_t row_i = (size_t)b * T + i;
     float lse_i = i < T ? lse[row_i * H + h] : 0.0f, d_i = i < T ? delta[row_i * H + h] : 0.0f;
     float dq[ATT_MAX_DIMS_PER_LANE];
@@ -412,12 +411,9 @@ __global__ void attention_backward_dkv_kernel(floatX* dqkv, const floatX* dout, 
     size_t stride = (size_t)(H + 2 * KVH) * hd;
     const floatX* base = qkv + (size_t)b * T * stride;
     const float scale = rsqrtf((float)hd);
-    for (int x = threadIdx.x; x < ATT_ROWS * hd; x += blockDim.x) {
-        int r = x / hd, d = x % hd;
-        bool ok = row0 + r < T;
-        k_rows[x] = ok ? to_float(base[(size_t)(row0 + r) * stride + (H + g) * hd + d]) : 0.0f;
-        v_rows[x] = ok ? to_float(base[(size_t)(row0 + r) * stride + (H + KVH + g) * hd + d]) : 0.0f;
-    }
+    const floatX* dout_b = dout + (size_t)b * T * H * hd;
+    load_rows(k_rows, ATT_ROWS, hd, base + (size_t)(H + g) * hd, stride, row0, T, hd);
+    load_rows(v_rows, ATT_ROWS, hd, base + (size_t)(H + KVH + g) * hd, stride, row0, T, hd);
     float dk[ATT_MAX_DIMS_PER_LANE], dv[ATT_MAX_DIMS_PER_LANE];
 #pragma unroll
     for (int r = 0; r < ATT_MAX_DIMS_PER_LANE; r++) dk[r] = dv[r] = 0.0f;
@@ -425,11 +421,7 @@ __global__ void attention_backward_dkv_kernel(floatX* dqkv, const floatX* dout, 
         for (int i0 = row0 / ATT_TILE * ATT_TILE; i0 < T; i0 += ATT_TILE) {
             __syncthreads();
             load_tile(q_tile, base + (size_t)h * hd, stride, i0, T, hd);
-            for (int x = threadIdx.x; x < ATT_TILE * hd; x += blockDim.x) {
-                int r = x / hd, d = x % hd;
-                size_t row = (size_t)b * T + i0 + r;
-                do_tile[r * (hd + 1) + d] = i0 + r < T ? to_float(dout[row * H * hd + h * hd + d]) : 0.0f;
-            }
+            load_tile(do_tile, dout_b + (size_t)h * hd, (size_t)H * hd, i0, T, hd);
             if (threadIdx.x < ATT_TILE) {
                 size_t row = (size_t)b * T + i0 + threadIdx.x;
                 bool ok = i0 + (int)threadIdx.x < T;
