@@ -2,7 +2,7 @@
 #
 #   make train_et              the trainer (nvcc; builds without a GPU)
 #   make test                  every test this machine can run, then "N passed, N failed, N skipped"
-#   make bench                 time the d12 dense training step on this GPU (dev/bench.sh)
+#   make bench                 time the d12 training step, dense and MoE (ET, EC, TC), on this GPU (dev/bench.sh)
 #   make clean
 #
 # Switches:

@@ -4,7 +4,8 @@
 //   1. plumbing: precision (floatX), checked CUDA/cuBLAS calls, the GPU;
 //   2. the kernels, one op at a time, each with its math, its parallel
 //      layout and its memory traffic; every one has a plain C++ twin in
-//      test/reference.h that the GPU parity tests compare it with;
+//      test/reference.h that the GPU parity tests compare it with; then
+//      router.cuh, the MoE layer's kernels (twins in test/reference_moe.h);
 //   3. Model: parameters (one contiguous buffer each for the bf16 weights,
 //      fp32 master weights, fp32 gradients and the two AdamW moments),
 //      activations sized once from (B, T), and forward / backward / update.
@@ -798,6 +799,19 @@ inline void copy_to_floatX(floatX* out, const float* inp, size_t n) {
     launchCheck();
 }
 
+// cudaMalloc that also counts the bytes (for the start-up memory report).
+template <typename T>
+static T* device_alloc(size_t count, size_t* total) {
+    T* p = nullptr;
+    cudaCheck(cudaMalloc(&p, count * sizeof(T)));
+    *total += count * sizeof(T);
+    return p;
+}
+
+// The MoE layer (routers, dispatch and combine, expert FFNs) builds on the
+// plumbing and launchers above.
+#include "router.cuh"
+
 // ----------------------------------------------------------------------------
 // 3. The model: parameters, activations, forward, backward, update.
 
@@ -805,8 +819,9 @@ inline void copy_to_floatX(floatX* out, const float* inp, size_t n) {
 // What the backward needs is kept per layer: the normalised inputs of the
 // attention and the FFN (and their rstd), qkv after RoPE and QK-norm (and
 // their rstd), the attention output and its lse, and the FFN's
-// pre-activation. The residual stream itself is one buffer updated in place:
-// no backward op needs it, only the normalised copies.
+// pre-activation (in an MoE layer: the shared expert's; the router keeps the
+// routed experts'). The residual stream itself is one buffer updated in
+// place: no backward op needs it, only the normalised copies.
 struct Activations {
     int B = 0, T = 0;
     int *tokens = nullptr, *targets = nullptr;
@@ -835,6 +850,7 @@ struct Model {
     Activations acts;
     RopeTables rope;
     EmbeddingSortScratch embedding_sort;
+    Router router;  // the MoE layers' routing buffers and state (empty for a dense model)
     cublasHandle_t cublas = nullptr;
     // step scalars on the device: read by the host only at logging steps
     float *loss_total = nullptr, *grad_norm_value = nullptr, *clip_scale = nullptr, *norm_partial = nullptr;
@@ -847,14 +863,6 @@ struct Model {
         fail("internal: no parameter tensor '%s'", name.c_str());
     }
 };
-
-template <typename T>
-static T* device_alloc(size_t count, size_t* total) {
-    T* p = nullptr;
-    cudaCheck(cudaMalloc(&p, count * sizeof(T)));
-    *total += count * sizeof(T);
-    return p;
-}
 
 // Allocates everything a training run needs for micro-batches of B x T,
 // once. Returns the bytes allocated.
@@ -902,7 +910,7 @@ inline size_t model_allocate(Model* model, int B, int T) {
         L.lse = device_alloc<float>(N * c.n_head, &bytes);
         L.ln2 = device_alloc<floatX>(N * C, &bytes);
         L.ln2_rstd = device_alloc<float>(N, &bytes);
-        L.fc_pre = device_alloc<floatX>(N * ffn, &bytes);
+        L.fc_pre = device_alloc<floatX>(N * (c.is_moe_layer(&L - &a.layers[0]) ? 2 * C : ffn), &bytes);
     }
     a.lnf = device_alloc<floatX>(N * C, &bytes);
     a.lnf_rstd = device_alloc<float>(N, &bytes);
@@ -913,6 +921,10 @@ inline size_t model_allocate(Model* model, int B, int T) {
     a.scratch_narrow = device_alloc<floatX>(N * C, &bytes);
     a.ffn_act = device_alloc<floatX>(N * ffn, &bytes);
     a.att_delta = device_alloc<float>(N * c.n_head, &bytes);
+    if (c.n_experts > 0) {
+        router_allocate(&model->router, c, B, T);
+        bytes += model->router.bytes;
+    }
     a.bytes = bytes;
     total += bytes;
 
@@ -950,16 +962,29 @@ inline void model_init_parameters(Model* model, uint64_t seed) {
     copy_to_floatX(model->params, model->master, model->num_params);
 }
 
+// An MoE layer's tensors, from its router at storage index t: router,
+// shared fc and proj, experts fc and proj (model_config.h's order).
+inline MoeWeights moe_weights(const Model* model, int t) {
+    return {model->master + model->offsets[t], model->param(t + 1), model->param(t + 2), model->param(t + 3),
+            model->param(t + 4)};
+}
+inline MoeGrads moe_grads(const Model* model, int t) {
+    return {model->grad(t), model->grad(t + 1), model->grad(t + 2), model->grad(t + 3), model->grad(t + 4)};
+}
+
 // Forward pass on B' x T' tokens (B' <= B, T' <= T) already in acts.tokens.
 // With targets, the per-token losses are added into *loss_total; with
 // `backward_next`, the logits are turned into dlogits for dloss = the
-// weight of one token in the step's mean loss.
+// weight of one token in the step's mean loss. The pass routes as training
+// when backward_next, as evaluation with targets, else as generation.
 inline void model_forward(Model* model, int B, int T, bool with_targets, bool backward_next, float dloss) {
     const ModelConfig& c = model->config;
     Activations& a = model->acts;
     cublasHandle_t h = model->cublas;
     const int N = B * T, C = c.n_embd, H = c.n_head, KVH = c.n_kv_head, hd = c.head_dim();
     const int qkv_width = (H + 2 * KVH) * hd, ffn = 4 * C;
+    const RoutingPass pass = backward_next ? RoutingPass::Train : with_targets ? RoutingPass::Eval : RoutingPass::Generate;
+    if (pass == RoutingPass::Train && c.n_experts > 0) router_micro_step(model->router, dloss * N);
     int t = 0;  // tensor cursor: the storage order is the order of use
     embedding_forward(a.residual, a.tokens, model->param(t++), N, C);
     rmsnorm_forward(a.x0, a.x0_rstd, a.residual, N, C);
@@ -974,9 +999,15 @@ inline void model_forward(Model* model, int B, int T, bool with_targets, bool ba
         matmul_forward(h, a.scratch_narrow, L.atty, model->param(t++), N, C, C);
         residual_forward(a.residual, a.scratch_narrow, (size_t)N * C);
         rmsnorm_forward(L.ln2, L.ln2_rstd, a.residual, N, C);
-        matmul_forward(h, L.fc_pre, L.ln2, model->param(t++), N, C, ffn);
-        relu2_forward(a.ffn_act, L.fc_pre, (size_t)N * ffn);
-        matmul_forward(h, a.scratch_narrow, a.ffn_act, model->param(t++), N, ffn, C);
+        if (c.is_moe_layer(l)) {
+            moe_forward(model->router, l - 1, h, a.scratch_narrow, L.fc_pre, a.ffn_act, L.ln2, moe_weights(model, t),
+                        B, T, pass);
+            t += 5;
+        } else {
+            matmul_forward(h, L.fc_pre, L.ln2, model->param(t++), N, C, ffn);
+            relu2_forward(a.ffn_act, L.fc_pre, (size_t)N * ffn);
+            matmul_forward(h, a.scratch_narrow, a.ffn_act, model->param(t++), N, ffn, C);
+        }
         residual_forward(a.residual, a.scratch_narrow, (size_t)N * C);
     }
     rmsnorm_forward(a.lnf, a.lnf_rstd, a.residual, N, C);
@@ -1002,13 +1033,21 @@ inline void model_backward(Model* model, int B, int T) {
     rmsnorm_backward(a.dresidual, a.scratch_narrow, a.lnf, a.lnf_rstd, N, C);
     for (int l = c.n_layer - 1; l >= 0; l--) {
         Activations::Layer& L = a.layers[l];
-        // FFN: x += relu2(ln2 @ fc^T) @ proj^T
-        relu2_forward(a.ffn_act, L.fc_pre, (size_t)N * ffn);  // recomputed, not stored
-        matmul_backward(h, a.scratch_wide, model->grad(t), a.dresidual, a.ffn_act, model->param(t), N, ffn, C);
-        t--;
-        relu2_backward(a.scratch_wide, a.scratch_wide, L.fc_pre, (size_t)N * ffn);
-        matmul_backward(h, a.scratch_narrow, model->grad(t), a.scratch_wide, L.ln2, model->param(t), N, C, ffn);
-        t--;
+        if (c.is_moe_layer(l)) {
+            // MoE FFN: x += shared(ln2) + sum of gated routed experts(ln2)
+            t -= 4;  // to the router, the first of the layer's five tensors
+            moe_backward(model->router, l - 1, h, a.scratch_narrow, a.scratch_wide, a.ffn_act, a.dresidual, L.ln2,
+                         L.fc_pre, moe_weights(model, t), moe_grads(model, t), B, T);
+            t--;
+        } else {
+            // FFN: x += relu2(ln2 @ fc^T) @ proj^T
+            relu2_forward(a.ffn_act, L.fc_pre, (size_t)N * ffn);  // recomputed, not stored
+            matmul_backward(h, a.scratch_wide, model->grad(t), a.dresidual, a.ffn_act, model->param(t), N, ffn, C);
+            t--;
+            relu2_backward(a.scratch_wide, a.scratch_wide, L.fc_pre, (size_t)N * ffn);
+            matmul_backward(h, a.scratch_narrow, model->grad(t), a.scratch_wide, L.ln2, model->param(t), N, C, ffn);
+            t--;
+        }
         rmsnorm_backward(a.dresidual, a.scratch_narrow, L.ln2, L.ln2_rstd, N, C);
         // attention: x += attention(rope_qknorm(ln1 @ wqkv^T)) @ wo^T
         matmul_backward(h, a.scratch_narrow, model->grad(t), a.dresidual, L.atty, model->param(t), N, C, C);
@@ -1056,5 +1095,6 @@ inline void model_free(Model* model) {
 #endif
     model->rope.release();
     model->embedding_sort.release();
+    if (model->config.n_experts > 0) router_free(&model->router);
     cublasCheck(cublasDestroy(model->cublas));
 }

@@ -15,7 +15,7 @@
 #include <vector>
 
 #include "common.h"
-#include "router.cuh"
+#include "router_config.h"
 
 struct ModelConfig {
     std::string preset;

@@ -1,53 +1,1087 @@
-// router.cuh: Mixture-of-Experts routing: token choice (TC), expert choice
-// (EC) and expert threshold (ET).
+// router.cuh: the Mixture-of-Experts FFN on the GPU: the TC / EC / ET
+// routers, dispatch and combine, the expert FFNs, and the router state
+// (ET cutoffs, TC loss-free biases) with the statistics a step reports.
 //
-// SPEC: The MoE layer. A router scores every token for every expert
-// (r = W_r x, fp32); TC lets each token take its top-K experts, EC lets each
-// expert take its top-k tokens of a pool, and ET gives each expert a cutoff
-// c_i tracked as an EMA of EC's k-th largest logit, so a token routes alone
-// (causally): z_ti = 1{r_ti >= c_i}. With N tokens in a pool, E experts and
-// K experts per token on average, each expert's target is k = N * K / E.
+// SPEC: The MoE layer. Every layer but the first replaces the dense FFN with
+//   y_n = shared(h_n) + sum over selected i of p_ni * expert_i(h_n),
+//   p_ni = sigmoid(r_ni), r = h W_r^T (E logits per token, fp32),
+// where shared and every expert are ReLU^2 FFNs of width 2C. The routers
+// differ only in which (token, expert) pairs they select; router_config.h
+// holds their settings, test/reference_moe.h states their math in plain C++.
 //
-// This file starts with the settings and the sizes derived from them, which
-// the start-up report and the tests use; it is plain C++ so far.
+// Reading order:
+//   1. selection kernels: TC top-K per token; one kernel for EC top-k per
+//      (pool, expert) by radix select, which also does the ET training
+//      threshold with its capacity clamp and the k-th-largest statistic;
+//      the plain ET threshold for eval;
+//   2. dispatch: each expert's tokens listed in token order (a block-wide
+//      scan per expert), their gates, and a tile schedule for the experts;
+//   3. the expert FFNs: a grouped matmul over the variable-size token lists,
+//      with the gather, ReLU^2 and its derivative fused into its loads and
+//      stores, and the matching weight-gradient kernel;
+//   4. combine, the gate's gradient, balancing (aux loss, loss-free bias) and
+//      the cutoff EMA;
+//   5. Router: buffers allocated once, the per-step state and statistics, and
+//      the layer's forward and backward built from the phases above.
+//
+// No host sync inside a step: the number of tokens an expert gets lives on
+// the device only. The expert kernels are launched for a bound on the work
+// that is known on the host (the training capacity below) and every block
+// reads the real sizes and leaves at once when it has nothing to do. The
+// bound per micro-batch of N tokens: TC and EC exactly N*K routed pairs;
+// ET with the capacity clamp at most hi = floor(k(1+C)) per pool and expert;
+// ET without the clamp, and eval, up to N*E.
+//
+// Determinism: every list is built by scans in token order, every sum has
+// one owner that adds in a fixed order; the only atomics add integers
+// (histograms and counters), whose result does not depend on their order.
+//
+// Included by model.cuh after its kernels: it uses their plumbing (floatX,
+// cudaCheck, the matmul and relu2 launchers).
 #pragma once
 
 #include <cstdint>
 
-enum class RouterKind { TC, EC, ET };
-enum class TcBalance { None, Aux, LossFree };
-enum class EcPool { MicroBatch, Sequence, Global };
-enum class EvalRouting { Threshold, Batch };
+#include "router_config.h"
 
-// How routed experts are chosen (SPEC: The MoE layer, Routers).
-struct RouterConfig {
-    RouterKind kind = RouterKind::ET;
-    int top_k = 1;                  // K: average routed experts per token
-    // ET: cutoff EMA, EC warm-up, training-time capacity clamp
-    double et_beta = 0.999;
-    int et_warmup_steps = -1;       // -1: 20% of the run
-    double capacity = 0.5;          // clamp to [k(1-C), k(1+C)]; negative: off
-    // TC: load balancing
-    TcBalance tc_balance = TcBalance::Aux;
-    double aux_alpha = 0.001;
-    double lossfree_rate = 0.001;
-    // EC: which tokens compete for an expert
-    EcPool ec_pool = EcPool::MicroBatch;
-    // EC/ET at evaluation: tracked cutoffs (causal) or the batch's top-k (leaks)
-    EvalRouting eval_routing = EvalRouting::Threshold;
+// ----------------------------------------------------------------------------
+// 1. Selection. The logits r are (N, E) fp32, row n = token n; a selection is
+// an (N, E) byte mask. Ties: the higher score wins, equal scores go to the
+// lower index (expert for TC, token for EC and the clamp), as in the
+// reference, so the GPU selects exactly what it selects.
+
+__device__ __forceinline__ float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+// TC's score of expert i for a token: r + bias (bias may be null). A NaN
+// (a diverged run) ranks last, so a token still takes exactly K experts.
+__device__ __forceinline__ float tc_score(const float* r, const float* bias, int i) {
+    const float s = r[i] + (bias ? bias[i] : 0.0f);
+    return isnan(s) ? -INFINITY : s;
+}
+
+// TC: mask[n][i] = 1 for the K experts with the largest score: expert i is
+// taken iff fewer than K experts outrank it. One thread per token, O(E^2)
+// compares in registers and L1; reads E floats, writes E bytes per token.
+__global__ void tc_select_kernel(uint8_t* mask, const float* logits, const float* bias, int N, int E, int K) {
+    const int n = blockIdx.x * blockDim.x + threadIdx.x;
+    if (n >= N) return;
+    const float* r = logits + (size_t)n * E;
+    for (int i = 0; i < E; i++) {
+        const float si = tc_score(r, bias, i);
+        int rank = 0;
+        for (int j = 0; j < E; j++) {
+            const float sj = tc_score(r, bias, j);
+            rank += sj > si || (sj == si && j < i);
+        }
+        mask[(size_t)n * E + i] = rank < K;
+    }
+}
+
+// A float as an unsigned key with the same order (larger float, larger key),
+// so a radix select can work on its bytes. -0 is made +0 first: the two
+// compare equal as floats, so they must tie here too.
+__device__ __forceinline__ unsigned int order_key(float x) {
+    const unsigned int u = __float_as_uint(x == 0.0f ? 0.0f : x);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+__device__ __forceinline__ float key_value(unsigned int key) {
+    return __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
+}
+
+static const int SELECT_THREADS = 512;
+
+// The m-th largest key (1 <= m <= pool) of expert e's column over a pool of
+// tokens, by radix select: four passes over the column, each builds a
+// 256-bucket histogram of the next byte among the keys that match the bytes
+// chosen so far, and picks the bucket holding the m-th largest. Returns the
+// key, and in *ties how many of the tokens equal to it belong to the top m
+// (the lowest-indexed ones). The whole block calls it.
+__device__ unsigned int block_select_rank(const float* logits, int first, int pool, int E, int e, int m, int* ties) {
+    __shared__ int hist[256];
+    __shared__ unsigned int s_prefix;
+    __shared__ int s_remaining;
+    unsigned int prefix = 0, known = 0;  // the high bytes decided so far, and their bit mask
+    int remaining = m;                   // rank still to find among the keys matching prefix
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int b = threadIdx.x; b < 256; b += blockDim.x) hist[b] = 0;
+        __syncthreads();
+        for (int n = threadIdx.x; n < pool; n += blockDim.x) {
+            const unsigned int key = order_key(logits[(size_t)(first + n) * E + e]);
+            if ((key & known) == prefix) atomicAdd(&hist[(key >> shift) & 255], 1);
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            int above = 0, b = 255;
+            for (; b > 0 && above + hist[b] < remaining; b--) above += hist[b];
+            s_prefix = prefix | ((unsigned int)b << shift);
+            s_remaining = remaining - above;
+        }
+        __syncthreads();
+        prefix = s_prefix;
+        remaining = s_remaining;
+        known |= 255u << shift;
+        __syncthreads();  // everyone has read s_prefix before it is written again
+    }
+    *ties = remaining;
+    return prefix;
+}
+
+// Marks expert e's top tokens of the pool: every key above `key`, and the
+// first `ties` tokens equal to it in token order (a block-wide exclusive scan
+// of "equal" flags over chunks of the pool, carried from chunk to chunk).
+__device__ void block_mark_top(uint8_t* mask, const float* logits, int first, int pool, int E, int e, unsigned int key,
+                               int ties) {
+    using BlockScan = cub::BlockScan<int, SELECT_THREADS>;
+    __shared__ typename BlockScan::TempStorage scan;
+    int carry = 0;  // tokens equal to key in the chunks before this one
+    for (int base = 0; base < pool; base += SELECT_THREADS) {
+        const int n = base + threadIdx.x;
+        const unsigned int k = n < pool ? order_key(logits[(size_t)(first + n) * E + e]) : 0u;
+        const int equal = n < pool && k == key;
+        int before, total;
+        BlockScan(scan).ExclusiveSum(equal, before, total);
+        if (n < pool) mask[(size_t)(first + n) * E + e] = k > key || (equal && carry + before < ties);
+        carry += total;
+        __syncthreads();  // the scan storage is reused by the next chunk
+    }
+}
+
+// Marks expert e's tokens at or above its cutoff; returns their count (to
+// every thread).
+__device__ int block_mark_threshold(uint8_t* mask, const float* logits, int first, int pool, int E, int e,
+                                    float cutoff) {
+    using BlockReduce = cub::BlockReduce<int, SELECT_THREADS>;
+    __shared__ typename BlockReduce::TempStorage reduce;
+    __shared__ int s_count;
+    int count = 0;
+    for (int n = threadIdx.x; n < pool; n += SELECT_THREADS) {
+        const size_t at = (size_t)(first + n) * E + e;
+        const int taken = logits[at] >= cutoff;
+        mask[at] = taken;
+        count += taken;
+    }
+    count = BlockReduce(reduce).Sum(count);
+    if (threadIdx.x == 0) s_count = count;
+    __syncthreads();
+    return s_count;
+}
+
+enum PoolSelect { SELECT_TOP_K, SELECT_THRESHOLD, SELECT_THRESHOLD_CLAMPED };
+
+// One block per (expert e, pool p) of `pool` consecutive tokens:
+//   kth[p][e] = the k-th largest logit (the EC cutoff of this pool; skipped
+//               when kth is null);
+//   SELECT_TOP_K (EC): the top-k tokens;
+//   SELECT_THRESHOLD (ET, training without the clamp): r >= c_e;
+//   SELECT_THRESHOLD_CLAMPED (ET training): r >= c_e, and if that is more
+//               than hi or fewer than lo tokens, the top hi or lo instead
+//               (*clamped += 1: an integer, so the order of adds is moot).
+// c_e = raw_cutoff[e] / correction (the EMA's bias correction). The clamp
+// looks at the whole pool, so it is the one non-causal step of ET training:
+// a later token can push an earlier one out of a full expert (thresholds
+// alone, and eval, are causal). Memory: a few
+// strided passes over one column of the logits (L2-resident), one byte
+// written per token.
+__global__ void __launch_bounds__(SELECT_THREADS)
+pool_select_kernel(uint8_t* mask, float* kth, int* clamped, const float* logits, const float* raw_cutoff,
+                   float correction, int E, int pool, int k, int lo, int hi, int mode) {
+    const int e = blockIdx.x, p = blockIdx.y, first = p * pool;
+    int ties = 0;
+    unsigned int kth_key = 0;
+    if (kth || mode == SELECT_TOP_K) kth_key = block_select_rank(logits, first, pool, E, e, k, &ties);
+    if (kth && threadIdx.x == 0) kth[(size_t)p * E + e] = key_value(kth_key);
+    if (mode == SELECT_TOP_K) {
+        block_mark_top(mask, logits, first, pool, E, e, kth_key, ties);
+        return;
+    }
+    const int count = block_mark_threshold(mask, logits, first, pool, E, e, raw_cutoff[e] / correction);
+    if (mode == SELECT_THRESHOLD) return;
+    const int keep = min(max(count, lo), hi);
+    if (keep == count) return;
+    if (threadIdx.x == 0) atomicAdd(clamped, 1);
+    __syncthreads();  // the threshold marks are written before they are overwritten
+    if (keep == 0) {
+        for (int n = threadIdx.x; n < pool; n += SELECT_THREADS) mask[(size_t)(first + n) * E + e] = 0;
+        return;
+    }
+    unsigned int keep_key = block_select_rank(logits, first, pool, E, e, keep, &ties);
+    block_mark_top(mask, logits, first, pool, E, e, keep_key, ties);
+}
+
+// ET at eval and generation: mask[n][i] = r[n][i] >= raw[i] / correction,
+// each token on its own (causal). One thread per pair.
+__global__ void threshold_select_kernel(uint8_t* mask, const float* logits, const float* raw_cutoff, float correction,
+                                        int N, int E) {
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < (size_t)N * E) mask[i] = logits[i] >= raw_cutoff[i % E] / correction;
+}
+
+// kth_sum[e] += (sum over pools of kth[p][e]) / pools: this micro-batch's
+// EC cutoff, for the step's mean. One thread per expert, pools in order.
+__global__ void kth_accumulate_kernel(float* kth_sum, const float* kth, int pools, int E) {
+    const int e = blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= E) return;
+    float sum = 0.0f;
+    for (int p = 0; p < pools; p++) sum += kth[(size_t)p * E + e];
+    kth_sum[e] += sum / pools;
+}
+
+// ----------------------------------------------------------------------------
+// 2. Dispatch. The routed pairs are numbered expert by expert, tokens in
+// order within an expert: slot s of expert e lies in [offsets[e],
+// offsets[e+1]). The expert kernels work on tiles of EXPERT_TILE slots of one
+// expert; tile_expert / tile_row list them.
+
+static const int EXPERT_TILE = 64;  // slots per row tile of the expert matmuls
+static const int DISPATCH_THREADS = 256;
+
+// counts[e] = tokens routed to expert e (and step_counts[e] += it when not
+// null). One block per expert sums its mask column in a fixed order.
+__global__ void expert_count_kernel(int* counts, int* step_counts, const uint8_t* mask, int N, int E) {
+    using BlockReduce = cub::BlockReduce<int, DISPATCH_THREADS>;
+    __shared__ typename BlockReduce::TempStorage reduce;
+    const int e = blockIdx.x;
+    int count = 0;
+    for (int n = threadIdx.x; n < N; n += DISPATCH_THREADS) count += mask[(size_t)n * E + e];
+    count = BlockReduce(reduce).Sum(count);
+    if (threadIdx.x == 0) {
+        counts[e] = count;
+        if (step_counts) step_counts[e] += count;
+    }
+}
+
+// One block per expert e. Its first slot is the sum of the counts before it
+// (and likewise its first tile); then a block-wide scan over the tokens in
+// order gives each routed token its slot:
+//   slot_token[s] = n, slot_gate[s] = sigmoid(r[n][e]), slot_of[n][e] = s (-1: not routed).
+// The last block also writes offsets[E] and the number of tiles.
+// The host sizes the buffers for the most pairs a pass can route, so
+// `capacity` is never reached; if it were (a bug, or NaN logits), the pairs
+// past it are dropped and counted in *dropped rather than written out of
+// bounds, and the log reports it.
+__global__ void expert_dispatch_kernel(int* slot_of, int* slot_token, float* slot_gate, int* offsets, int* tile_expert,
+                                       int* tile_row, int* num_tiles, int* dropped, const int* counts,
+                                       const uint8_t* mask, const float* logits, int N, int E, int capacity) {
+    using BlockScan = cub::BlockScan<int, DISPATCH_THREADS>;
+    __shared__ typename BlockScan::TempStorage scan;
+    __shared__ int s_first_slot, s_first_tile, s_count;
+    const int e = blockIdx.x;
+    if (threadIdx.x == 0) {
+        int slot = 0, tile = 0;
+        for (int j = 0; j < e; j++) {
+            const int kept = min(counts[j], capacity - slot);
+            slot += kept;
+            tile += (kept + EXPERT_TILE - 1) / EXPERT_TILE;
+        }
+        const int kept = min(counts[e], capacity - slot);
+        if (kept < counts[e]) atomicAdd(dropped, counts[e] - kept);
+        s_first_slot = slot;
+        s_first_tile = tile;
+        s_count = kept;
+        offsets[e] = slot;
+        if (e == E - 1) {
+            offsets[E] = slot + kept;
+            *num_tiles = tile + (kept + EXPERT_TILE - 1) / EXPERT_TILE;
+        }
+    }
+    __syncthreads();
+    const int count = s_count, tiles = (count + EXPERT_TILE - 1) / EXPERT_TILE;
+    for (int t = threadIdx.x; t < tiles; t += DISPATCH_THREADS) {
+        tile_expert[s_first_tile + t] = e;
+        tile_row[s_first_tile + t] = s_first_slot + t * EXPERT_TILE;
+    }
+    int carry = s_first_slot;
+    for (int base = 0; base < N; base += DISPATCH_THREADS) {
+        const int n = base + threadIdx.x;
+        const size_t pair = (size_t)n * E + e;
+        const int routed = n < N && mask[pair];
+        int before, total;
+        BlockScan(scan).ExclusiveSum(routed, before, total);
+        if (n < N) {
+            const int slot = carry + before;
+            const bool kept = routed && slot < s_first_slot + count;
+            slot_of[pair] = kept ? slot : -1;
+            if (kept) {
+                slot_token[slot] = n;
+                slot_gate[slot] = sigmoidf(logits[pair]);
+            }
+        }
+        carry += total;
+        __syncthreads();
+    }
+}
+
+// fanout[b] += tokens with b routed experts (b = 0, 1, 2, 3+). One thread
+// per token; integer histograms in shared memory, then in global memory.
+__global__ void fanout_kernel(int* fanout, const uint8_t* mask, int N, int E) {
+    __shared__ int hist[4];
+    if (threadIdx.x < 4) hist[threadIdx.x] = 0;
+    __syncthreads();
+    const int n = blockIdx.x * blockDim.x + threadIdx.x;
+    if (n < N) {
+        int routed = 0;
+        for (int i = 0; i < E; i++) routed += mask[(size_t)n * E + i];
+        atomicAdd(&hist[min(routed, 3)], 1);
+    }
+    __syncthreads();
+    if (threadIdx.x < 4 && hist[threadIdx.x] > 0) atomicAdd(&fanout[threadIdx.x], hist[threadIdx.x]);
+}
+
+// ----------------------------------------------------------------------------
+// 3. The expert FFNs. Every routed slot s runs through its expert e:
+//   pre_s = fc_e x_s (2C), out_s = proj_e relu(pre_s)^2 (C),
+// with fc_e (2C, C) and proj_e (C, 2C) slices of the stacked expert tensors.
+// cuBLAS has no grouped GEMM whose group sizes stay on the device, so these
+// are our own tiled kernels: fp32 math on CUDA cores, operands staged in
+// shared memory as float. (Tensor-core versions are the next step once a GPU
+// can measure them.)
+//
+// The left operand is read through a "rows" functor giving element (s, j) as
+// float, which fuses the gather of token rows, the gate and ReLU^2 into the
+// loads instead of materialising them.
+
+struct TokenRows {  // x[slot_token[s]][j]: the tokens' inputs, gathered
+    const floatX* x;
+    const int* slot_token;
+    int width;
+    __device__ float operator()(int s, int j) const { return (float)x[(size_t)slot_token[s] * width + j]; }
+};
+struct GatedTokenRows {  // gate[s] * dy[slot_token[s]][j]: the gradient at an expert's output
+    const floatX* dy;
+    const int* slot_token;
+    const float* gate;
+    int width;
+    __device__ float operator()(int s, int j) const { return gate[s] * (float)dy[(size_t)slot_token[s] * width + j]; }
+};
+struct Relu2Rows {  // relu(pre[s][j])^2: the hidden activation, recomputed from the pre-activation
+    const floatX* pre;
+    int width;
+    __device__ float operator()(int s, int j) const {
+        const float p = fmaxf((float)pre[(size_t)s * width + j], 0.0f);
+        return p * p;
+    }
+};
+struct SlotRows {  // m[s][j]
+    const floatX* m;
+    int width;
+    __device__ float operator()(int s, int j) const { return (float)m[(size_t)s * width + j]; }
 };
 
-// Tokens per expert per routing pool of N tokens: k = N * K / E.
-inline double expert_target(int64_t pool_tokens, int top_k, int n_experts) {
-    return (double)pool_tokens * top_k / n_experts;
+static const int EXPERT_BN = 64, EXPERT_BK = 16, EXPERT_THREADS = 256;
+
+// One thread's share of a 64 x 64 tile product staged in shared memory:
+// acc[i][j] += sum over the EXPERT_BK k of left[k][4 ty + i] * right[k][4 tx + j].
+__device__ __forceinline__ void tile_multiply_add(float (&acc)[4][4], const float (*left)[EXPERT_TILE + 4],
+                                                  const float (*right)[EXPERT_BN + 4], int ty, int tx) {
+#pragma unroll
+    for (int kk = 0; kk < EXPERT_BK; kk++) {
+        float a[4], b[4];
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            a[i] = left[kk][ty * 4 + i];
+            b[i] = right[kk][tx * 4 + i];
+        }
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+#pragma unroll
+            for (int j = 0; j < 4; j++) acc[i][j] += a[i] * b[j];
+    }
 }
 
-// ET's EC warm-up: the paper used 4000 of ~19k steps; by default we keep
-// that share (20%) of however long this run is.
-inline int et_warmup_steps(const RouterConfig& r, int total_steps) {
-    return r.et_warmup_steps >= 0 ? r.et_warmup_steps : total_steps / 5;
+// out[s][o] = sum_j rows(s, j) * W_e(o, j), for the slots of one row tile of
+// one expert e and EXPERT_BN outputs o. W_e is weights + e*OC*IC, stored
+// (OC, IC) when OUT_BY_IN, else (IC, OC) (the backward's products with the
+// untransposed weight). RELU2_GRAD multiplies by relu2'(pre[s][o]) =
+// 2 relu(pre[s][o]) on the way out (dpre from dact).
+// Grid: (row tiles bound, OC / EXPERT_BN); a block past the real tile count
+// returns at once. 256 threads as 16 x 16, each owning a 4 x 4 block of the
+// 64 x 64 output tile; K in steps of 16 through shared memory. Traffic: each
+// weight tile is read once per row tile, each row once per output tile.
+template <class Rows, bool OUT_BY_IN, bool RELU2_GRAD>
+__global__ void __launch_bounds__(EXPERT_THREADS)
+expert_matmul_kernel(floatX* out, Rows rows, const floatX* weights, const floatX* pre, const int* tile_expert,
+                     const int* tile_row, const int* num_tiles, const int* offsets, int IC, int OC) {
+    const int tile = blockIdx.x;
+    if (tile >= *num_tiles) return;
+    const int e = tile_expert[tile], row0 = tile_row[tile], row_end = offsets[e + 1];
+    const int col0 = blockIdx.y * EXPERT_BN, tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    const floatX* W = weights + (size_t)e * OC * IC;
+    __shared__ float As[EXPERT_BK][EXPERT_TILE + 4], Ws[EXPERT_BK][EXPERT_BN + 4];
+    float acc[4][4] = {};
+    for (int k0 = 0; k0 < IC; k0 += EXPERT_BK) {
+        for (int i = threadIdx.x; i < EXPERT_TILE * EXPERT_BK; i += EXPERT_THREADS) {
+            const int r = i / EXPERT_BK, kk = i % EXPERT_BK, s = row0 + r, j = k0 + kk;
+            As[kk][r] = s < row_end && j < IC ? rows(s, j) : 0.0f;
+        }
+        for (int i = threadIdx.x; i < EXPERT_BN * EXPERT_BK; i += EXPERT_THREADS) {
+            // walk the stored rows contiguously: along j for (OC, IC), along o for (IC, OC)
+            const int o = OUT_BY_IN ? i / EXPERT_BK : i % EXPERT_BN, kk = OUT_BY_IN ? i % EXPERT_BK : i / EXPERT_BN;
+            const int oo = col0 + o, j = k0 + kk;
+            float w = 0.0f;
+            if (oo < OC && j < IC) w = (float)(OUT_BY_IN ? W[(size_t)oo * IC + j] : W[(size_t)j * OC + oo]);
+            Ws[kk][o] = w;
+        }
+        __syncthreads();
+        tile_multiply_add(acc, As, Ws, ty, tx);
+        __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const int s = row0 + ty * 4 + i;
+        if (s >= row_end) continue;
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const int o = col0 + tx * 4 + j;
+            if (o >= OC) continue;
+            float v = acc[i][j];
+            if (RELU2_GRAD) v *= 2.0f * fmaxf((float)pre[(size_t)s * OC + o], 0.0f);
+            out[(size_t)s * OC + o] = from_float<floatX>(v);
+        }
+    }
 }
 
-inline const char* router_name(RouterKind k) {
-    return k == RouterKind::TC ? "tc" : k == RouterKind::EC ? "ec" : "et";
+// dW_e(o, j) += sum over expert e's slots s of grad(s, o) * input(s, j), with
+// dW_e the fp32 (OC, IC) slice dweights + e*OC*IC. Grid (IC / 64, OC / 64, E):
+// each block owns a 64 x 64 tile of one expert's gradient and walks that
+// expert's slots in order, 16 at a time (one owner, a fixed order: no
+// atomics). An expert with no tokens adds nothing. Traffic: each slot's rows
+// are read once per output tile.
+template <class GradRows, class InputRows>
+__global__ void __launch_bounds__(EXPERT_THREADS)
+expert_weight_grad_kernel(float* dweights, GradRows grad, InputRows input, const int* offsets, int OC, int IC) {
+    const int e = blockIdx.z, o0 = blockIdx.y * EXPERT_TILE, j0 = blockIdx.x * EXPERT_BN;
+    const int first = offsets[e], end = offsets[e + 1], tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    if (first == end) return;
+    __shared__ float Gs[EXPERT_BK][EXPERT_TILE + 4], Xs[EXPERT_BK][EXPERT_BN + 4];
+    float acc[4][4] = {};
+    for (int s0 = first; s0 < end; s0 += EXPERT_BK) {
+        for (int i = threadIdx.x; i < EXPERT_BK * EXPERT_TILE; i += EXPERT_THREADS) {
+            const int kk = i / EXPERT_TILE, o = i % EXPERT_TILE, s = s0 + kk;
+            Gs[kk][o] = s < end && o0 + o < OC ? grad(s, o0 + o) : 0.0f;
+        }
+        for (int i = threadIdx.x; i < EXPERT_BK * EXPERT_BN; i += EXPERT_THREADS) {
+            const int kk = i / EXPERT_BN, j = i % EXPERT_BN, s = s0 + kk;
+            Xs[kk][j] = s < end && j0 + j < IC ? input(s, j0 + j) : 0.0f;
+        }
+        __syncthreads();
+        tile_multiply_add(acc, Gs, Xs, ty, tx);
+        __syncthreads();
+    }
+    float* dW = dweights + (size_t)e * OC * IC;
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const int o = o0 + ty * 4 + i;
+        if (o >= OC) continue;
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const int jj = j0 + tx * 4 + j;
+            if (jj < IC) dW[(size_t)o * IC + jj] += acc[i][j];
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------
+// 4. Combine, the gate's gradient, balancing, the cutoff EMA.
+
+// y[n][c] = base[n][c] + sum over token n's routed experts e, in expert
+// order, of w * rows[slot_of[n][e]][c], w = slot_gate[slot] (or 1 when
+// slot_gate is null). Forward: y = the shared expert's output plus the gated
+// expert outputs. Backward: dh += each expert's input gradient. y may be
+// base. One block per token; its slots and gates staged in shared memory
+// (8E bytes); reads the token's rows once, writes its row once.
+__global__ void moe_combine_kernel(floatX* y, const floatX* base, const floatX* rows, const int* slot_of,
+                                   const float* slot_gate, int E, int C) {
+    extern __shared__ int combine_smem[];
+    int* slots = combine_smem;
+    float* weights = (float*)(combine_smem + E);
+    const int n = blockIdx.x;
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+        const int s = slot_of[(size_t)n * E + e];
+        slots[e] = s;
+        weights[e] = s < 0 ? 0.0f : slot_gate ? slot_gate[s] : 1.0f;
+    }
+    __syncthreads();
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+        float acc = (float)base[(size_t)n * C + c];
+        for (int e = 0; e < E; e++)
+            if (slots[e] >= 0) acc += weights[e] * (float)rows[(size_t)slots[e] * C + c];
+        y[(size_t)n * C + c] = from_float<floatX>(acc);
+    }
+}
+
+// The gate's gradient for the objective sum(y * dy):
+//   dr[n][e] = (dy_n . out_s) p (1 - p) for a routed pair (slot s, gate p), else 0.
+// One warp per token; lanes stride over C, a fixed shuffle tree sums.
+__global__ void gate_backward_kernel(float* dr, const floatX* dy, const floatX* expert_out, const int* slot_of,
+                                     const float* slot_gate, int N, int E, int C) {
+    const int n = (blockIdx.x * blockDim.x + threadIdx.x) / WARP, lane = threadIdx.x % WARP;
+    if (n >= N) return;
+    for (int e = 0; e < E; e++) {
+        const int s = slot_of[(size_t)n * E + e];
+        float dot = 0.0f;
+        if (s >= 0)
+            for (int c = lane; c < C; c += WARP) dot += (float)dy[(size_t)n * C + c] * (float)expert_out[(size_t)s * C + c];
+        for (int offset = WARP / 2; offset > 0; offset /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
+        if (lane == 0) dr[(size_t)n * E + e] = s >= 0 ? dot * slot_gate[s] * (1.0f - slot_gate[s]) : 0.0f;
+    }
+}
+
+// TC aux loss, step 1: gate_mean[e] = mean over tokens of sigmoid(r[n][e]).
+// One block per expert, a fixed-order block reduction.
+__global__ void gate_mean_kernel(float* gate_mean, const float* logits, int N, int E) {
+    using BlockReduce = cub::BlockReduce<float, DISPATCH_THREADS>;
+    __shared__ typename BlockReduce::TempStorage reduce;
+    const int e = blockIdx.x;
+    float sum = 0.0f;
+    for (int n = threadIdx.x; n < N; n += DISPATCH_THREADS) sum += sigmoidf(logits[(size_t)n * E + e]);
+    sum = BlockReduce(reduce).Sum(sum);
+    if (threadIdx.x == 0) gate_mean[e] = sum / N;
+}
+
+// Step 2: aux_sum += alpha * sum_e f_e P_e, f_e = (E/N) * count_e, P_e =
+// gate_mean[e]; counts from the dispatch offsets. One thread, experts in order.
+__global__ void aux_loss_kernel(float* aux_sum, const float* gate_mean, const int* offsets, int N, int E, float alpha) {
+    float loss = 0.0f;
+    for (int e = 0; e < E; e++) loss += (float)E / N * (offsets[e + 1] - offsets[e]) * gate_mean[e];
+    *aux_sum += alpha * loss;
+}
+
+// Its gradient (f_e counts a selection: constant): dr[n][e] += weight *
+// alpha * f_e * p (1 - p) / N, weight = d(objective)/d(this aux loss). One
+// thread per pair.
+__global__ void aux_loss_backward_kernel(float* dr, const float* logits, const int* offsets, int N, int E, float alpha,
+                                         float weight) {
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)N * E) return;
+    const int e = (int)(i % E);
+    const float p = sigmoidf(logits[i]), f = (float)E / N * (offsets[e + 1] - offsets[e]);
+    dr[i] += weight * alpha * f * p * (1.0f - p) / N;
+}
+
+// End of a step, EC and ET: raw[l][e] = beta raw + (1 - beta) mean, mean =
+// the step's EC cutoffs kth_sum[l][e] / micro_steps (stats_float holds each
+// layer's kth_sum first, `stride` floats per layer). One thread per (l, e).
+__global__ void cutoff_update_kernel(float* raw, const float* stats_float, int E, int stride, int layers, float beta,
+                                     int micro_steps) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= layers * E) return;
+    const int l = i / E, e = i % E;
+    const float mean = stats_float[(size_t)l * stride + e] / micro_steps;
+    // rounded as the reference rounds it (no fused multiply-add): the cutoffs
+    // and so the routing stay bit-identical to the CPU's
+    raw[i] = __fadd_rn(__fmul_rn(beta, raw[i]), __fmul_rn(1.0f - beta, mean));
+}
+
+// End of a step, TC loss-free: b[l][e] += u * sign(mean_count - count_e),
+// the sign taken in integers as sign(total - E * count_e), with the counts
+// summed over the step (stats_int holds each layer's counts first). One
+// thread per (l, e).
+__global__ void lossfree_bias_kernel(float* bias, const int* stats_int, int E, int stride, int layers, float rate) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= layers * E) return;
+    const int* counts = stats_int + (size_t)(i / E) * stride;
+    int64_t total = 0;
+    for (int e = 0; e < E; e++) total += counts[e];
+    const int64_t surplus = total - (int64_t)E * counts[i % E];
+    bias[i] += rate * (float)((surplus > 0) - (surplus < 0));
+}
+
+// The router's input as fp32, and the router's input gradient added back
+// into the bf16 stream.
+__global__ void to_float_kernel(float* out, const floatX* inp, size_t n) {
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = (float)inp[i];
+}
+__global__ void add_float_kernel(floatX* y, const float* x, size_t n) {
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = from_float<floatX>((float)y[i] + x[i]);
+}
+
+// ----------------------------------------------------------------------------
+// 5. The router: buffers, state, statistics, and the layer's passes.
+
+// One layer's routing of one micro-batch: what the forward pass leaves for
+// the backward pass. In eval and generation all layers share one set.
+struct MoeBuffers {
+    int capacity = 0, max_tiles = 0;  // routed pairs it can hold; row tiles for that many
+    int launch_tiles = 0;             // row tiles the expert kernels launch for the current pass (host's bound)
+    float* logits = nullptr;          // (N, E) fp32 router logits
+    int* slot_of = nullptr;           // (N, E) slot of each routed pair, -1 if not routed
+    int* slot_token = nullptr;        // (capacity) token of each slot
+    float* slot_gate = nullptr;       // (capacity) sigmoid(r) of each slot
+    int* offsets = nullptr;           // (E + 1) first slot of each expert; [E] = all routed pairs
+    int *tile_expert = nullptr, *tile_row = nullptr, *num_tiles = nullptr;  // the expert kernels' row tiles
+    floatX* expert_pre = nullptr;     // (capacity, 2C) pre-activations
+    floatX* expert_out = nullptr;     // (capacity, C) outputs, before the gate
+};
+
+// How one forward pass routes.
+enum class Routing { TopK, Choice, Threshold };
+enum class RoutingPass { Train, Eval, Generate };
+
+struct Router {
+    RouterConfig config;
+    int E = 0, C = 0, B = 0, T = 0;
+    std::vector<int> layers;         // the model layer of each MoE layer
+    std::vector<MoeBuffers> train;   // per MoE layer
+    MoeBuffers eval;                 // eval and generation passes (may alias train[0])
+    bool eval_owned = false;
+    // state, saved in checkpoints: (layers, E) each
+    float *raw_cutoff = nullptr, *tc_bias = nullptr;
+    int updates = 0;  // cutoff EMA updates so far (host; EC and ET track cutoffs)
+    // the step: its statistics per layer, reset at its start
+    int step = 0, micro_steps = 0;
+    float aux_weight = 0.0f;         // d(objective)/d(one micro-batch's aux loss)
+    int* stats_int = nullptr;        // per layer: counts[E], fanout[4], clamped
+    int* dropped = nullptr;          // routed pairs past a buffer's capacity, ever (0 unless something broke)
+    float* stats_float = nullptr;    // per layer: kth_sum[E], aux_sum
+    // scratch shared by the layers
+    uint8_t* mask = nullptr;         // (N, E)
+    int* counts = nullptr;           // (E)
+    float *kth = nullptr, *gate_mean = nullptr, *dr = nullptr, *h32 = nullptr;  // (pools, E), (E), (N, E), (N, C)
+    floatX *grad_pre = nullptr, *grad_x = nullptr;  // (train capacity, 2C), (train capacity, C)
+    size_t bytes = 0;
+
+    int stats_int_stride() const { return E + 5; }
+    int stats_float_stride() const { return E + 1; }
+};
+
+// The EMA's bias correction 1 - beta^updates, in float as the reference has it.
+inline float cutoff_correction(const Router& r) {
+    return 1.0f - powf((float)r.config.et_beta, (float)r.updates);
+}
+
+// Tokens per pool and each expert's target k in it, for a pass of B x T.
+// Training shapes give a whole k (train_et checks); a generation pass of one
+// short sequence may not, and takes k = max(1, floor).
+inline void pool_shape(const Router& r, int B, int T, int* pool, int* k) {
+    *pool = (int)routing_pool_tokens(r.config.ec_pool, B, T);
+    *k = std::max<int>(1, (int)((int64_t)*pool * r.config.top_k / r.E));
+}
+
+inline Routing pass_routing(const Router& r, RoutingPass pass) {
+    if (r.config.kind == RouterKind::TC) return Routing::TopK;
+    // no cutoff exists before the first update: route by EC until then
+    if (r.updates == 0) return Routing::Choice;
+    if (pass == RoutingPass::Train)
+        return r.config.kind == RouterKind::EC || r.step < r.config.et_warmup_steps ? Routing::Choice
+                                                                                   : Routing::Threshold;
+    if (pass == RoutingPass::Eval && r.config.eval_routing == EvalRouting::Batch) return Routing::Choice;
+    return Routing::Threshold;
+}
+
+// What routes a training step now, for the log.
+inline const char* router_routing_now(const Router& r) {
+    if (r.layers.empty()) return "";
+    Routing how = pass_routing(r, RoutingPass::Train);
+    if (r.config.kind == RouterKind::ET && how == Routing::Choice) return "ec (et warm-up)";
+    return router_name(r.config.kind);
+}
+
+// The most routed pairs a pass can produce (the host's bound; the device
+// knows the real count).
+inline int64_t routed_pairs_bound(const Router& r, RoutingPass pass, Routing how, int B, int T) {
+    const int64_t N = (int64_t)B * T;
+    int pool, k;
+    pool_shape(r, B, T, &pool, &k);
+    if (how == Routing::TopK) return N * r.config.top_k;
+    if (how == Routing::Choice) return N / pool * r.E * k;
+    if (pass != RoutingPass::Train || r.config.capacity < 0) return N * r.E;
+    int lo, hi;
+    et_capacity_bounds(k, r.config.capacity, &lo, &hi);
+    return N / pool * r.E * std::min(hi, pool);
+}
+
+inline MoeBuffers moe_buffers_allocate(int64_t N, int E, int C, int64_t capacity, size_t* bytes) {
+    if (capacity > INT32_MAX) fail("MoE: %lld routed pairs per micro-batch do not fit int32 slots; use a smaller -b",
+                                   (long long)capacity);
+    MoeBuffers b;
+    b.capacity = (int)capacity;
+    b.max_tiles = (int)((capacity + EXPERT_TILE - 1) / EXPERT_TILE + E);
+    b.logits = device_alloc<float>(N * E, bytes);
+    b.slot_of = device_alloc<int>(N * E, bytes);
+    b.slot_token = device_alloc<int>(capacity, bytes);
+    b.slot_gate = device_alloc<float>(capacity, bytes);
+    b.offsets = device_alloc<int>(E + 1, bytes);
+    b.tile_expert = device_alloc<int>(b.max_tiles, bytes);
+    b.tile_row = device_alloc<int>(b.max_tiles, bytes);
+    b.num_tiles = device_alloc<int>(1, bytes);
+    b.expert_pre = device_alloc<floatX>(capacity * 2 * C, bytes);
+    b.expert_out = device_alloc<floatX>(capacity * C, bytes);
+    return b;
+}
+
+inline void moe_buffers_free(MoeBuffers& b) {
+    for (void* p : {(void*)b.logits, (void*)b.slot_of, (void*)b.slot_token, (void*)b.slot_gate, (void*)b.offsets,
+                    (void*)b.tile_expert, (void*)b.tile_row, (void*)b.num_tiles, (void*)b.expert_pre,
+                    (void*)b.expert_out})
+        cudaCheck(cudaFree(p));
+}
+
+// Allocates the router of every MoE layer for micro-batches of B x T, once.
+// config.router.et_warmup_steps must be resolved (et_warmup_steps()) first.
+inline void router_allocate(Router* r, const ModelConfig& c, int B, int T) {
+    r->config = c.router;
+    if (r->config.et_warmup_steps < 0) fail("internal: resolve the ET warm-up (et_warmup_steps) before allocating");
+    r->E = c.n_experts;
+    r->C = c.n_embd;
+    r->B = B;
+    r->T = T;
+    r->layers.clear();
+    for (int l = 0; l < c.n_layer; l++)
+        if (c.is_moe_layer(l)) r->layers.push_back(l);
+    const int64_t N = (int64_t)B * T, E = r->E, C = r->C, L = (int64_t)r->layers.size();
+    // the training capacity: the most pairs any training pass can route
+    int64_t capacity = routed_pairs_bound(*r, RoutingPass::Train, Routing::Choice, B, T);
+    if (r->config.kind == RouterKind::TC) capacity = routed_pairs_bound(*r, RoutingPass::Train, Routing::TopK, B, T);
+    if (r->config.kind == RouterKind::ET)
+        capacity = std::max(capacity, routed_pairs_bound(*r, RoutingPass::Train, Routing::Threshold, B, T));
+    size_t bytes = 0;
+    for (int64_t l = 0; l < L; l++) r->train.push_back(moe_buffers_allocate(N, r->E, r->C, capacity, &bytes));
+    const int64_t eval_capacity = r->config.kind == RouterKind::TC ? N * r->config.top_k : N * E;
+    r->eval_owned = eval_capacity > capacity;
+    r->eval = r->eval_owned ? moe_buffers_allocate(N, r->E, r->C, eval_capacity, &bytes) : r->train[0];
+    r->raw_cutoff = device_alloc<float>(L * E, &bytes);
+    r->tc_bias = device_alloc<float>(L * E, &bytes);
+    cudaCheck(cudaMemset(r->raw_cutoff, 0, L * E * sizeof(float)));
+    cudaCheck(cudaMemset(r->tc_bias, 0, L * E * sizeof(float)));
+    r->stats_int = device_alloc<int>(L * r->stats_int_stride(), &bytes);
+    r->stats_float = device_alloc<float>(L * r->stats_float_stride(), &bytes);
+    r->dropped = device_alloc<int>(1, &bytes);
+    cudaCheck(cudaMemset(r->stats_int, 0, L * r->stats_int_stride() * sizeof(int)));
+    cudaCheck(cudaMemset(r->stats_float, 0, L * r->stats_float_stride() * sizeof(float)));
+    cudaCheck(cudaMemset(r->dropped, 0, sizeof(int)));
+    r->mask = device_alloc<uint8_t>(N * E, &bytes);
+    r->counts = device_alloc<int>(E, &bytes);
+    r->kth = device_alloc<float>((int64_t)B * E, &bytes);  // (pools, E): at most one pool per sequence
+    r->gate_mean = device_alloc<float>(E, &bytes);
+    r->dr = device_alloc<float>(N * E, &bytes);
+    r->h32 = device_alloc<float>(N * C, &bytes);
+    r->grad_pre = device_alloc<floatX>(capacity * 2 * C, &bytes);
+    r->grad_x = device_alloc<floatX>(capacity * C, &bytes);
+    r->bytes = bytes;
+    r->updates = 0;
+    r->step = r->micro_steps = 0;
+}
+
+inline void router_free(Router* r) {
+    for (MoeBuffers& b : r->train) moe_buffers_free(b);
+    if (r->eval_owned) moe_buffers_free(r->eval);
+    r->train.clear();
+    for (void* p : {(void*)r->raw_cutoff, (void*)r->tc_bias, (void*)r->stats_int, (void*)r->stats_float,
+                    (void*)r->dropped, (void*)r->mask, (void*)r->counts, (void*)r->kth, (void*)r->gate_mean,
+                    (void*)r->dr, (void*)r->h32, (void*)r->grad_pre, (void*)r->grad_x})
+        cudaCheck(cudaFree(p));
+}
+
+// Start of a training step (step = the 0-based index of the step to train).
+inline void router_step_begin(Router& r, int step) {
+    if (r.layers.empty()) return;
+    r.step = step;
+    r.micro_steps = 0;
+    const size_t L = r.layers.size();
+    cudaCheck(cudaMemsetAsync(r.stats_int, 0, L * r.stats_int_stride() * sizeof(int)));
+    cudaCheck(cudaMemsetAsync(r.stats_float, 0, L * r.stats_float_stride() * sizeof(float)));
+}
+
+// A training forward pass starts; aux_weight = d(objective)/d(its aux loss).
+inline void router_micro_step(Router& r, float aux_weight) {
+    r.micro_steps++;
+    r.aux_weight = aux_weight;
+}
+
+// End of a training step: EC and ET move their cutoffs toward the step's
+// mean EC cutoff (at every step, ET's warm-up included); TC loss-free nudges
+// its biases toward balance.
+inline void router_step_end(Router& r) {
+    if (r.layers.empty() || r.micro_steps == 0) return;
+    const int n = (int)r.layers.size() * r.E;
+    if (r.config.kind != RouterKind::TC) {
+        cutoff_update_kernel<<<ceil_div(n, THREADS), THREADS>>>(r.raw_cutoff, r.stats_float, r.E,
+                                                                r.stats_float_stride(), (int)r.layers.size(),
+                                                                (float)r.config.et_beta, r.micro_steps);
+        launchCheck();
+        r.updates++;
+    } else if (r.config.tc_balance == TcBalance::LossFree) {
+        lossfree_bias_kernel<<<ceil_div(n, THREADS), THREADS>>>(r.tc_bias, r.stats_int, r.E, r.stats_int_stride(),
+                                                                (int)r.layers.size(), (float)r.config.lossfree_rate);
+        launchCheck();
+    }
+}
+
+// The step's routing per layer, copied to the host (a sync: logging steps
+// only, after the micro-steps and before router_step_end).
+inline std::vector<LayerRoutingStats> router_read_stats(const Router& r) {
+    std::vector<LayerRoutingStats> out;
+    if (r.layers.empty()) return out;
+    const size_t L = r.layers.size();
+    std::vector<int> si(L * r.stats_int_stride());
+    std::vector<float> sf(L * r.stats_float_stride()), raw(L * r.E);
+    cudaCheck(cudaMemcpy(si.data(), r.stats_int, si.size() * sizeof(int), cudaMemcpyDeviceToHost));
+    cudaCheck(cudaMemcpy(sf.data(), r.stats_float, sf.size() * sizeof(float), cudaMemcpyDeviceToHost));
+    cudaCheck(cudaMemcpy(raw.data(), r.raw_cutoff, raw.size() * sizeof(float), cudaMemcpyDeviceToHost));
+    int dropped = 0;
+    cudaCheck(cudaMemcpy(&dropped, r.dropped, sizeof(int), cudaMemcpyDeviceToHost));
+    if (dropped > 0)
+        fail("MoE: %d routed (token, expert) pairs did not fit the routing buffers and were dropped; with finite "
+             "router logits this cannot happen, so the run has diverged or the capacity bound is wrong",
+             dropped);
+    const float correction = cutoff_correction(r);
+    const int steps = std::max(r.micro_steps, 1);
+    for (size_t l = 0; l < L; l++) {
+        LayerRoutingStats s;
+        const int* ints = si.data() + l * r.stats_int_stride();
+        const float* floats = sf.data() + l * r.stats_float_stride();
+        s.layer = r.layers[l];
+        s.counts.assign(ints, ints + r.E);
+        s.tokens = (int64_t)r.micro_steps * r.B * r.T;
+        for (int b = 0; b < 4; b++) s.fanout[b] = ints[r.E + b];
+        s.clamped = ints[r.E + 4];
+        if (r.config.kind != RouterKind::TC) {
+            for (int e = 0; e < r.E; e++) s.batch_cutoff.push_back(floats[e] / steps);
+            if (r.updates > 0)
+                for (int e = 0; e < r.E; e++) s.cutoff.push_back(raw[l * r.E + e] / correction);
+        }
+        s.aux_loss = floats[r.E] / steps;
+        out.push_back(s);
+    }
+    return out;
+}
+
+// Router state for checkpoints: the raw cutoffs, then the TC biases.
+inline size_t router_state_floats(const Router& r) { return 2 * r.layers.size() * r.E; }
+inline void router_save_state(const Router& r, float* host) {
+    const size_t n = r.layers.size() * r.E;
+    if (n == 0) return;
+    cudaCheck(cudaMemcpy(host, r.raw_cutoff, n * sizeof(float), cudaMemcpyDeviceToHost));
+    cudaCheck(cudaMemcpy(host + n, r.tc_bias, n * sizeof(float), cudaMemcpyDeviceToHost));
+}
+inline void router_load_state(Router& r, const float* host) {
+    const size_t n = r.layers.size() * r.E;
+    if (n == 0) return;
+    cudaCheck(cudaMemcpy(r.raw_cutoff, host, n * sizeof(float), cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(r.tc_bias, host + n, n * sizeof(float), cudaMemcpyHostToDevice));
+}
+
+// The weights of one MoE layer as the kernels read them: the router from the
+// fp32 master copy (its logits are fp32 through and through), the FFNs from
+// the matmul copy. Gradients are fp32.
+struct MoeWeights {
+    const float* router;
+    const floatX *shared_fc, *shared_proj, *experts_fc, *experts_proj;
+};
+struct MoeGrads {
+    float *router, *shared_fc, *shared_proj, *experts_fc, *experts_proj;
+};
+
+inline MoeBuffers& pass_buffers(Router& r, int layer, RoutingPass pass) {
+    return pass == RoutingPass::Train ? r.train[layer] : r.eval;
+}
+
+// h as fp32 for the router: converted into r.h32 (the FP32 build reads h).
+inline const float* router_input(Router& r, const floatX* h, size_t n) {
+#ifdef ENABLE_FP32
+    (void)r;
+    (void)n;
+    return h;
+#else
+    to_float_kernel<<<ceil_div(n, THREADS), THREADS>>>(r.h32, h, n);
+    launchCheck();
+    return r.h32;
+#endif
+}
+
+// Phase "router + selection": logits = h W_r^T (fp32 cuBLAS, no TF32), then
+// the pass's selection into r.mask; a training pass of EC or ET also adds
+// its EC cutoffs to the step's statistics.
+inline void moe_route(Router& r, int layer, cublasHandle_t cublas, const floatX* h, const float* w_router, int B, int T,
+                      RoutingPass pass) {
+    MoeBuffers& buf = pass_buffers(r, layer, pass);
+    const int N = B * T, E = r.E, C = r.C;
+    const Routing how = pass_routing(r, pass);
+    const int64_t bound = routed_pairs_bound(r, pass, how, B, T);
+    if (bound > buf.capacity)
+        fail("internal: a %d x %d pass can route more pairs than the %d its buffers hold", B, T, buf.capacity);
+    // a short generation pass launches few tiles, not the whole buffer's
+    buf.launch_tiles = (int)std::min<int64_t>(buf.max_tiles, (bound + EXPERT_TILE - 1) / EXPERT_TILE + E);
+    const float one = 1.0f, zero = 0.0f;
+    cublasCheck(cublasSgemm(cublas, CUBLAS_OP_T, CUBLAS_OP_N, E, N, C, &one, w_router, C,
+                            router_input(r, h, (size_t)N * C), C, &zero, buf.logits, E));
+    const bool statistics = pass == RoutingPass::Train && r.config.kind != RouterKind::TC;
+    int* stats_int = r.stats_int + (size_t)layer * r.stats_int_stride();
+    float* stats_float = r.stats_float + (size_t)layer * r.stats_float_stride();
+    if (how == Routing::TopK) {
+        const float* bias = r.config.tc_balance == TcBalance::LossFree ? r.tc_bias + (size_t)layer * E : nullptr;
+        tc_select_kernel<<<ceil_div(N, THREADS), THREADS>>>(r.mask, buf.logits, bias, N, E, r.config.top_k);
+        launchCheck();
+        return;
+    }
+    if (how == Routing::Threshold && pass != RoutingPass::Train) {
+        threshold_select_kernel<<<ceil_div((size_t)N * E, THREADS), THREADS>>>(
+            r.mask, buf.logits, r.raw_cutoff + (size_t)layer * E, cutoff_correction(r), N, E);
+        launchCheck();
+        return;
+    }
+    int pool, k, lo = 0, hi = 0;
+    pool_shape(r, B, T, &pool, &k);
+    int mode = SELECT_TOP_K;
+    if (how == Routing::Threshold) {
+        mode = r.config.capacity < 0 ? SELECT_THRESHOLD : SELECT_THRESHOLD_CLAMPED;
+        et_capacity_bounds(k, r.config.capacity, &lo, &hi);
+    }
+    const int pools = N / pool;
+    pool_select_kernel<<<dim3(E, pools), SELECT_THREADS>>>(r.mask, statistics ? r.kth : nullptr, stats_int + E + 4,
+                                                           buf.logits, r.raw_cutoff + (size_t)layer * E,
+                                                           cutoff_correction(r), E, pool, k, lo, hi, mode);
+    launchCheck();
+    if (statistics) {
+        kth_accumulate_kernel<<<ceil_div(E, THREADS), THREADS>>>(stats_float, r.kth, pools, E);
+        launchCheck();
+    }
+}
+
+// Phase "dispatch": the experts' token lists, gates and row tiles from r.mask;
+// in training also the step's counts and fanout, and the TC aux loss.
+inline void moe_dispatch(Router& r, int layer, int N, RoutingPass pass) {
+    MoeBuffers& buf = pass_buffers(r, layer, pass);
+    const int E = r.E;
+    const bool train = pass == RoutingPass::Train;
+    int* stats_int = r.stats_int + (size_t)layer * r.stats_int_stride();
+    expert_count_kernel<<<E, DISPATCH_THREADS>>>(r.counts, train ? stats_int : nullptr, r.mask, N, E);
+    launchCheck();
+    expert_dispatch_kernel<<<E, DISPATCH_THREADS>>>(buf.slot_of, buf.slot_token, buf.slot_gate, buf.offsets,
+                                                    buf.tile_expert, buf.tile_row, buf.num_tiles, r.dropped, r.counts,
+                                                    r.mask, buf.logits, N, E, buf.capacity);
+    launchCheck();
+    if (!train) return;
+    fanout_kernel<<<ceil_div(N, THREADS), THREADS>>>(stats_int + E, r.mask, N, E);
+    launchCheck();
+    if (r.config.kind == RouterKind::TC && r.config.tc_balance == TcBalance::Aux) {
+        gate_mean_kernel<<<E, DISPATCH_THREADS>>>(r.gate_mean, buf.logits, N, E);
+        launchCheck();
+        aux_loss_kernel<<<1, 1>>>(r.stats_float + (size_t)layer * r.stats_float_stride() + E, r.gate_mean, buf.offsets,
+                                  N, E, (float)r.config.aux_alpha);
+        launchCheck();
+    }
+}
+
+// Phase "experts": pre = fc_e x for every routed slot, out = proj_e relu(pre)^2.
+inline void moe_experts_forward(Router& r, int layer, const floatX* h, const MoeWeights& w, RoutingPass pass) {
+    MoeBuffers& buf = pass_buffers(r, layer, pass);
+    const int C = r.C, W = 2 * C;
+    expert_matmul_kernel<TokenRows, true, false><<<dim3(buf.launch_tiles, ceil_div(W, EXPERT_BN)), EXPERT_THREADS>>>(
+        buf.expert_pre, TokenRows{h, buf.slot_token, C}, w.experts_fc, nullptr, buf.tile_expert, buf.tile_row,
+        buf.num_tiles, buf.offsets, C, W);
+    launchCheck();
+    expert_matmul_kernel<Relu2Rows, true, false><<<dim3(buf.launch_tiles, ceil_div(C, EXPERT_BN)), EXPERT_THREADS>>>(
+        buf.expert_out, Relu2Rows{buf.expert_pre, W}, w.experts_proj, nullptr, buf.tile_expert, buf.tile_row,
+        buf.num_tiles, buf.offsets, W, C);
+    launchCheck();
+}
+
+// Phase "combine": y += the gated expert outputs (y holds the shared expert's output).
+inline void moe_combine(Router& r, int layer, floatX* y, int N, RoutingPass pass) {
+    MoeBuffers& buf = pass_buffers(r, layer, pass);
+    moe_combine_kernel<<<N, 128, 2 * r.E * sizeof(int)>>>(y, y, buf.expert_out, buf.slot_of, buf.slot_gate, r.E, r.C);
+    launchCheck();
+}
+
+// The shared expert: y = proj relu(fc h)^2 (cuBLAS), pre kept for the backward.
+inline void moe_shared_forward(cublasHandle_t cublas, floatX* y, floatX* pre, floatX* act, const floatX* h,
+                               const MoeWeights& w, int N, int C) {
+    matmul_forward(cublas, pre, h, w.shared_fc, N, C, 2 * C);
+    relu2_forward(act, pre, (size_t)N * 2 * C);
+    matmul_forward(cublas, y, act, w.shared_proj, N, 2 * C, C);
+}
+
+// The MoE FFN of MoE layer `layer` on h (B*T, C): y (N, C) overwritten.
+// shared_pre (N, 2C) is kept for the backward; act (N, 2C) is scratch.
+inline void moe_forward(Router& r, int layer, cublasHandle_t cublas, floatX* y, floatX* shared_pre, floatX* act,
+                        const floatX* h, const MoeWeights& w, int B, int T, RoutingPass pass) {
+    const int N = B * T;
+    moe_route(r, layer, cublas, h, w.router, B, T, pass);
+    moe_dispatch(r, layer, N, pass);
+    moe_shared_forward(cublas, y, shared_pre, act, h, w, N, r.C);
+    moe_experts_forward(r, layer, h, w, pass);
+    moe_combine(r, layer, y, N, pass);
+}
+
+// Backward of the shared expert: dh overwritten; its weight gradients added.
+// wide and act are (N, 2C) scratch.
+inline void moe_shared_backward(cublasHandle_t cublas, floatX* dh, floatX* wide, floatX* act, const floatX* dy,
+                                const floatX* h, const floatX* shared_pre, const MoeWeights& w, const MoeGrads& g,
+                                int N, int C) {
+    relu2_forward(act, shared_pre, (size_t)N * 2 * C);  // recomputed, not stored
+    matmul_backward(cublas, wide, g.shared_proj, dy, act, w.shared_proj, N, 2 * C, C);
+    relu2_backward(wide, wide, shared_pre, (size_t)N * 2 * C);
+    matmul_backward(cublas, dh, g.shared_fc, wide, h, w.shared_fc, N, C, 2 * C);
+}
+
+// Backward of the routed experts for the objective sum(y * dy): the gate's
+// gradient into r.dr (every pair written), the experts' weight gradients
+// added, and each slot's input gradient into r.grad_x.
+inline void moe_experts_backward(Router& r, int layer, const floatX* dy, const floatX* h, const MoeWeights& w,
+                                 const MoeGrads& g, int N) {
+    MoeBuffers& buf = r.train[layer];
+    const int E = r.E, C = r.C, W = 2 * C;
+    gate_backward_kernel<<<ceil_div((size_t)N * WARP, THREADS), THREADS>>>(r.dr, dy, buf.expert_out, buf.slot_of,
+                                                                          buf.slot_gate, N, E, C);
+    launchCheck();
+    const GatedTokenRows gated_dy{dy, buf.slot_token, buf.slot_gate, C};
+    // dpre = (gate dy) proj_e * relu2'(pre): proj_e (C, 2C) read as (IC, OC)
+    expert_matmul_kernel<GatedTokenRows, false, true><<<dim3(buf.launch_tiles, ceil_div(W, EXPERT_BN)), EXPERT_THREADS>>>(
+        r.grad_pre, gated_dy, w.experts_proj, buf.expert_pre, buf.tile_expert, buf.tile_row, buf.num_tiles, buf.offsets,
+        C, W);
+    launchCheck();
+    // dproj_e += (gate dy)^T relu(pre)^2; dfc_e += dpre^T x
+    expert_weight_grad_kernel<<<dim3(ceil_div(W, EXPERT_BN), ceil_div(C, EXPERT_TILE), E), EXPERT_THREADS>>>(
+        g.experts_proj, gated_dy, Relu2Rows{buf.expert_pre, W}, buf.offsets, C, W);
+    launchCheck();
+    expert_weight_grad_kernel<<<dim3(ceil_div(C, EXPERT_BN), ceil_div(W, EXPERT_TILE), E), EXPERT_THREADS>>>(
+        g.experts_fc, SlotRows{r.grad_pre, W}, TokenRows{h, buf.slot_token, C}, buf.offsets, W, C);
+    launchCheck();
+    // dx = dpre fc_e: fc_e (2C, C) read as (IC, OC)
+    expert_matmul_kernel<SlotRows, false, false><<<dim3(buf.launch_tiles, ceil_div(C, EXPERT_BN)), EXPERT_THREADS>>>(
+        r.grad_x, SlotRows{r.grad_pre, W}, w.experts_fc, nullptr, buf.tile_expert, buf.tile_row, buf.num_tiles,
+        buf.offsets, W, C);
+    launchCheck();
+}
+
+// Backward of combine: dh += each routed slot's input gradient (r.grad_x).
+inline void moe_combine_backward(Router& r, int layer, floatX* dh, int N) {
+    moe_combine_kernel<<<N, 128, 2 * r.E * sizeof(int)>>>(dh, dh, r.grad_x, r.train[layer].slot_of, nullptr, r.E, r.C);
+    launchCheck();
+}
+
+// Backward of the router: the TC aux loss's gradient joins the gates' in
+// r.dr; then dh += dr W_r and dW_r += dr^T h (fp32 cuBLAS).
+inline void moe_router_backward(Router& r, int layer, cublasHandle_t cublas, floatX* dh, const floatX* h,
+                                const float* w_router, float* g_router, int N) {
+    MoeBuffers& buf = r.train[layer];
+    const int E = r.E, C = r.C;
+    if (r.config.kind == RouterKind::TC && r.config.tc_balance == TcBalance::Aux) {
+        aux_loss_backward_kernel<<<ceil_div((size_t)N * E, THREADS), THREADS>>>(
+            r.dr, buf.logits, buf.offsets, N, E, (float)r.config.aux_alpha, r.aux_weight);
+        launchCheck();
+    }
+    const float one = 1.0f, zero = 0.0f;
+    const float* h32 = router_input(r, h, (size_t)N * C);
+    cublasCheck(cublasSgemm(cublas, CUBLAS_OP_N, CUBLAS_OP_T, C, E, N, &one, h32, C, r.dr, E, &one, g_router, C));
+    // r.h32 is free again (the FP32 build never wrote it): the input gradient goes there
+    cublasCheck(cublasSgemm(cublas, CUBLAS_OP_N, CUBLAS_OP_N, C, N, E, &one, w_router, C, r.dr, E, &zero, r.h32, C));
+    add_float_kernel<<<ceil_div((size_t)N * C, THREADS), THREADS>>>(dh, r.h32, (size_t)N * C);
+    launchCheck();
+}
+
+// Backward of moe_forward's training pass: dh (N, C) overwritten with the
+// gradient at h; every weight gradient of the layer added. wide and act are
+// (N, 2C) scratch.
+inline void moe_backward(Router& r, int layer, cublasHandle_t cublas, floatX* dh, floatX* wide, floatX* act,
+                         const floatX* dy, const floatX* h, const floatX* shared_pre, const MoeWeights& w,
+                         const MoeGrads& g, int B, int T) {
+    const int N = B * T;
+    moe_shared_backward(cublas, dh, wide, act, dy, h, shared_pre, w, g, N, r.C);
+    moe_experts_backward(r, layer, dy, h, w, g, N);
+    moe_combine_backward(r, layer, dh, N);
+    moe_router_backward(r, layer, cublas, dh, h, w.router, g.router, N);
 }

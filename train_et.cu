@@ -7,7 +7,9 @@
 // them (every bad flag or value is one line naming the flag and what is
 // allowed); choosing the data (FineWeb-Edu shards, or the built-in synthetic
 // corpus when the default location is empty); the start-up report (model
-// size, parameters, FLOPs per token, data, batch); then the GPU.
+// size, parameters, FLOPs per token, data, batch); checkpoints; evaluation,
+// sampling and the logs (with an MoE model's routing statistics); then the
+// GPU and the training loop.
 #include <libgen.h>
 #include <unistd.h>
 
@@ -20,6 +22,7 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #ifdef MULTI_GPU
@@ -30,9 +33,8 @@
 #include "data/dataloader.h"
 #include "data/synthetic.h"
 #include "data/tokenizer.h"
-#include "model.cuh"
+#include "model.cuh"  // and router.cuh, which builds on its kernels
 #include "model_config.h"
-#include "router.cuh"
 #include "schedule.h"
 
 #ifdef ENABLE_FP32
@@ -245,6 +247,14 @@ static ModelConfig model_from_options(const Options& o) {
     r.lossfree_rate = o.lossfree_rate;
     r.ec_pool = (EcPool)o.ec_pool;
     r.eval_routing = (EvalRouting)o.eval_routing;
+    // EC picks, and ET's statistic and clamp track, each expert's k-th best
+    // token of a pool, so k = pool x K / E must be a whole number; as pool and
+    // K are positive, a whole k is also at least 1.
+    int64_t pool = routing_pool_tokens(r.ec_pool, o.batch, o.seq_len);
+    if (c.n_experts > 0 && r.kind != RouterKind::TC && pool * r.top_k % c.n_experts != 0)
+        fail("-e: k = pool x K / E = %lld x %d / %d tokens per expert is not a whole number; choose -e dividing %lld "
+             "(the pool is %s)", (long long)pool, r.top_k, c.n_experts, (long long)pool * r.top_k,
+             r.ec_pool == EcPool::Sequence ? "one sequence, -t" : "the micro-batch, -b x -t");
     return c;
 }
 
@@ -345,7 +355,7 @@ static void print_config(const Options& o, const ModelConfig& c, const DataSourc
         const RouterConfig& r = c.router;
         printf("moe      layers 1..%d: 1 shared + %d routed experts of width %d, K = %d; layer 0 dense\n",
                c.n_layer - 1, c.n_experts, 2 * c.n_embd, r.top_k);
-        int64_t pool = r.ec_pool == EcPool::Sequence ? c.seq_len : (int64_t)o.batch * c.seq_len;
+        int64_t pool = routing_pool_tokens(r.ec_pool, o.batch, c.seq_len);
         printf("router   %s", router_name(r.kind));
         if (r.kind == RouterKind::TC) {
             const char* bal[] = {"none", "aux", "lossfree"};
@@ -391,17 +401,23 @@ static void print_config(const Options& o, const ModelConfig& c, const DataSourc
 // ----------------------------------------------------------------------------
 // Checkpoints: everything a bit-exact resume needs. A header of int64
 // fields, then the fp32 master weights and both AdamW moments (the bf16
-// weights are re-derived from the master copy). Written to a temp file and
+// weights are re-derived from the master copy), then the router state of an
+// MoE model (router_state_floats: every MoE layer's raw ET/EC cutoffs and TC
+// biases; its update count is in the header). Written to a temp file and
 // renamed, so a crash mid-write never damages the last good checkpoint.
 
 static const int64_t CHECKPOINT_MAGIC = 0x7472616E5F65745FLL;  // "train_et_"
+static const int64_t CHECKPOINT_VERSION = 2;  // 2: the router settings and state
 enum CheckpointField {
     CK_MAGIC, CK_VERSION, CK_STEP, CK_NUM_PARAMS, CK_LAYERS, CK_EMBD, CK_HEADS, CK_KV_HEADS, CK_VOCAB, CK_EXPERTS,
     CK_BATCH, CK_SEQ_LEN, CK_TOTAL_BATCH, CK_WORLD, CK_SEED, CK_DATA, CK_STEPS, CK_WARMUP, CK_SCHEDULE,
+    // the router (all 0 for a dense model)
+    CK_ROUTER, CK_TOP_K, CK_ET_WARMUP, CK_TC_BALANCE, CK_EC_POOL,
     // doubles, stored bit for bit
-    CK_LR, CK_FINAL_LR, CK_WARMDOWN, CK_WEIGHT_DECAY, CK_GRAD_CLIP,
+    CK_LR, CK_FINAL_LR, CK_WARMDOWN, CK_WEIGHT_DECAY, CK_GRAD_CLIP, CK_ET_BETA, CK_CAPACITY, CK_AUX_ALPHA,
+    CK_LOSSFREE_RATE,
     // where the run is
-    CK_EPOCH, CK_SHARD_POS, CK_ROUND, CK_RNG0, CK_RNG3 = CK_RNG0 + 3,
+    CK_EPOCH, CK_SHARD_POS, CK_ROUND, CK_RNG0, CK_RNG3 = CK_RNG0 + 3, CK_ROUTER_UPDATES,
     CK_HEADER_FIELDS = 64  // room to grow
 };
 
@@ -431,6 +447,12 @@ static void checkpoint_settings(const Options& o, const ModelConfig& c, size_t n
     h[CK_LR] = double_bits(o.lr); h[CK_FINAL_LR] = double_bits(o.final_lr_frac);
     h[CK_WARMDOWN] = double_bits(o.warmdown_frac); h[CK_WEIGHT_DECAY] = double_bits(o.weight_decay);
     h[CK_GRAD_CLIP] = double_bits(o.grad_clip);
+    if (c.n_experts == 0) return;  // a dense model has no router: its flags change nothing
+    const RouterConfig& r = c.router;
+    h[CK_ROUTER] = (int64_t)r.kind; h[CK_TOP_K] = r.top_k; h[CK_ET_WARMUP] = r.et_warmup_steps;
+    h[CK_TC_BALANCE] = (int64_t)r.tc_balance; h[CK_EC_POOL] = (int64_t)r.ec_pool;
+    h[CK_ET_BETA] = double_bits(r.et_beta); h[CK_CAPACITY] = double_bits(r.capacity);
+    h[CK_AUX_ALPHA] = double_bits(r.aux_alpha); h[CK_LOSSFREE_RATE] = double_bits(r.lossfree_rate);
 }
 
 static const struct { CheckpointField field; const char* what; } CHECKPOINT_CHECKS[] = {
@@ -439,7 +461,9 @@ static const struct { CheckpointField field; const char* what; } CHECKPOINT_CHEC
     {CK_BATCH, "-b"}, {CK_SEQ_LEN, "-t"}, {CK_TOTAL_BATCH, "-d"}, {CK_WORLD, "the number of processes"},
     {CK_SEED, "-sd"}, {CK_DATA, "the training data (-i: shard count and sizes)"}, {CK_STEPS, "the step count (-x)"},
     {CK_WARMUP, "-u"}, {CK_SCHEDULE, "-a"}, {CK_LR, "-l"}, {CK_FINAL_LR, "-q"}, {CK_WARMDOWN, "-wd"},
-    {CK_WEIGHT_DECAY, "-c"}, {CK_GRAD_CLIP, "-gc"}};
+    {CK_WEIGHT_DECAY, "-c"}, {CK_GRAD_CLIP, "-gc"}, {CK_ROUTER, "-r"}, {CK_TOP_K, "-k"},
+    {CK_ET_WARMUP, "ET warm-up (-ew, or 20% of -x)"}, {CK_TC_BALANCE, "-tb"}, {CK_EC_POOL, "-ep"}, {CK_ET_BETA, "-eb"},
+    {CK_CAPACITY, "-ec"}, {CK_AUX_ALPHA, "-ta"}, {CK_LOSSFREE_RATE, "-tu"}};
 
 struct TrainState {
     int step = 0;  // steps completed
@@ -459,9 +483,10 @@ static void save_checkpoint(const Options& o, const Model& model, const TrainSta
                             float* host_buffer) {
     int64_t h[CK_HEADER_FIELDS];
     memcpy(h, settings, sizeof(h));
-    h[CK_MAGIC] = CHECKPOINT_MAGIC; h[CK_VERSION] = 1; h[CK_STEP] = st.step;
+    h[CK_MAGIC] = CHECKPOINT_MAGIC; h[CK_VERSION] = CHECKPOINT_VERSION; h[CK_STEP] = st.step;
     h[CK_EPOCH] = (int64_t)st.data.epoch; h[CK_SHARD_POS] = (int64_t)st.data.shard_pos; h[CK_ROUND] = (int64_t)st.data.round;
     for (int i = 0; i < 4; i++) h[CK_RNG0 + i] = (int64_t)st.sample_rng.s[i];
+    h[CK_ROUTER_UPDATES] = model.router.updates;
     std::string path = checkpoint_path(o.out_dir, st.step), tmp = path + ".tmp";
     FILE* f = fopen(tmp.c_str(), "wb");
     if (!f) fail("%s: cannot create (%s)", tmp.c_str(), strerror(errno));
@@ -470,6 +495,9 @@ static void save_checkpoint(const Options& o, const Model& model, const TrainSta
         cudaCheck(cudaMemcpy(host_buffer, buf, model.num_params * sizeof(float), cudaMemcpyDeviceToHost));
         write_all(f, host_buffer, model.num_params * sizeof(float), tmp);
     }
+    size_t router_floats = router_state_floats(model.router);  // fewer than num_params: the buffer holds them
+    router_save_state(model.router, host_buffer);
+    write_all(f, host_buffer, router_floats * sizeof(float), tmp);
     // on disk before the rename, so even a power cut leaves the old or the new checkpoint whole
     if (fflush(f) != 0 || fsync(fileno(f)) != 0 || fclose(f) != 0) fail("%s: write failed (disk full?)", tmp.c_str());
     if (rename(tmp.c_str(), path.c_str()) != 0) fail("%s: rename failed (%s)", path.c_str(), strerror(errno));
@@ -493,7 +521,10 @@ static TrainState load_checkpoint(const Options& o, Model* model, const int64_t*
     if (!f) fail("%s: cannot open (%s)", path.c_str(), strerror(errno));
     int64_t h[CK_HEADER_FIELDS];
     read_all(f, h, sizeof(h), path);
-    if (h[CK_MAGIC] != CHECKPOINT_MAGIC || h[CK_VERSION] != 1) fail("%s: not a train_et checkpoint (version 1)", path.c_str());
+    if (h[CK_MAGIC] != CHECKPOINT_MAGIC) fail("%s: not a train_et checkpoint", path.c_str());
+    if (h[CK_VERSION] != CHECKPOINT_VERSION)
+        fail("%s: checkpoint version %lld, this train_et reads version %lld: resume with the train_et that wrote it",
+             path.c_str(), (long long)h[CK_VERSION], (long long)CHECKPOINT_VERSION);
     for (const auto& k : CHECKPOINT_CHECKS)
         if (h[k.field] != settings[k.field])
             fail("%s: was written with another %s; resume with the settings of the run it belongs to", path.c_str(),
@@ -502,6 +533,9 @@ static TrainState load_checkpoint(const Options& o, Model* model, const int64_t*
         read_all(f, host_buffer, model->num_params * sizeof(float), path);
         cudaCheck(cudaMemcpy(buf, host_buffer, model->num_params * sizeof(float), cudaMemcpyHostToDevice));
     }
+    read_all(f, host_buffer, router_state_floats(model->router) * sizeof(float), path);
+    router_load_state(model->router, host_buffer);
+    model->router.updates = (int)h[CK_ROUTER_UPDATES];
     char extra;
     bool trailing = fread(&extra, 1, 1, f) == 1;
     fclose(f);
@@ -617,6 +651,72 @@ struct RunLog {
     }
 };
 
+// JSON has no NaN or infinity: a number that is not finite is written null.
+static std::string json_number(double x, const char* fmt = "%.6g") {
+    return std::isfinite(x) ? string_format(fmt, x) : "null";
+}
+
+// Counts are written whole (%.6g would round a count past a million).
+template <typename T>
+static std::string json_array(const std::vector<T>& values) {
+    std::string out = "[";
+    for (size_t i = 0; i < values.size(); i++) {
+        if (i) out += ", ";
+        if constexpr (std::is_integral_v<T>) out += std::to_string(values[i]);
+        else out += json_number(values[i]);
+    }
+    return out + "]";
+}
+
+// The "moe" value of a logged step: one object per MoE layer with its
+// routing statistics (SPEC: Observability); "cutoff" and "batch_cutoff" only
+// when the router tracks them.
+static std::string routing_json(const std::vector<LayerRoutingStats>& layers) {
+    std::string out = "[";
+    for (size_t l = 0; l < layers.size(); l++) {
+        const LayerRoutingStats& s = layers[l];
+        RoutingSummary r = summarize_routing(s);
+        out += string_format("%s{\"layer\": %d, \"usage_min\": %s, \"usage_max\": %s, \"usage_cv\": %s, "
+                             "\"fanout_mean\": %s, \"fanout_hist\": %s, \"clamped\": %lld, \"aux_loss\": %s, "
+                             "\"cutoff_dev\": %s",
+                             l ? ", " : "", s.layer, json_number(r.usage_min).c_str(), json_number(r.usage_max).c_str(),
+                             json_number(r.usage_cv).c_str(), json_number(r.fanout_mean).c_str(),
+                             json_array(std::vector<double>(r.fanout_frac, r.fanout_frac + 4)).c_str(),
+                             (long long)s.clamped, json_number(s.aux_loss).c_str(), json_number(r.cutoff_dev).c_str());
+        if (!s.cutoff.empty()) out += ", \"cutoff\": " + json_array(s.cutoff);
+        if (!s.batch_cutoff.empty()) out += ", \"batch_cutoff\": " + json_array(s.batch_cutoff);
+        out += ", \"counts\": " + json_array(s.counts) + "}";
+    }
+    return out + "]";
+}
+
+// The console line under a logged step: rates are means over the MoE
+// layers; the clamp count and the aux loss are sums over them (the SPEC's
+// aux loss is the sum of the layers'). Parts a router does not have are
+// left out.
+static std::string routing_line(const char* routing_now, const RouterConfig& router,
+                                const std::vector<LayerRoutingStats>& layers) {
+    double cv = 0, lo = 0, hi = 0, fanout = 0, frac[4] = {0, 0, 0, 0}, dev = 0, aux = 0;
+    long long clamped = 0;
+    int devs = 0;
+    for (const LayerRoutingStats& s : layers) {
+        RoutingSummary r = summarize_routing(s);
+        cv += r.usage_cv; lo += r.usage_min; hi += r.usage_max; fanout += r.fanout_mean;
+        for (int b = 0; b < 4; b++) frac[b] += r.fanout_frac[b];
+        if (!std::isnan(r.cutoff_dev)) { dev += r.cutoff_dev; devs++; }
+        clamped += s.clamped;
+        aux += s.aux_loss;
+    }
+    const double n = (double)layers.size();
+    std::string line = string_format("        moe %s | usage cv %.3f, min %.3f, max %.3f | experts/token %.2f "
+                                     "(0: %.0f%% 1: %.0f%% 2: %.0f%% 3+: %.0f%%)", routing_now, cv / n, lo / n, hi / n,
+                                     fanout / n, 100 * frac[0] / n, 100 * frac[1] / n, 100 * frac[2] / n, 100 * frac[3] / n);
+    if (devs > 0) line += string_format(" | cutoff dev %.4f", dev / devs);
+    if (router.kind == RouterKind::ET && router.capacity >= 0) line += string_format(" | clamped %lld", clamped);
+    if (router.kind == RouterKind::TC && router.tc_balance == TcBalance::Aux) line += string_format(" | aux %.4g", aux);
+    return line;
+}
+
 static void make_dir(const std::string& dir) {
     std::string cmd = "mkdir -p '" + dir + "'";
     if (dir.find('\'') != std::string::npos || system(cmd.c_str()) != 0)
@@ -654,6 +754,7 @@ int main(int argc, char** argv) {
         fail("-d: one epoch of the train data (%zu micro-batches) is less than one step of %d; use a smaller -d",
              train_loader.batches_per_epoch(), grad_accum);
     int steps = o.max_steps > 0 ? o.max_steps : (int)steps_per_epoch;
+    config.router.et_warmup_steps = et_warmup_steps(config.router, steps);  // -1 (20% of the run) made a count
     print_config(o, config, data, grad_accum, steps, steps_per_epoch);
     bool has_checkpoints = !glob_sorted(o.out_dir + "/ckpt_*.bin").empty();
     if (!o.resume && has_checkpoints)
@@ -668,16 +769,12 @@ int main(int argc, char** argv) {
     printf("gpu      %s, %d SMs, %.0f GiB, compute capability %d.%d, peak bf16 %.0f TFLOP/s\n", gpu.prop.name,
            gpu.prop.multiProcessorCount, gpu.prop.totalGlobalMem / 1073741824.0, gpu.prop.major, gpu.prop.minor,
            gpu.peak_bf16_flops / 1e12);
-    if (config.n_experts > 0) {
-        printf("stopping after start-up: the MoE layers (router.cuh) are not built yet; -e 0 trains the dense model\n");
-        return 0;
-    }
-
     Model model;
     model.config = config;
     size_t bytes = model_allocate(&model, o.batch, o.seq_len);
-    printf("memory   %.2f GiB on the GPU: weights, gradients and AdamW state %.2f GiB, activations %.2f GiB\n",
-           bytes / 1073741824.0, (bytes - model.acts.bytes) / 1073741824.0, model.acts.bytes / 1073741824.0);
+    printf("memory   %.2f GiB on the GPU: weights, gradients and AdamW state %.2f GiB, activations%s %.2f GiB\n",
+           bytes / 1073741824.0, (bytes - model.acts.bytes) / 1073741824.0,
+           config.n_experts > 0 ? " and routing buffers" : "", model.acts.bytes / 1073741824.0);
     int val_batches = data.val ? (int)std::min<size_t>(o.val_batches, val_loader.batches_per_epoch()) : 0;
     BatchFeeder feeder;
     feeder.allocate((size_t)o.batch * o.seq_len);
@@ -712,7 +809,7 @@ int main(int argc, char** argv) {
         if (data.val && o.val_every > 0 && step % o.val_every == 0) {
             float val_loss = evaluate(&model, val_loader, feeder, val_batches);
             log.print("step %6d | val loss %.4f\n", step, val_loss);
-            log.record(string_format("{\"step\": %d, \"val_loss\": %.6f}", step, val_loss));
+            log.record(string_format("{\"step\": %d, \"val_loss\": %s}", step, json_number(val_loss, "%.6f").c_str()));
             window_start = wall_seconds();
             window_steps = 0;
         }
@@ -725,6 +822,7 @@ int main(int argc, char** argv) {
             window_steps = 0;
         }
 
+        router_step_begin(model.router, step);
         cudaCheck(cudaMemsetAsync(model.grads, 0, model.num_params * sizeof(float)));
         cudaCheck(cudaMemsetAsync(model.loss_total, 0, sizeof(float)));
         for (int micro = 0; micro < grad_accum; micro++) {
@@ -750,9 +848,18 @@ int main(int argc, char** argv) {
             double eta = dt * (steps - st.step);
             log.print("step %6d/%d | loss %.4f | lr %.2e | norm %.3f | %.0f ms | %.0f tok/s | MFU %.1f%% | ETA %s\n",
                       st.step, steps, loss, lr, norm, dt * 1e3, tokens_per_s, 100 * mfu, format_duration(eta).c_str());
-            log.record(string_format("{\"step\": %d, \"loss\": %.6f, \"lr\": %.6e, \"grad_norm\": %.6f, "
-                                     "\"step_ms\": %.3f, \"tokens_per_s\": %.1f, \"mfu\": %.5f}",
-                                     st.step, loss, lr, norm, dt * 1e3, tokens_per_s, mfu));
+            std::string record = string_format("{\"step\": %d, \"loss\": %s, \"lr\": %.6e, \"grad_norm\": %s, "
+                                               "\"step_ms\": %.3f, \"tokens_per_s\": %.1f, \"mfu\": %.5f", st.step,
+                                               json_number(loss, "%.6f").c_str(), lr, json_number(norm, "%.6f").c_str(),
+                                               dt * 1e3, tokens_per_s, mfu);
+            // read before router_step_end, so the cutoffs are the ones this step routed with
+            std::vector<LayerRoutingStats> routing = router_read_stats(model.router);
+            if (!routing.empty()) {
+                const char* routed_by = router_routing_now(model.router);
+                log.print("%s\n", routing_line(routed_by, config.router, routing).c_str());
+                record += string_format(", \"routing\": \"%s\", \"moe\": ", routed_by) + routing_json(routing);
+            }
+            log.record(record + "}");
             if (!std::isfinite(loss) || !std::isfinite(norm)) {
                 std::vector<std::string> saved = glob_sorted(o.out_dir + "/ckpt_*.bin");
                 fail("loss %.4f, gradient norm %.4f at step %d: training diverged. The last good checkpoint is %s "
@@ -762,6 +869,7 @@ int main(int argc, char** argv) {
             window_start = wall_seconds();
             window_steps = 0;
         }
+        router_step_end(model.router);
         if (checkpoint) {
             save_checkpoint(o, model, st, settings, host_buffer);
             window_start = wall_seconds();
@@ -771,7 +879,7 @@ int main(int argc, char** argv) {
     if (data.val && o.val_every > 0) {
         float val_loss = evaluate(&model, val_loader, feeder, val_batches);
         log.print("step %6d | val loss %.4f (final)\n", steps, val_loss);
-        log.record(string_format("{\"step\": %d, \"val_loss\": %.6f}", steps, val_loss));
+        log.record(string_format("{\"step\": %d, \"val_loss\": %s}", steps, json_number(val_loss, "%.6f").c_str()));
     }
     log.print("done: %d steps in %s\n", steps, format_duration(wall_seconds() - run_start).c_str());
     model_free(&model);

@@ -1,9 +1,12 @@
-// dev/bench_step.cu: how fast train_et's dense training step runs on the GPU,
-// whole and split by phase. SPEC "Performance" asks for tokens/s, MFU, peak
-// memory and the step by phase, measured and never assumed; this program is
-// where those numbers come from (dev/bench.sh builds and runs it).
+// dev/bench_step.cu: how fast train_et's training step runs on the GPU, whole
+// and split by phase, for the dense model or the MoE model with any router.
+// SPEC "Performance" asks for tokens/s, MFU, peak memory and the step by
+// phase (attention, router and selection, dispatch, experts, combine,
+// optimizer), measured and never assumed; this program is where those
+// numbers come from (dev/bench.sh builds and runs it).
 //
-//   build/bench_step -m d12 -b 16 -t 2048 -r 20
+//   build/bench_step -m d12 -b 16 -t 2048 -r 20            dense
+//   build/bench_step -m d12 -e 16 -rt et                    ET, 16 experts
 //
 // Method. The weights are random, the
 // zero-initialised wo, proj and lm_head included, and so are the tokens:
@@ -23,10 +26,15 @@
 //     layer, backward 2.5x that), against the time the same FLOPs take at
 //     the cuBLAS bf16 rate measured here on one 8192^3 product of random
 //     data; the SPEC target is attention within 2x of that.
+//   - MoE: the routers run as in training after warm-up: ET's EC warm-up is
+//     one step, so the timed steps route by the tracked thresholds (with the
+//     capacity clamp); TC balances with the aux loss. Expert FLOPs count the
+//     nominal N*K routed tokens (what MFU counts); ET's real count varies.
 //   - memory: cudaMemGetInfo before model_allocate and after all the step's
 //     work; nothing is freed in between, so the difference is the peak.
 #include <algorithm>
 #include <cerrno>
+#include <cstring>
 #include <functional>
 #include <string>
 #include <vector>
@@ -53,15 +61,17 @@ static const uint64_t SEED = 1337;
 
 struct Options {
     std::string model = "d12";
-    int batch = 16, seq_len = 2048, repeats = 20;
+    int batch = 16, seq_len = 2048, repeats = 20, experts = 0, router = (int)RouterKind::ET;
 };
 
 static const char* USAGE =
-    "usage: bench_step [-m preset] [-b batch] [-t seq_len] [-r repeats]\n"
-    "  -m  model preset, dense (default d12; tiny, or dN with N even)\n"
+    "usage: bench_step [-m preset] [-b batch] [-t seq_len] [-r repeats] [-e experts] [-rt tc|ec|et]\n"
+    "  -m  model preset (default d12; tiny, or dN with N even)\n"
     "  -b  sequences per micro-step (default 16)\n"
     "  -t  sequence length (default 2048)\n"
-    "  -r  timed runs per measurement; each number is their median (default 20)\n";
+    "  -r  timed runs per measurement; each number is their median (default 20)\n"
+    "  -e  routed experts per MoE layer (default 0: the dense model)\n"
+    "  -rt router of the MoE layers: tc, ec or et (default et)\n";
 
 static int int_flag(const char* flag, const char* text, int lo, int hi) {
     char* end = nullptr;
@@ -80,13 +90,20 @@ static Options parse_flags(int argc, char** argv) {
             fputs(USAGE, stdout);
             exit(0);
         }
-        if (f != "-m" && f != "-b" && f != "-t" && f != "-r") fail("unknown flag '%s'\n%s", argv[i], USAGE);
+        if (f != "-m" && f != "-b" && f != "-t" && f != "-r" && f != "-e" && f != "-rt")
+            fail("unknown flag '%s'\n%s", argv[i], USAGE);
         if (i + 1 >= argc) fail("%s: missing value\n%s", argv[i], USAGE);
         const char* v = argv[++i];
         if (f == "-m") o.model = v;
         if (f == "-b") o.batch = int_flag("-b", v, 1, 65535);
         if (f == "-t") o.seq_len = int_flag("-t", v, 8, 65536);  // train_et's ranges
         if (f == "-r") o.repeats = int_flag("-r", v, 1, 100000);
+        if (f == "-e") o.experts = int_flag("-e", v, 0, 1024);
+        if (f == "-rt") {
+            std::string r = v;
+            if (r != "tc" && r != "ec" && r != "et") fail("-rt: '%s' is not a router (tc, ec or et)\n%s", v, USAGE);
+            o.router = (int)(r == "tc" ? RouterKind::TC : r == "ec" ? RouterKind::EC : RouterKind::ET);
+        }
     }
     return o;
 }
@@ -196,7 +213,16 @@ int main(int argc, char** argv) {
     if (!err.empty()) fail("-m: %s", err.c_str());
     c.vocab_size = VOCAB;
     c.seq_len = o.seq_len;
-    c.n_experts = 0;  // the dense model: the MoE layers are not built yet
+    c.n_experts = o.experts;
+    c.router.kind = (RouterKind)o.router;
+    c.router.et_warmup_steps = 1;  // the timed steps route by thresholds
+    const bool moe = c.n_experts > 0;
+    if (moe && c.n_layer < 2) fail("-e: %s has one layer; an MoE model needs 2 or more", o.model.c_str());
+    if (moe && (int64_t)o.batch * o.seq_len % c.n_experts != 0)
+        fail("-e: %d experts do not divide the %d tokens of a micro-batch", c.n_experts, o.batch * o.seq_len);
+    const std::string model_name = moe ? string_format("%s, %d experts, %s router", o.model.c_str(), c.n_experts,
+                                                       router_name(c.router.kind))
+                                       : o.model + " dense";
 
     printf("command ");
     for (int i = 0; i < argc; i++) printf(" %s", argv[i]);
@@ -212,9 +238,9 @@ int main(int argc, char** argv) {
     const int H = c.n_head, KVH = c.n_kv_head, hd = c.head_dim(), Vp = c.padded_vocab();
     const int qkv_width = (H + 2 * KVH) * hd, ffn = 4 * C;
     const double flops_per_token = training_flops_per_token(c);
-    printf("model    %s dense, %s: %d layers, width %d, %d heads of %d, vocab %d (padded %d), %s parameters, "
+    printf("model    %s, %s: %d layers, width %d, %d heads of %d, vocab %d (padded %d), %s parameters, "
            "%.3f GFLOP/token for training\n",
-           c.preset.c_str(), PRECISION_NAME, L, C, H, hd, VOCAB, Vp, human_count(count_parameters(c).total).c_str(),
+           model_name.c_str(), PRECISION_NAME, L, C, H, hd, VOCAB, Vp, human_count(count_parameters(c).total).c_str(),
            flops_per_token / 1e9);
     printf("batch    B=%d x T=%d = %d tokens per micro-step\n", B, T, N);
 
@@ -254,7 +280,13 @@ int main(int argc, char** argv) {
         model_forward(&model, B, T, true, true, dloss);
         model_backward(&model, B, T);
     };
-    auto update = [&] { model_update(&model, LR, WEIGHT_DECAY, GRAD_CLIP, ++step); };
+    // the router's per-step work (statistics reset, cutoff EMA) goes with the update
+    auto update = [&] {
+        model_update(&model, LR, WEIGHT_DECAY, GRAD_CLIP, step + 1);
+        router_step_end(model.router);
+        router_step_begin(model.router, ++step);
+    };
+    router_step_begin(model.router, step);
 
     // Warm-up: real steps (module load, cuBLAS heuristics, non-zero AdamW
     // state), then one look at the loss: a non-finite one would make every
@@ -272,6 +304,7 @@ int main(int argc, char** argv) {
         fail("warm-up: loss %f, grad norm %f: not finite, so the step cannot be timed", loss_total / N, norm);
     printf("warm-up  %d steps: loss %.3f (a uniform guess: ln %d = %.3f), grad norm %.3f\n", WARMUP_STEPS,
            loss_total / N, VOCAB, std::log((double)VOCAB), norm);
+    if (moe) printf("routing  %s\n", router_routing_now(model.router));
 
     // Whole pieces. Zero first, so the micro-steps after it leave non-zero
     // gradients for the timed updates.
@@ -285,14 +318,21 @@ int main(int argc, char** argv) {
 
     // The phases. Per layer, the parameter tensors by name (robust to the
     // storage order); the calls below mirror model_forward / model_backward.
+    // In an MoE layer fc and proj are the shared expert's (width 2C), and
+    // router is the first of its five tensors.
     struct LayerTensors {
-        int wq, wo, fc, proj;
+        int wq, wo, fc, proj, width, router;
     };
     std::vector<LayerTensors> lt(L);
     for (int l = 0; l < L; l++) {
         std::string p = "h" + std::to_string(l) + ".";
-        lt[l] = {model.tensor_index(p + "attn.wq"), model.tensor_index(p + "attn.wo"), model.tensor_index(p + "mlp.fc"),
-                 model.tensor_index(p + "mlp.proj")};
+        if (c.is_moe_layer(l))
+            lt[l] = {model.tensor_index(p + "attn.wq"), model.tensor_index(p + "attn.wo"),
+                     model.tensor_index(p + "moe.shared.fc"), model.tensor_index(p + "moe.shared.proj"), 2 * C,
+                     model.tensor_index(p + "moe.router")};
+        else
+            lt[l] = {model.tensor_index(p + "attn.wq"), model.tensor_index(p + "attn.wo"),
+                     model.tensor_index(p + "mlp.fc"), model.tensor_index(p + "mlp.proj"), ffn, -1};
     }
     const int wte = model.tensor_index("wte"), lm_head = model.tensor_index("lm_head");
     const size_t NC = (size_t)N * C;
@@ -305,8 +345,8 @@ int main(int argc, char** argv) {
         fill_normal(a.scratch_wide, (size_t)N * std::max(ffn, qkv_width), SEED + 103, 1.0f);
     };
     const double att_fwd_flops = 4.0 * B * H * (T * (T + 1.0) / 2) * hd * L;
-    const double mm_fwd_flops =
-        2.0 * N * (L * ((double)C * qkv_width + (double)C * C + 2.0 * C * ffn) + (double)C * Vp);
+    double mm_fwd_flops = 2.0 * N * (double)C * Vp;
+    for (int l = 0; l < L; l++) mm_fwd_flops += 2.0 * N * ((double)C * qkv_width + (double)C * C + 2.0 * C * lt[l].width);
 
     std::vector<Phase> phases;
     phases.push_back({"attention forward", att_fwd_flops, [&] {
@@ -326,8 +366,8 @@ int main(int argc, char** argv) {
             Activations::Layer& Ly = a.layers[l];
             matmul_forward(cublas, Ly.qkv, Ly.ln1, model.param(lt[l].wq), N, C, qkv_width);
             matmul_forward(cublas, a.scratch_narrow, Ly.atty, model.param(lt[l].wo), N, C, C);
-            matmul_forward(cublas, Ly.fc_pre, Ly.ln2, model.param(lt[l].fc), N, C, ffn);
-            matmul_forward(cublas, a.scratch_narrow, a.ffn_act, model.param(lt[l].proj), N, ffn, C);
+            matmul_forward(cublas, Ly.fc_pre, Ly.ln2, model.param(lt[l].fc), N, C, lt[l].width);
+            matmul_forward(cublas, a.scratch_narrow, a.ffn_act, model.param(lt[l].proj), N, lt[l].width, C);
         }
         matmul_forward(cublas, a.logits, a.lnf, model.param(lm_head), N, C, Vp);
     }, nullptr, {}});
@@ -336,8 +376,9 @@ int main(int argc, char** argv) {
         for (int l = L - 1; l >= 0; l--) {
             Activations::Layer& Ly = a.layers[l];
             matmul_backward(cublas, a.scratch_wide, model.grad(lt[l].proj), a.dresidual, a.ffn_act, model.param(lt[l].proj),
-                            N, ffn, C);
-            matmul_backward(cublas, a.scratch_narrow, model.grad(lt[l].fc), a.scratch_wide, Ly.ln2, model.param(lt[l].fc), N, C, ffn);
+                            N, lt[l].width, C);
+            matmul_backward(cublas, a.scratch_narrow, model.grad(lt[l].fc), a.scratch_wide, Ly.ln2, model.param(lt[l].fc), N,
+                            C, lt[l].width);
             matmul_backward(cublas, a.scratch_narrow, model.grad(lt[l].wo), a.dresidual, Ly.atty, model.param(lt[l].wo), N, C,
                             C);
             matmul_backward(cublas, a.scratch_narrow, model.grad(lt[l].wq), a.scratch_wide, Ly.ln1, model.param(lt[l].wq), N, C,
@@ -369,13 +410,13 @@ int main(int argc, char** argv) {
         cudaCheck(cudaMemcpyAsync(a.residual, a.x0, NC * sizeof(floatX), cudaMemcpyDeviceToDevice));
         for (int l = 0; l < L; l++) {
             residual_forward(a.residual, a.scratch_narrow, NC);
-            relu2_forward(a.ffn_act, a.layers[l].fc_pre, (size_t)N * ffn);
+            relu2_forward(a.ffn_act, a.layers[l].fc_pre, (size_t)N * lt[l].width);
             residual_forward(a.residual, a.scratch_narrow, NC);
         }
         cudaCheck(cudaMemsetAsync(a.dresidual, 0, NC * sizeof(floatX)));
         for (int l = L - 1; l >= 0; l--) {
-            relu2_forward(a.ffn_act, a.layers[l].fc_pre, (size_t)N * ffn);
-            relu2_backward(a.scratch_wide, a.ffn_act, a.layers[l].fc_pre, (size_t)N * ffn);
+            relu2_forward(a.ffn_act, a.layers[l].fc_pre, (size_t)N * lt[l].width);
+            relu2_backward(a.scratch_wide, a.ffn_act, a.layers[l].fc_pre, (size_t)N * lt[l].width);
         }
         cudaCheck(cudaMemsetAsync(a.scratch_narrow, 0, NC * sizeof(floatX)));
     }, restore_grad_scratch, {}});
@@ -389,6 +430,37 @@ int main(int argc, char** argv) {
         softcap_cross_entropy(a.losses, a.logits, a.targets, N, VOCAB, Vp, dloss, true);
         loss_sum(model.loss_total, a.losses, N);
     }, [&] { matmul_forward(cublas, a.logits, a.lnf, model.param(lm_head), N, C, Vp); }, {}});
+
+    // The MoE phases (SPEC: router and selection, dispatch, experts, combine),
+    // each over all MoE layers with the calls of moe_forward / moe_backward.
+    const double expert_fwd_flops = 8.0 * N * c.router.top_k * (double)C * C * (L - 1);  // 2 x (C x 2C + 2C x C) per pair
+    const RoutingPass train = RoutingPass::Train;
+    Router& router = model.router;
+    if (moe) {
+        phases.push_back({"moe router + selection (fwd + bwd)", 0, [&] {
+            for (int l = 1; l < L; l++)
+                moe_route(router, l - 1, cublas, a.layers[l].ln2, moe_weights(&model, lt[l].router).router, B, T, train);
+            for (int l = L - 1; l >= 1; l--)
+                moe_router_backward(router, l - 1, cublas, a.scratch_narrow, a.layers[l].ln2,
+                                    moe_weights(&model, lt[l].router).router, model.grad(lt[l].router), N);
+        }, restore_grad_scratch, {}});
+        phases.push_back({"moe dispatch", 0, [&] {
+            for (int l = 1; l < L; l++) moe_dispatch(router, l - 1, N, train);
+        }, nullptr, {}});
+        phases.push_back({"moe experts forward (grouped)", expert_fwd_flops, [&] {
+            for (int l = 1; l < L; l++)
+                moe_experts_forward(router, l - 1, a.layers[l].ln2, moe_weights(&model, lt[l].router), train);
+        }, nullptr, {}});
+        phases.push_back({"moe experts backward (grouped, + gates)", 2.0 * expert_fwd_flops, [&] {
+            for (int l = L - 1; l >= 1; l--)
+                moe_experts_backward(router, l - 1, a.dresidual, a.layers[l].ln2, moe_weights(&model, lt[l].router),
+                                     moe_grads(&model, lt[l].router), N);
+        }, nullptr, {}});
+        phases.push_back({"moe combine (fwd + bwd)", 0, [&] {
+            for (int l = 1; l < L; l++) moe_combine(router, l - 1, a.scratch_narrow, N, train);
+            for (int l = L - 1; l >= 1; l--) moe_combine_backward(router, l - 1, a.scratch_narrow, N);
+        }, restore_grad_scratch, {}});
+    }
 
     double phase_sum = 0;
     for (Phase& p : phases) {
@@ -425,8 +497,8 @@ int main(int argc, char** argv) {
     auto mfu_text = [&](double tokens_per_s) {
         return peak > 0 ? string_format("%.1f%%", 100.0 * flops_per_token * tokens_per_s / peak) : std::string("n/a");
     };
-    printf("\n== bench_step: %s dense, %s, B=%d T=%d (%d tokens/micro-step), %s, median of %d runs ==\n",
-           c.preset.c_str(), PRECISION_NAME, B, T, N, gpu.prop.name, o.repeats);
+    printf("\n== bench_step: %s, %s, B=%d T=%d (%d tokens/micro-step), %s, median of %d runs ==\n",
+           model_name.c_str(), PRECISION_NAME, B, T, N, gpu.prop.name, o.repeats);
     printf("%-40s %12s %9s %10s\n", "phase (all layers)", "ms/micro", "% micro", "TFLOP/s");
     for (const Phase& p : phases) {
         std::string rate = p.flops > 0 ? string_format("%.1f", p.flops / (p.t.median * 1e-3) / 1e12) : "";
@@ -452,6 +524,15 @@ int main(int argc, char** argv) {
         printf("train_et step     n/a: B x T = %d does not divide -d %d\n", N, TOTAL_BATCH);
     }
 
+    if (moe) {
+        double routing_ms = 0;  // SPEC target: routing + dispatch + combine under 10% of the step
+        for (const Phase& p : phases)
+            if (strncmp(p.name, "moe router", 10) == 0 || strncmp(p.name, "moe dispatch", 12) == 0 ||
+                strncmp(p.name, "moe combine", 11) == 0)
+                routing_ms += p.t.median;
+        printf("moe routing       router + selection, dispatch and combine: %.3f ms, %.1f%% of the micro-step "
+               "(SPEC target < 10%%)\n", routing_ms, 100.0 * routing_ms / t_micro.median);
+    }
     // phases[0] and [1]: attention forward and backward (pushed first).
     const double att_ms = phases[0].t.median + phases[1].t.median, att_flops = 3.5 * att_fwd_flops;
     const double att_bound_ms = att_flops / gemm_rate * 1e3;

@@ -2,7 +2,9 @@
 
 A tiny dense model must overfit one batch, the same seed must give
 bit-identical losses twice, a resumed run must continue bit-exactly where
-the uninterrupted one went, and a run on the synthetic corpus must learn.
+the uninterrupted one went (dense, and ET across its warm-up switch), and a
+run on the synthetic corpus must learn, dense and with each router, with
+routing statistics that obey the router's rules.
 run_tests.sh runs this file only where a CUDA device exists.
 """
 import json
@@ -30,15 +32,20 @@ def train(out_dir, *args):
     return r.stdout
 
 
-def losses(out_dir):
-    """step (1-based, steps done) -> (loss, grad_norm) from the JSON log; later lines win (a resume appends)."""
+def records(out_dir):
+    """step (1-based, steps done) -> its training record in the JSON log; later lines win (a resume appends)."""
     out = {}
     with open(os.path.join(out_dir, "train.jsonl")) as f:
         for line in f:
             rec = json.loads(line)
             if "loss" in rec:
-                out[rec["step"]] = (rec["loss"], rec["grad_norm"])
+                out[rec["step"]] = rec
     return out
+
+
+def losses(out_dir):
+    """step -> (loss, grad_norm)"""
+    return {step: (rec["loss"], rec["grad_norm"]) for step, rec in records(out_dir).items()}
 
 
 def random_shard(directory, n_tokens, vocab=1000, seed=0):
@@ -87,6 +94,80 @@ def test_synthetic_corpus_learns():
         log = losses(f"{d}/out")
         assert log[300][0] < log[1][0] - 2.0, f"loss {log[1][0]} -> {log[300][0]}"
         assert "val loss" in out and "sample:" in out, out
+        assert not any("moe" in rec for rec in records(f"{d}/out").values()), "a dense run logged routing"
+
+
+# The MoE runs: tiny has one MoE layer (layer 1); 4 experts and a pool of
+# one micro-batch of 4 x 64 = 256 tokens (one micro-step per step), so each
+# expert's target is k = 64 tokens, and ET's clamp (C = 0.5) keeps every
+# expert within [32, 96].
+MOE_STEPS, MOE_TOKENS, MOE_K = 300, 256, 64
+
+
+def moe_run(d, router):
+    """Trains tiny with 4 experts on the synthetic corpus; checks that it learns and the
+    routing statistics add up; returns the training records."""
+    train(f"{d}/out", "-i", "synthetic", "-sv", "2048", "-x", str(MOE_STEPS), "-l", "3e-3", "-e", "4", "-r", router)
+    recs = records(f"{d}/out")
+    first, last = recs[1]["loss"], recs[MOE_STEPS]["loss"]
+    assert last < first - 1.5, f"{router}: loss {first} -> {last}"
+    for step, rec in recs.items():
+        assert len(rec["moe"]) == 1 and rec["moe"][0]["layer"] == 1, f"{router} step {step}: {rec['moe']}"
+        m = rec["moe"][0]
+        assert len(m["counts"]) == 4 and len(m["fanout_hist"]) == 4, f"{router} step {step}: {m}"
+        assert abs(sum(m["counts"]) / MOE_TOKENS - m["fanout_mean"]) < 1e-5, f"{router} step {step}: {m}"
+        assert abs(sum(m["fanout_hist"]) - 1) < 1e-5, f"{router} step {step}: {m}"
+    return recs
+
+
+def test_expert_choice_routes_k_tokens_per_expert():
+    with tempfile.TemporaryDirectory() as d:
+        for step, rec in moe_run(d, "ec").items():
+            m = rec["moe"][0]
+            assert rec["routing"] == "ec" and m["counts"] == [MOE_K] * 4, f"step {step}: {rec['routing']} {m}"
+            assert m["fanout_mean"] == 1 and m["usage_cv"] == 0 and len(m["batch_cutoff"]) == 4, f"step {step}: {m}"
+
+
+def test_expert_threshold_switches_after_warmup():
+    with tempfile.TemporaryDirectory() as d:
+        warmup = MOE_STEPS // 5  # the default: 20% of the run
+        for step, rec in moe_run(d, "et").items():
+            m = rec["moe"][0]
+            if step <= warmup:  # steps 0 .. warmup-1 (logged as 1 .. warmup) route with EC
+                assert rec["routing"] == "ec (et warm-up)", f"step {step}: routing {rec['routing']}"
+                assert m["counts"] == [MOE_K] * 4, f"step {step}: {m['counts']}"
+                continue
+            assert rec["routing"] == "et", f"step {step}: routing {rec['routing']}"
+            assert all(MOE_K // 2 <= c <= MOE_K * 3 // 2 for c in m["counts"]), f"step {step}: clamp broken {m['counts']}"
+            assert 0.5 <= m["fanout_mean"] <= 1.5, f"step {step}: {m['fanout_mean']} experts per token"
+            assert len(m["cutoff"]) == 4 and None not in m["cutoff"] and m["cutoff_dev"] is not None, f"step {step}: {m}"
+
+
+def test_token_choice_takes_k_experts_per_token():
+    with tempfile.TemporaryDirectory() as d:
+        for step, rec in moe_run(d, "tc").items():
+            m = rec["moe"][0]
+            assert rec["routing"] == "tc" and m["fanout_mean"] == 1 and m["fanout_hist"][1] == 1, f"step {step}: {m}"
+            assert m["aux_loss"] is not None and m["aux_loss"] > 0 and "cutoff" not in m, f"step {step}: {m}"
+
+
+def test_expert_threshold_resume_is_bit_exact():
+    """Resumed from a checkpoint inside the EC warm-up, the run crosses the switch to
+    thresholds exactly as the uninterrupted one: losses, gradient norms, routing."""
+    et = ["-e", "4", "-r", "et", "-ew", "10"]
+    with tempfile.TemporaryDirectory() as d:
+        shard = random_shard(d, 50000)
+        train(f"{d}/whole", "-i", shard, "-x", "30", *et)
+        train(f"{d}/parts", "-i", shard, "-x", "30", *et, "-n", "8", "-nk", "0")
+        for step in (16, 24, 30):  # as if the run had died after step 8's checkpoint
+            os.remove(f"{d}/parts/ckpt_{step:010d}.bin")
+        out = train(f"{d}/parts", "-i", shard, "-x", "30", *et, "-y", "1")
+        assert "resumed" in out and "ckpt_0000000008.bin" in out, out
+        whole, parts = records(f"{d}/whole"), records(f"{d}/parts")
+        assert whole[30]["routing"] == "et", whole[30]["routing"]
+        for step in range(9, 31):
+            for key in ("loss", "grad_norm", "routing", "moe"):
+                assert parts[step][key] == whole[step][key], f"step {step} {key}: resumed {parts[step][key]} vs {whole[step][key]}"
 
 
 if __name__ == "__main__":

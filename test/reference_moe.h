@@ -22,14 +22,17 @@
 // r = h @ W_r^T is reference.h's matmul_forward and not repeated here.
 // Backward: weight gradients and dr accumulate (+=); dh is overwritten.
 //
-// It includes nothing that reference.h does not, so a GPU test can wrap both
-// in one namespace, as test/gpu_test_model.cu does with reference.h.
+// Beyond reference.h it includes only router_config.h (the clamp's bounds,
+// et_capacity_bounds, are host arithmetic the GPU code shares), so a GPU
+// test can wrap both references in one namespace, as test/gpu_test_model.cu
+// does with reference.h, once router_config.h is included at global scope.
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
+#include "../router_config.h"
 #include "reference.h"
 
 // p = 1 / (1 + e^-x): the gate of a routed expert
@@ -95,15 +98,6 @@ void ec_select(int* mask, F* kth, const F* r, int N, int E, int pool, int k) {
             mask[n * E + i] = rank < k;
             if (kth && rank == k - 1) kth[n / pool * E + i] = r[n * E + i];
         }
-}
-
-// The training clamp's bounds on an expert's tokens per pool:
-// lo = ceil(k(1 - C)), hi = floor(k(1 + C)). The 1e-9 keeps a bound that is an
-// integer in exact arithmetic from rounding past it (k = 10, C = 0.7: the
-// double product is 3.0000000000000004, and lo must be 3, not 4).
-inline void et_capacity_bounds(int k, double capacity, int* lo, int* hi) {
-    *lo = std::max(0, (int)std::ceil(k * (1 - capacity) - 1e-9));
-    *hi = (int)std::floor(k * (1 + capacity) + 1e-9);
 }
 
 // Expert threshold: z_ti = 1{r_ti >= c_i}. In training with capacity >= 0,

@@ -4,6 +4,8 @@ Checks that -h lists every flag (and the README's table does too), that each
 kind of bad flag or value gets one error line naming the flag and what is
 allowed, how the data source is chosen (synthetic fallback only for the
 default location), that bad shards are named, and what start-up reports.
+Every run is shown no GPU (CUDA_VISIBLE_DEVICES empty), so on any machine it
+stops right after start-up; test/gpu_test_train.py is where training runs.
 """
 import atexit
 import os
@@ -13,7 +15,7 @@ import struct
 import subprocess
 import tempfile
 
-from harness import REPO, Skip, main, shared_file
+from harness import REPO, main, shared_file
 
 TRAIN_ET = os.path.join(REPO, "train_et")
 FLAGS = ["-i", "-j", "-o", "-y", "-n", "-nk", "-sv", "-m", "-e", "-r", "-k", "-kv", "-eb", "-ew", "-ec", "-tb",
@@ -24,29 +26,19 @@ SMALL = ["-m", "tiny", "-t", "64", "-b", "4", "-d", "256"]
 # is what the default gives) and whatever a run writes stays out of the repo.
 WORK = tempfile.mkdtemp(prefix="train_et_cli_")
 atexit.register(shutil.rmtree, WORK, ignore_errors=True)
+NO_GPU = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
 
 
 def train_et(*args, cwd=WORK):
     if not os.path.exists(TRAIN_ET):
         raise AssertionError(f"{TRAIN_ET} is not built (make train_et)")
-    return subprocess.run([TRAIN_ET, *args], capture_output=True, text=True, cwd=cwd, timeout=120)
-
-
-def has_gpu():
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout
-    except FileNotFoundError:
-        return False
-    return "GPU" in out
+    return subprocess.run([TRAIN_ET, *args], capture_output=True, text=True, cwd=cwd, env=NO_GPU, timeout=120)
 
 
 def assert_stopped_at_gpu(r):
     """Past start-up the run needs a GPU: without one, one clear error line."""
-    if has_gpu():
-        assert r.returncode == 0 and "stopping after start-up" in r.stdout, r.stdout + r.stderr
-    else:
-        assert r.returncode == 1, r.returncode
-        assert r.stderr.startswith("error: no CUDA device") and r.stderr.count("\n") == 1, r.stderr
+    assert r.returncode == 1, r.returncode
+    assert r.stderr.startswith("error: no CUDA device") and r.stderr.count("\n") == 1, r.stderr
 
 
 def test_help_lists_every_flag():
@@ -76,6 +68,13 @@ def test_bad_flags_give_one_line():
         (["-kv", "4"], "-kv: 4 key/value heads do not divide the 6 heads of d12"),
         (["-e", "4", "-k", "5"], "-k: 5 experts per token is more than the 4 routed experts"),
         (["-m", "tiny", "-e", "4", "-k", "8"], "-k: 8 experts per token"),
+        (["-m", "tiny", "-e", "3", "-r", "ec", *SMALL[2:]],
+         "-e: k = pool x K / E = 256 x 1 / 3 tokens per expert is not a whole number; choose -e dividing 256 "
+         "(the pool is the micro-batch, -b x -t)"),
+        (["-m", "tiny", "-e", "3", "-r", "et", *SMALL[2:]], "-e: k = pool x K / E = 256 x 1 / 3 tokens"),
+        (["-m", "tiny", "-e", "6", "-k", "2", "-ep", "seq", *SMALL[2:]],
+         "-e: k = pool x K / E = 64 x 2 / 6 tokens per expert is not a whole number; choose -e dividing 128 "
+         "(the pool is one sequence, -t)"),
         (["-d", "1000"], "-d: 1000 tokens is not a multiple of -b x -t x processes"),
         (["-x", "0"], "-x: 0 steps"),
         (["-i", "/nonexistent/shards_*.bin"], "-i: no files match '/nonexistent/shards_*.bin'"),
@@ -152,6 +151,16 @@ def test_output_dir_checkpoints_guard():
         open(f"{d}/ckpt_0000000100.bin", "wb").close()
         r = train_et(*SMALL, "-i", "synthetic", "-o", d)
         assert r.returncode == 1 and r.stderr.startswith(f"error: -o: {d} holds checkpoints of an earlier run"), r.stderr
+
+
+def test_token_choice_needs_no_whole_k():
+    """TC routes per token: any -e that fits -k trains (here: reaches the GPU)."""
+    r = train_et(*SMALL, "-i", "synthetic", "-e", "3", "-r", "tc")
+    assert "router   tc, balancing aux (alpha 0.001)" in r.stdout, r.stdout
+    assert_stopped_at_gpu(r)
+    r = train_et(*SMALL, "-i", "synthetic", "-e", "4", "-r", "ec")  # k = 256 / 4 = 64
+    assert "router   ec, pool micro-batch, k = 64.0 tokens per expert" in r.stdout, r.stdout
+    assert_stopped_at_gpu(r)
 
 
 def test_startup_report_d12():
