@@ -39,9 +39,12 @@ else
   $(info NCCL not found (no nccl.h): building single-GPU; NO_MULTI_GPU=1 silences this)
 endif
 
-NVCC_FLAGS := -O3 -std=c++17 -arch=sm_$(GPU_ARCH) -Xcompiler -Wall,-Wextra
+# Host code never fuses a*b + c into one rounding (-ffp-contract=off): the CPU
+# references must round as they are written, so the GPU tests can compare
+# the kernels that match them bit for bit (the ET cutoff EMA) on any host.
+NVCC_FLAGS := -O3 -std=c++17 -arch=sm_$(GPU_ARCH) -Xcompiler -Wall,-Wextra,-ffp-contract=off
 LIBS := -lcublas
-CXX_FLAGS := -O2 -std=c++17 -Wall -Wextra -Werror
+CXX_FLAGS := -O2 -std=c++17 -Wall -Wextra -Werror -ffp-contract=off
 HEADERS := $(wildcard *.h *.cuh data/*.h)
 BUILD_FLAGS := $(NVCC_FLAGS) $(PRECISION_FLAGS) $(NCCL_FLAGS)
 

@@ -40,6 +40,8 @@
 // cudaCheck, the matmul and relu2 launchers).
 #pragma once
 
+#include <mma.h>
+
 #include <cstdint>
 
 #include "router_config.h"
@@ -79,8 +81,10 @@ __global__ void tc_select_kernel(uint8_t* mask, const float* logits, const float
 
 // A float as an unsigned key with the same order (larger float, larger key),
 // so a radix select can work on its bytes. -0 is made +0 first: the two
-// compare equal as floats, so they must tie here too.
+// compare equal as floats, so they must tie here too. A NaN (a diverged run)
+// gets the lowest key, so it is chosen last, as TC ranks it.
 __device__ __forceinline__ unsigned int order_key(float x) {
+    if (isnan(x)) return 0u;
     const unsigned int u = __float_as_uint(x == 0.0f ? 0.0f : x);
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
@@ -199,11 +203,7 @@ pool_select_kernel(uint8_t* mask, float* kth, int* clamped, const float* logits,
     const int keep = min(max(count, lo), hi);
     if (keep == count) return;
     if (threadIdx.x == 0) atomicAdd(clamped, 1);
-    __syncthreads();  // the threshold marks are written before they are overwritten
-    if (keep == 0) {
-        for (int n = threadIdx.x; n < pool; n += SELECT_THREADS) mask[(size_t)(first + n) * E + e] = 0;
-        return;
-    }
+    // keep >= 1 here: a changed count is hi >= k >= 1, or lo > count >= 0
     unsigned int keep_key = block_select_rank(logits, first, pool, E, e, keep, &ties);
     block_mark_top(mask, logits, first, pool, E, e, keep_key, ties);
 }
@@ -332,9 +332,9 @@ __global__ void fanout_kernel(int* fanout, const uint8_t* mask, int N, int E) {
 //   pre_s = fc_e x_s (2C), out_s = proj_e relu(pre_s)^2 (C),
 // with fc_e (2C, C) and proj_e (C, 2C) slices of the stacked expert tensors.
 // cuBLAS has no grouped GEMM whose group sizes stay on the device, so these
-// are our own tiled kernels: fp32 math on CUDA cores, operands staged in
-// shared memory as float. (Tensor-core versions are the next step once a GPU
-// can measure them.)
+// are our own tiled kernels: 64 x 64 output tiles, operands staged in shared
+// memory; tensor cores (wmma) in the BF16 build, exact fp32 in the FP32
+// build. (Simple, not yet tuned: no cp.async pipelining, no wgmma.)
 //
 // The left operand is read through a "rows" functor giving element (s, j) as
 // float, which fuses the gather of token rows, the gate and ReLU^2 into the
@@ -367,26 +367,73 @@ struct SlotRows {  // m[s][j]
     __device__ float operator()(int s, int j) const { return (float)m[(size_t)s * width + j]; }
 };
 
-static const int EXPERT_BN = 64, EXPERT_BK = 16, EXPERT_THREADS = 256;
+static const int EXPERT_BN = 64, EXPERT_BK = 32, EXPERT_THREADS = 256;
+static const int TILE_LD = 72;  // row stride of the staged tiles: 64 + 8 (wmma wants 16-byte multiples)
 
-// One thread's share of a 64 x 64 tile product staged in shared memory:
-// acc[i][j] += sum over the EXPERT_BK k of left[k][4 ty + i] * right[k][4 tx + j].
-__device__ __forceinline__ void tile_multiply_add(float (&acc)[4][4], const float (*left)[EXPERT_TILE + 4],
-                                                  const float (*right)[EXPERT_BN + 4], int ty, int tx) {
+// The product of two staged 64-wide panels, accumulated over the K steps:
+// acc (64 x 64) += left^T right, with left and right (EXPERT_BK, TILE_LD)
+// panels in shared memory, element [k][m] and [k][n]. The operands are
+// staged as floatX, so the FP32 build multiplies exact fp32 on CUDA cores
+// (the tight tests) and the BF16 build uses the tensor cores.
+#ifdef ENABLE_FP32
+struct TileAccumulator {
+    float acc[4][4] = {};  // thread (ty, tx) of 16 x 16 owns rows 4ty..4ty+3, columns 4tx..4tx+3
+    __device__ void multiply_add(const floatX (*left)[TILE_LD], const floatX (*right)[TILE_LD]) {
+        const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
 #pragma unroll
-    for (int kk = 0; kk < EXPERT_BK; kk++) {
-        float a[4], b[4];
+        for (int kk = 0; kk < EXPERT_BK; kk++) {
+            float a[4], b[4];
 #pragma unroll
-        for (int i = 0; i < 4; i++) {
-            a[i] = left[kk][ty * 4 + i];
-            b[i] = right[kk][tx * 4 + i];
+            for (int i = 0; i < 4; i++) {
+                a[i] = left[kk][ty * 4 + i];
+                b[i] = right[kk][tx * 4 + i];
+            }
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+#pragma unroll
+                for (int j = 0; j < 4; j++) acc[i][j] += a[i] * b[j];
         }
+    }
+    __device__ void store(float (*out)[TILE_LD]) const {
+        const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
 #pragma unroll
         for (int i = 0; i < 4; i++)
 #pragma unroll
-            for (int j = 0; j < 4; j++) acc[i][j] += a[i] * b[j];
+            for (int j = 0; j < 4; j++) out[ty * 4 + i][tx * 4 + j] = acc[i][j];
     }
-}
+};
+#else
+// wmma 16 x 16 x 16, bf16 in, fp32 accumulate: warp w of 8 owns rows
+// 16 (w / 2) .. +15 and columns 32 (w % 2) .. +31 (two fragments). left is
+// read as a column-major 64 x K matrix (element (m, k) at left[k][m]).
+struct TileAccumulator {
+    nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc[2];
+    __device__ TileAccumulator() {
+        nvcuda::wmma::fill_fragment(acc[0], 0.0f);
+        nvcuda::wmma::fill_fragment(acc[1], 0.0f);
+    }
+    __device__ void multiply_add(const floatX (*left)[TILE_LD], const floatX (*right)[TILE_LD]) {
+        using namespace nvcuda;
+        const int warp = threadIdx.x / WARP, row = 16 * (warp / 2), col = 32 * (warp % 2);
+#pragma unroll
+        for (int kk = 0; kk < EXPERT_BK; kk += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, floatX, wmma::col_major> a;
+            wmma::load_matrix_sync(a, &left[kk][row], TILE_LD);
+#pragma unroll
+            for (int f = 0; f < 2; f++) {
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, floatX, wmma::row_major> b;
+                wmma::load_matrix_sync(b, &right[kk][col + 16 * f], TILE_LD);
+                wmma::mma_sync(acc[f], a, b, acc[f]);
+            }
+        }
+    }
+    __device__ void store(float (*out)[TILE_LD]) const {
+        const int warp = threadIdx.x / WARP, row = 16 * (warp / 2), col = 32 * (warp % 2);
+        for (int f = 0; f < 2; f++)
+            nvcuda::wmma::store_matrix_sync(&out[row][col + 16 * f], acc[f], TILE_LD, nvcuda::wmma::mem_row_major);
+    }
+};
+#endif
 
 // out[s][o] = sum_j rows(s, j) * W_e(o, j), for the slots of one row tile of
 // one expert e and EXPERT_BN outputs o. W_e is weights + e*OC*IC, stored
@@ -394,89 +441,84 @@ __device__ __forceinline__ void tile_multiply_add(float (&acc)[4][4], const floa
 // untransposed weight). RELU2_GRAD multiplies by relu2'(pre[s][o]) =
 // 2 relu(pre[s][o]) on the way out (dpre from dact).
 // Grid: (row tiles bound, OC / EXPERT_BN); a block past the real tile count
-// returns at once. 256 threads as 16 x 16, each owning a 4 x 4 block of the
-// 64 x 64 output tile; K in steps of 16 through shared memory. Traffic: each
-// weight tile is read once per row tile, each row once per output tile.
+// returns at once. 256 threads stage 64 rows and 64 weight columns per K
+// step of 32 in shared memory (as floatX), TileAccumulator multiplies, and
+// the 64 x 64 result leaves through shared memory, written row by row.
+// Traffic: each weight tile is read once per row tile, each row once per
+// output tile.
 template <class Rows, bool OUT_BY_IN, bool RELU2_GRAD>
 __global__ void __launch_bounds__(EXPERT_THREADS)
 expert_matmul_kernel(floatX* out, Rows rows, const floatX* weights, const floatX* pre, const int* tile_expert,
                      const int* tile_row, const int* num_tiles, const int* offsets, int IC, int OC) {
     const int tile = blockIdx.x;
     if (tile >= *num_tiles) return;
-    const int e = tile_expert[tile], row0 = tile_row[tile], row_end = offsets[e + 1];
-    const int col0 = blockIdx.y * EXPERT_BN, tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    const int e = tile_expert[tile], row0 = tile_row[tile], row_end = offsets[e + 1], col0 = blockIdx.y * EXPERT_BN;
     const floatX* W = weights + (size_t)e * OC * IC;
-    __shared__ float As[EXPERT_BK][EXPERT_TILE + 4], Ws[EXPERT_BK][EXPERT_BN + 4];
-    float acc[4][4] = {};
+    __shared__ __align__(32) floatX As[EXPERT_BK][TILE_LD], Ws[EXPERT_BK][TILE_LD];
+    __shared__ __align__(32) float Cs[EXPERT_TILE][TILE_LD];
+    TileAccumulator acc;
     for (int k0 = 0; k0 < IC; k0 += EXPERT_BK) {
         for (int i = threadIdx.x; i < EXPERT_TILE * EXPERT_BK; i += EXPERT_THREADS) {
             const int r = i / EXPERT_BK, kk = i % EXPERT_BK, s = row0 + r, j = k0 + kk;
-            As[kk][r] = s < row_end && j < IC ? rows(s, j) : 0.0f;
+            As[kk][r] = from_float<floatX>(s < row_end && j < IC ? rows(s, j) : 0.0f);
         }
         for (int i = threadIdx.x; i < EXPERT_BN * EXPERT_BK; i += EXPERT_THREADS) {
             // walk the stored rows contiguously: along j for (OC, IC), along o for (IC, OC)
             const int o = OUT_BY_IN ? i / EXPERT_BK : i % EXPERT_BN, kk = OUT_BY_IN ? i % EXPERT_BK : i / EXPERT_BN;
             const int oo = col0 + o, j = k0 + kk;
-            float w = 0.0f;
-            if (oo < OC && j < IC) w = (float)(OUT_BY_IN ? W[(size_t)oo * IC + j] : W[(size_t)j * OC + oo]);
+            floatX w = from_float<floatX>(0.0f);
+            if (oo < OC && j < IC) w = OUT_BY_IN ? W[(size_t)oo * IC + j] : W[(size_t)j * OC + oo];
             Ws[kk][o] = w;
         }
         __syncthreads();
-        tile_multiply_add(acc, As, Ws, ty, tx);
+        acc.multiply_add(As, Ws);
         __syncthreads();
     }
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        const int s = row0 + ty * 4 + i;
-        if (s >= row_end) continue;
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-            const int o = col0 + tx * 4 + j;
-            if (o >= OC) continue;
-            float v = acc[i][j];
-            if (RELU2_GRAD) v *= 2.0f * fmaxf((float)pre[(size_t)s * OC + o], 0.0f);
-            out[(size_t)s * OC + o] = from_float<floatX>(v);
-        }
+    acc.store(Cs);
+    __syncthreads();
+    for (int i = threadIdx.x; i < EXPERT_TILE * EXPERT_BN; i += EXPERT_THREADS) {
+        const int r = i / EXPERT_BN, o = col0 + i % EXPERT_BN, s = row0 + r;
+        if (s >= row_end || o >= OC) continue;
+        float v = Cs[r][i % EXPERT_BN];
+        if (RELU2_GRAD) v *= 2.0f * fmaxf((float)pre[(size_t)s * OC + o], 0.0f);
+        out[(size_t)s * OC + o] = from_float<floatX>(v);
     }
 }
 
 // dW_e(o, j) += sum over expert e's slots s of grad(s, o) * input(s, j), with
 // dW_e the fp32 (OC, IC) slice dweights + e*OC*IC. Grid (IC / 64, OC / 64, E):
 // each block owns a 64 x 64 tile of one expert's gradient and walks that
-// expert's slots in order, 16 at a time (one owner, a fixed order: no
+// expert's slots in order, 32 at a time (one owner, a fixed order: no
 // atomics). An expert with no tokens adds nothing. Traffic: each slot's rows
 // are read once per output tile.
 template <class GradRows, class InputRows>
 __global__ void __launch_bounds__(EXPERT_THREADS)
 expert_weight_grad_kernel(float* dweights, GradRows grad, InputRows input, const int* offsets, int OC, int IC) {
     const int e = blockIdx.z, o0 = blockIdx.y * EXPERT_TILE, j0 = blockIdx.x * EXPERT_BN;
-    const int first = offsets[e], end = offsets[e + 1], tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    const int first = offsets[e], end = offsets[e + 1];
     if (first == end) return;
-    __shared__ float Gs[EXPERT_BK][EXPERT_TILE + 4], Xs[EXPERT_BK][EXPERT_BN + 4];
-    float acc[4][4] = {};
+    __shared__ __align__(32) floatX Gs[EXPERT_BK][TILE_LD], Xs[EXPERT_BK][TILE_LD];
+    __shared__ __align__(32) float Cs[EXPERT_TILE][TILE_LD];
+    TileAccumulator acc;
     for (int s0 = first; s0 < end; s0 += EXPERT_BK) {
         for (int i = threadIdx.x; i < EXPERT_BK * EXPERT_TILE; i += EXPERT_THREADS) {
             const int kk = i / EXPERT_TILE, o = i % EXPERT_TILE, s = s0 + kk;
-            Gs[kk][o] = s < end && o0 + o < OC ? grad(s, o0 + o) : 0.0f;
+            Gs[kk][o] = from_float<floatX>(s < end && o0 + o < OC ? grad(s, o0 + o) : 0.0f);
         }
         for (int i = threadIdx.x; i < EXPERT_BK * EXPERT_BN; i += EXPERT_THREADS) {
             const int kk = i / EXPERT_BN, j = i % EXPERT_BN, s = s0 + kk;
-            Xs[kk][j] = s < end && j0 + j < IC ? input(s, j0 + j) : 0.0f;
+            Xs[kk][j] = from_float<floatX>(s < end && j0 + j < IC ? input(s, j0 + j) : 0.0f);
         }
         __syncthreads();
-        tile_multiply_add(acc, Gs, Xs, ty, tx);
+        acc.multiply_add(Gs, Xs);
         __syncthreads();
     }
+    acc.store(Cs);
+    __syncthreads();
     float* dW = dweights + (size_t)e * OC * IC;
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        const int o = o0 + ty * 4 + i;
-        if (o >= OC) continue;
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-            const int jj = j0 + tx * 4 + j;
-            if (jj < IC) dW[(size_t)o * IC + jj] += acc[i][j];
-        }
+    for (int i = threadIdx.x; i < EXPERT_TILE * EXPERT_BN; i += EXPERT_THREADS) {
+        const int o = o0 + i / EXPERT_BN, j = j0 + i % EXPERT_BN;
+        if (o < OC && j < IC) dW[(size_t)o * IC + j] += Cs[i / EXPERT_BN][i % EXPERT_BN];
     }
 }
 

@@ -45,38 +45,11 @@ namespace ref {
 #include "reference.h"
 }
 
-#ifdef ENABLE_FP32
-#define PRECISION_NAME "fp32"
-static const double TOL = 1e-4;  // floatX outputs
-#else
-#define PRECISION_NAME "bf16"
-static const double TOL = 2e-2;
-#endif
-static const double TOL_FP32 = 1e-4;  // fp32 outputs computed from the same inputs as the reference
-
-#define TEST_NAME(op) "gpu_" PRECISION_NAME "_" op
+#include "gpu_check.h"
 
 // ----------------------------------------------------------------------------
-// Helpers: numbers, device buffers, comparisons
+// Helpers of this file (the shared ones are in gpu_check.h)
 
-inline double to_double(float x) { return x; }
-inline double to_double(__nv_bfloat16 x) { return (double)__bfloat162float(x); }
-
-// Rounds to floatX as the GPU does (round to nearest even).
-inline floatX to_floatX(double x) {
-#ifdef ENABLE_FP32
-    return (float)x;
-#else
-    return __float2bfloat16((float)x);
-#endif
-}
-
-template <typename T>
-std::vector<double> to_doubles(const std::vector<T>& v) {
-    std::vector<double> out(v.size());
-    for (size_t i = 0; i < v.size(); i++) out[i] = to_double(v[i]);
-    return out;
-}
 inline std::vector<floatX> to_floatXs(const std::vector<double>& v) {
     std::vector<floatX> out(v.size());
     for (size_t i = 0; i < v.size(); i++) out[i] = to_floatX(v[i]);
@@ -87,143 +60,10 @@ inline std::vector<float> to_floats(const std::vector<double>& v) {
     for (size_t i = 0; i < v.size(); i++) out[i] = (float)v[i];
     return out;
 }
-
-inline double uniform(Rng& rng, double lo, double hi) { return lo + (hi - lo) * rng.uniform(); }
-inline double normal(Rng& rng) {  // Box-Muller
-    double u1 = rng.uniform(), u2 = rng.uniform();
-    return std::sqrt(-2.0 * std::log(1.0 - u1)) * std::cos(2.0 * M_PI * u2);
-}
-inline std::vector<floatX> random_floatX(Rng& rng, size_t n, double lo, double hi) {
-    std::vector<floatX> v(n);
-    for (floatX& x : v) x = to_floatX(uniform(rng, lo, hi));
-    return v;
-}
-inline std::vector<float> random_float(Rng& rng, size_t n, double lo, double hi) {
-    std::vector<float> v(n);
-    for (float& x : v) x = (float)uniform(rng, lo, hi);
-    return v;
-}
 inline std::vector<int> random_tokens(Rng& rng, int n, int V) {
     std::vector<int> v(n);
     for (int& x : v) x = (int)rng.below(V);
     return v;
-}
-
-template <typename T>
-std::vector<T> download_from(const T* device, size_t n) {
-    std::vector<T> host(n);
-    cudaCheck(cudaMemcpy(host.data(), device, n * sizeof(T), cudaMemcpyDeviceToHost));
-    return host;
-}
-template <typename T>
-void upload_to(T* device, const std::vector<T>& host) {
-    cudaCheck(cudaMemcpy(device, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice));
-}
-// 0xFF bytes: NaN as bf16 (0xFFFF) and as fp32 (0xFFFFFFFF).
-template <typename T>
-void poison(T* device, size_t n) {
-    cudaCheck(cudaMemset(device, 0xFF, n * sizeof(T)));
-}
-
-// A device array that frees itself.
-template <typename T>
-struct DeviceBuffer {
-    T* ptr = nullptr;
-    size_t n = 0;
-    explicit DeviceBuffer(size_t count) : n(count) { cudaCheck(cudaMalloc(&ptr, (count ? count : 1) * sizeof(T))); }
-    explicit DeviceBuffer(const std::vector<T>& host) : DeviceBuffer(host.size()) { upload(host); }
-    ~DeviceBuffer() { cudaCheck(cudaFree(ptr)); }
-    DeviceBuffer(const DeviceBuffer&) = delete;
-    DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-    void upload(const std::vector<T>& host) {
-        if (host.size() != n) fail("internal: uploading %zu values into a buffer of %zu", host.size(), n);
-        upload_to(ptr, host);
-    }
-    std::vector<T> download() const { return download_from(ptr, n); }
-    void poison() { ::poison(ptr, n); }
-};
-
-template <typename T>
-bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
-    return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
-}
-
-// The test now running, named when a kernel faults or a checked call in
-// model.cuh ends the program (fail() exits; the hook below still names the test).
-static const char* g_test = "?";
-static bool g_in_test = false;
-static void name_test_on_exit() {
-    if (g_in_test) printf("FAIL - %s: the program exited inside this test (the error is above)\n", g_test);
-    fflush(stdout);
-}
-
-// Waits for the op under test; a fault is reported against this test and
-// ends the program (the CUDA context is unusable after one).
-inline void sync_after(const char* op) {
-    cudaError_t err = cudaDeviceSynchronize();
-    if (err == cudaSuccess) err = cudaGetLastError();
-    if (err != cudaSuccess) {
-        printf("FAIL - %s: %s: %s\n", g_test, op, cudaGetErrorString(err));
-        g_in_test = false;
-        exit(1);
-    }
-}
-
-inline bool verbose() {
-    static const bool on = getenv("TRAIN_ET_TEST_VERBOSE") != nullptr;
-    return on;
-}
-
-inline double l2_norm(const std::vector<double>& v) {
-    double sum = 0;
-    for (double x : v) sum += x * x;
-    return std::sqrt(sum);
-}
-inline double l2_distance(const std::vector<double>& a, const std::vector<double>& b) {
-    double sum = 0;
-    for (size_t i = 0; i < a.size(); i++) sum += (a[i] - b[i]) * (a[i] - b[i]);
-    return std::sqrt(sum);
-}
-inline size_t count_nan(const std::vector<double>& v) {
-    size_t n = 0;
-    for (double x : v) n += std::isnan(x) ? 1 : 0;
-    return n;
-}
-
-// ||gpu - ref|| / ||scale|| (absolute when scale is all zero); NaN stays NaN.
-inline double relative_error(const std::vector<double>& gpu, const std::vector<double>& ref,
-                             const std::vector<double>& scale) {
-    double norm = l2_norm(scale), dist = l2_distance(gpu, ref);
-    return norm > 0 ? dist / norm : dist;
-}
-
-inline void check_error(Test& t, const std::string& what, double err, double tol) {
-    if (verbose()) printf("#   %s: %s: relative error %.3e (tolerance %.0e)\n", g_test, what.c_str(), err, tol);
-    CHECK(t, err < tol, "%s: relative error %.3e, tolerance %.0e", what.c_str(), err, tol);
-}
-
-// An output the op overwrites: every element written (no poison NaN left)
-// and close to the reference.
-inline void check_close(Test& t, const std::string& what, const std::vector<double>& gpu,
-                        const std::vector<double>& ref, double tol) {
-    if (gpu.size() != ref.size()) {
-        CHECK(t, false, "%s: %zu values, the reference has %zu", what.c_str(), gpu.size(), ref.size());
-        return;
-    }
-    size_t nan = count_nan(gpu);
-    CHECK(t, nan == 0, "%s: %zu of %zu values NaN (never written, or computed as NaN)", what.c_str(), nan, gpu.size());
-    check_error(t, what, relative_error(gpu, ref, ref), tol);
-}
-
-// An output the op accumulates into: it started as `start`, the reference
-// says the op adds `contribution`.
-inline void check_accumulated(Test& t, const std::string& what, const std::vector<double>& gpu,
-                              const std::vector<double>& start, const std::vector<double>& contribution, double tol) {
-    std::vector<double> ref(start.size());
-    for (size_t i = 0; i < ref.size(); i++) ref[i] = start[i] + contribution[i];
-    size_t nan = count_nan(gpu);
-    CHECK(t, nan == 0, "%s: %zu of %zu values NaN", what.c_str(), nan, gpu.size());
-    check_error(t, what + " (error relative to the contribution)", relative_error(gpu, ref, contribution), tol);
 }
 
 // Columns [c0, c1) of a row-major matrix `width` wide.
@@ -235,8 +75,6 @@ inline std::vector<double> columns(const std::vector<double>& m, int width, int 
         for (int c = c0; c < c1; c++) out.push_back(m[r * width + c]);
     return out;
 }
-
-static cublasHandle_t g_cublas = nullptr;
 
 // ----------------------------------------------------------------------------
 // Embedding
@@ -929,45 +767,19 @@ static void test_model_step_gqa(Test& t) { check_model_step(t, 1); }
 // ----------------------------------------------------------------------------
 
 int main() {
-    GpuInfo gpu;
-    if (!gpu_open(0, &gpu).empty()) {
-        printf("skip - gpu_model: no CUDA device\n");
-        return 0;
-    }
-    if (verbose()) printf("# %s, %s build\n", gpu.prop.name, PRECISION_NAME);
-    cublasCheck(cublasCreate(&g_cublas));
-    cublasCheck(cublasSetMathMode(g_cublas, CUBLAS_DEFAULT_MATH));  // as the model: no TF32 in the FP32 build
-
-    const std::vector<TestCase> tests = {
-        {TEST_NAME("embedding_forward"), test_embedding_forward},
-        {TEST_NAME("embedding_backward"), test_embedding_backward},
-        {TEST_NAME("rmsnorm_forward"), test_rmsnorm_forward},
-        {TEST_NAME("rmsnorm_backward"), test_rmsnorm_backward},
-        {TEST_NAME("matmul_forward"), test_matmul_forward},
-        {TEST_NAME("matmul_backward"), test_matmul_backward},
-        {TEST_NAME("rope_qknorm_forward"), test_rope_qknorm_forward},
-        {TEST_NAME("rope_qknorm_backward"), test_rope_qknorm_backward},
-        {TEST_NAME("attention_forward"), test_attention_forward},
-        {TEST_NAME("attention_backward"), test_attention_backward},
-        {TEST_NAME("relu2_forward"), test_relu2_forward},
-        {TEST_NAME("relu2_backward"), test_relu2_backward},
-        {TEST_NAME("residual_forward"), test_residual_forward},
-        {TEST_NAME("softcap_cross_entropy"), test_softcap_cross_entropy},
-        {TEST_NAME("loss_sum"), test_loss_sum},
-        {TEST_NAME("grad_norm"), test_grad_norm},
-        {TEST_NAME("adamw_update"), test_adamw_update},
-        {TEST_NAME("copy_to_floatX"), test_copy_to_floatX},
-        {TEST_NAME("model_step"), test_model_step},
-        {TEST_NAME("model_step_gqa"), test_model_step_gqa},
-    };
-    atexit(name_test_on_exit);
-    int failed = 0;
-    for (const TestCase& tc : tests) {  // one at a time, so a fault names its test
-        g_test = tc.name;
-        g_in_test = true;
-        failed |= run_tests({tc});
-        g_in_test = false;
-    }
-    cublasCheck(cublasDestroy(g_cublas));
-    return failed;
+    return run_gpu_tests("gpu_model", {
+        GPU_TEST(embedding_forward), GPU_TEST(embedding_backward),
+        GPU_TEST(rmsnorm_forward), GPU_TEST(rmsnorm_backward),
+        GPU_TEST(matmul_forward), GPU_TEST(matmul_backward),
+        GPU_TEST(rope_qknorm_forward), GPU_TEST(rope_qknorm_backward),
+        GPU_TEST(attention_forward), GPU_TEST(attention_backward),
+        GPU_TEST(relu2_forward), GPU_TEST(relu2_backward),
+        GPU_TEST(residual_forward),
+        GPU_TEST(softcap_cross_entropy),
+        GPU_TEST(loss_sum),
+        GPU_TEST(grad_norm),
+        GPU_TEST(adamw_update),
+        GPU_TEST(copy_to_floatX),
+        GPU_TEST(model_step), GPU_TEST(model_step_gqa),
+    });
 }
