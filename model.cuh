@@ -800,10 +800,21 @@ inline void copy_to_floatX(floatX* out, const float* inp, size_t n) {
 }
 
 // cudaMalloc that also counts the bytes (for the start-up memory report).
+// Running out of memory is a setting too large for this GPU, so it says
+// which settings to lower rather than only that cudaMalloc failed.
 template <typename T>
 static T* device_alloc(size_t count, size_t* total) {
     T* p = nullptr;
-    cudaCheck(cudaMalloc(&p, count * sizeof(T)));
+    cudaError_t err = cudaMalloc(&p, count * sizeof(T));
+    if (err == cudaErrorMemoryAllocation) {
+        size_t free = 0, capacity = 0;
+        cudaCheck(cudaMemGetInfo(&free, &capacity));
+        fail("out of GPU memory: %.2f GiB more wanted, %.2f of %.2f GiB free. Use a smaller micro-batch (-b) or "
+             "model (-m); an MoE model's routing buffers grow with -b x -t x -e, most for ET without its capacity "
+             "clamp (-ec < 0), which can send every token to every expert",
+             count * sizeof(T) / 1073741824.0, free / 1073741824.0, capacity / 1073741824.0);
+    }
+    cudaCheck(err);
     *total += count * sizeof(T);
     return p;
 }

@@ -368,7 +368,11 @@ struct SlotRows {  // m[s][j]
 };
 
 static const int EXPERT_BN = 64, EXPERT_BK = 32, EXPERT_THREADS = 256;
-static const int TILE_LD = 72;  // row stride of the staged tiles: 64 + 8 (wmma wants 16-byte multiples)
+static const int TILE_LD = 72;  // row stride of the staged tiles: 64 + 8
+static_assert(EXPERT_TILE == 64 && EXPERT_BN == 64 && EXPERT_BK % 16 == 0 && EXPERT_THREADS == 256,
+              "TileAccumulator's layout: a 64 x 64 tile, 8 warps (or 16 x 16 threads), k in steps of 16");
+static_assert(TILE_LD % 8 == 0 && 16 * TILE_LD * sizeof(floatX) % 32 == 0 && 16 * TILE_LD * sizeof(float) % 32 == 0,
+              "wmma: ldm a multiple of 8 elements, and 16-row steps that keep fragments 32-byte aligned");
 
 // The product of two staged 64-wide panels, accumulated over the K steps:
 // acc (64 x 64) += left^T right, with left and right (EXPERT_BK, TILE_LD)
