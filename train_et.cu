@@ -775,6 +775,10 @@ int main(int argc, char** argv) {
     printf("memory   %.2f GiB on the GPU: weights, gradients and AdamW state %.2f GiB, activations%s %.2f GiB\n",
            bytes / 1073741824.0, (bytes - model.acts.bytes) / 1073741824.0,
            config.n_experts > 0 ? " and routing buffers" : "", model.acts.bytes / 1073741824.0);
+    if (config.n_experts > 0)
+        printf("routing  room for %d (token, expert) pairs per MoE layer and micro-batch in training, %d in "
+               "evaluation (the most the routers can pick: no sync, no drops)\n",
+               model.router.train[0].capacity, model.router.eval.capacity);
     int val_batches = data.val ? (int)std::min<size_t>(o.val_batches, val_loader.batches_per_epoch()) : 0;
     BatchFeeder feeder;
     feeder.allocate((size_t)o.batch * o.seq_len);
