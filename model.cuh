@@ -264,6 +264,17 @@ __device__ void load_tile(float* dst, const floatX* src, size_t src_stride, int 
     load_rows(dst, ATT_TILE, hd + 1, src, src_stride, row0, rows, hd);
 }
 
+// The keys and values of positions j0 .. j0 + ATT_TILE - 1 of KV head g, once
+// every warp is done with the previous tile; visible to all warps on return.
+// base is one sequence's qkv rows, `stride` apart.
+__device__ void load_kv_tiles(float* k_tile, float* v_tile, const floatX* base, size_t stride, int H, int KVH, int g,
+                              int j0, int T, int hd) {
+    __syncthreads();
+    load_tile(k_tile, base + (size_t)(H + g) * hd, stride, j0, T, hd);
+    load_tile(v_tile, base + (size_t)(H + KVH + g) * hd, stride, j0, T, hd);
+    __syncthreads();
+}
+
 __global__ void attention_forward_kernel(floatX* out, float* lse, const floatX* qkv, int T, int H, int KVH, int hd) {
     extern __shared__ float smem[];
     float* k_tile = smem;
@@ -281,10 +292,7 @@ __global__ void attention_forward_kernel(floatX* out, float* lse, const floatX* 
     for (int r = 0; r < ATT_MAX_DIMS_PER_LANE; r++) o[r] = 0.0f;
     int last_row = min(row0 + ATT_ROWS, T) - 1;
     for (int j0 = 0; j0 <= last_row; j0 += ATT_TILE) {
-        __syncthreads();
-        load_tile(k_tile, base + (size_t)(H + g) * hd, stride, j0, T, hd);
-        load_tile(v_tile, base + (size_t)(H + KVH + g) * hd, stride, j0, T, hd);
-        __syncthreads();
+        load_kv_tiles(k_tile, v_tile, base, stride, H, KVH, g, j0, T, hd);
         if (i >= T || j0 > i) continue;
         int j = j0 + lane;
         float s = -INFINITY;
@@ -359,10 +367,7 @@ __global__ void attention_backward_dq_kernel(floatX* dqkv, const floatX* dout, c
     for (int r = 0; r < ATT_MAX_DIMS_PER_LANE; r++) dq[r] = 0.0f;
     int last_row = min(row0 + ATT_ROWS, T) - 1;
     for (int j0 = 0; j0 <= last_row; j0 += ATT_TILE) {
-        __syncthreads();
-        load_tile(k_tile, base + (size_t)(H + g) * hd, stride, j0, T, hd);
-        load_tile(v_tile, base + (size_t)(H + KVH + g) * hd, stride, j0, T, hd);
-        __syncthreads();
+        load_kv_tiles(k_tile, v_tile, base, stride, H, KVH, g, j0, T, hd);
         if (i >= T || j0 > i) continue;
         int j = j0 + lane;
         float ds = 0.0f;

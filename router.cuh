@@ -778,8 +778,8 @@ inline void router_allocate(Router* r, const ModelConfig& c, int B, int T) {
         if (c.is_moe_layer(l)) r->layers.push_back(l);
     const int64_t N = (int64_t)B * T, E = r->E, C = r->C, L = (int64_t)r->layers.size();
     // the training capacity: the most pairs any training pass can route
-    int64_t capacity = routed_pairs_bound(*r, RoutingPass::Train, Routing::Choice, B, T);
-    if (r->config.kind == RouterKind::TC) capacity = routed_pairs_bound(*r, RoutingPass::Train, Routing::TopK, B, T);
+    const Routing first = r->config.kind == RouterKind::TC ? Routing::TopK : Routing::Choice;  // EC, ET's warm-up
+    int64_t capacity = routed_pairs_bound(*r, RoutingPass::Train, first, B, T);
     if (r->config.kind == RouterKind::ET)
         capacity = std::max(capacity, routed_pairs_bound(*r, RoutingPass::Train, Routing::Threshold, B, T));
     size_t bytes = 0;
