@@ -3,6 +3,7 @@
 #   make train_et              the trainer (nvcc; builds without a GPU)
 #   make test                  every test this machine can run, then "N passed, N failed, N skipped"
 #   make bench                 time the d12 training step, dense and MoE (ET, EC, TC), on this GPU (dev/bench.sh)
+#   make test-emu              only the GPU and training tests, on the emulated device (test/emu)
 #   make clean
 #
 # Switches:
@@ -48,7 +49,7 @@ CXX_FLAGS := -O2 -std=c++17 -Wall -Wextra -Werror -ffp-contract=off
 HEADERS := $(wildcard *.h *.cuh data/*.h)
 BUILD_FLAGS := $(NVCC_FLAGS) $(PRECISION_FLAGS) $(NCCL_FLAGS)
 
-.PHONY: all test bench clean FORCE
+.PHONY: all test test-emu bench clean FORCE
 all: train_et
 
 # Rebuild when the switches change, not only when sources do.
@@ -81,8 +82,64 @@ build/test_%: test/test_%.cpp $(HEADERS) $(wildcard test/*.h)
 	@mkdir -p build
 	$(CXX) $(CXX_FLAGS) $< -o $@
 
+# ----------------------------------------------------------------------------
+# The emulated device (README: "The emulated device"): the same CUDA sources,
+# rewritten by test/emu/rewrite.py and compiled by g++ to run on the CPU.
+#   build/emu/<variant>/gpu_test_<name>.bf16 | .fp32    a GPU test program
+#   build/emu/<variant>/<program>                       train_et, bench_step, selftest, dry_run (BF16)
+# variant: plain (-O2); asan (AddressSanitizer + UndefinedBehaviorSanitizer);
+# tsan (ThreadSanitizer, every emulated GPU thread a fiber of its own: slow,
+# for one suspect program, e.g. make build/emu/tsan/gpu_test_moe.bf16).
+
+EMU_SOURCES := $(sort $(wildcard *.cu *.cuh *.h data/*.h test/*.h test/*.cu dev/*.cu test/emu/*.cu))
+EMU_SRC := build/emu/src
+EMU_HEADERS := $(wildcard test/emu/*.h test/emu/include/*.h test/emu/include/cub/*.cuh)
+EMU_RUNTIME := $(patsubst test/emu/%.cpp,%,$(wildcard test/emu/*.cpp))
+EMU_CXX_FLAGS := -std=c++17 -Wall -Wextra -Wno-unknown-pragmas -ffp-contract=off -Itest/emu/include \
+                 -I$(CUDA_HOME)/include
+EMU_FLAGS_plain := -O2
+EMU_FLAGS_asan := -O1 -g1 -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all
+EMU_FLAGS_tsan := -O1 -g1 -fsanitize=thread
+# the emulator's own code is not instrumented for ThreadSanitizer: it calls its fiber API instead
+EMU_RUNTIME_FLAGS_plain := $(EMU_FLAGS_plain)
+EMU_RUNTIME_FLAGS_asan := $(EMU_FLAGS_asan)
+EMU_RUNTIME_FLAGS_tsan := -O1 -g1 -DEMU_TSAN
+EMU_SOURCE_train_et := train_et.cu
+EMU_SOURCE_bench_step := dev/bench_step.cu
+EMU_SOURCE_selftest := test/emu/selftest.cu
+EMU_SOURCE_dry_run := test/emu/dry_run.cu
+
+# Every source rewritten at once (a launch may deduce a kernel template defined
+# in another file); rewrite.py writes only the files whose output changed.
+$(EMU_SRC)/.stamp: $(EMU_SOURCES) test/emu/rewrite.py
+	@mkdir -p $(EMU_SRC)
+	@python3 test/emu/rewrite.py $(EMU_SRC) $(EMU_SOURCES)
+	@touch $@
+
+# In these rules the stem $* is <variant>/<name>.
+.SECONDEXPANSION:
+.PRECIOUS: build/emu/%.o
+emu_variant = $(firstword $(subst /, ,$*))
+emu_objects = $(patsubst %,build/emu/$(1)/%.o,$(EMU_RUNTIME))
+emu_link = $(CXX) $(EMU_CXX_FLAGS) $(EMU_FLAGS_$(emu_variant)) -include test/emu/emu.h $(1) -x c++ $(2) -x none \
+           $(call emu_objects,$(emu_variant)) -o $@
+
+build/emu/%.o: test/emu/$$(notdir $$*).cpp $(EMU_HEADERS)
+	@mkdir -p $(dir $@)
+	$(CXX) $(EMU_CXX_FLAGS) $(EMU_RUNTIME_FLAGS_$(emu_variant)) -c $< -o $@
+build/emu/%.bf16: $(EMU_SRC)/.stamp $$(call emu_objects,$$(firstword $$(subst /, ,$$*))) $(EMU_HEADERS)
+	$(call emu_link,-DENABLE_BF16,$(EMU_SRC)/test/$(notdir $*).cu)
+build/emu/%.fp32: $(EMU_SRC)/.stamp $$(call emu_objects,$$(firstword $$(subst /, ,$$*))) $(EMU_HEADERS)
+	$(call emu_link,-DENABLE_FP32,$(EMU_SRC)/test/$(notdir $*).cu)
+build/emu/%: $(EMU_SRC)/.stamp $$(call emu_objects,$$(firstword $$(subst /, ,$$*))) $(EMU_HEADERS)
+	$(if $(EMU_SOURCE_$(notdir $*)),,$(error $@: no such emulated program (train_et, bench_step, selftest, dry_run)))
+	$(call emu_link,-DENABLE_BF16,$(EMU_SRC)/$(EMU_SOURCE_$(notdir $*)))
+
 test:
 	@bash test/run_tests.sh
+
+test-emu:
+	@bash test/run_tests.sh emu
 
 bench:
 	@bash dev/bench.sh

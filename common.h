@@ -33,7 +33,7 @@
 inline std::string string_format(const char* fmt, ...) {
     va_list args;
     va_start(args, fmt);
-    char buf[1024];
+    char buf[4096];
     vsnprintf(buf, sizeof(buf), fmt, args);
     va_end(args);
     return buf;

@@ -74,13 +74,26 @@ inline double peak_bf16_flops(const cudaDeviceProp& p) {
     return 0;
 }
 
-// Selects GPU `local_rank`. Returns "" or why there is no usable device.
-inline std::string gpu_open(int local_rank, GpuInfo* gpu) {
-    int count = 0;
+// Selects GPU `local_rank`. Returns "" or why there is no usable device;
+// *no_device (when given) tells a machine without a GPU, "no CUDA device
+// (...)", from a GPU that CUDA cannot start (an old driver, say), which is
+// reported with the driver's and the runtime's CUDA versions.
+inline std::string gpu_open(int local_rank, GpuInfo* gpu, bool* no_device = nullptr) {
+    int count = 0, driver = 0, runtime = 0;
     cudaError_t err = cudaGetDeviceCount(&count);
-    if (err != cudaSuccess || count == 0)
+    cudaDriverGetVersion(&driver);  // 0: no NVIDIA driver installed at all
+    cudaRuntimeGetVersion(&runtime);
+    const bool none = err == cudaErrorNoDevice || (err == cudaErrorInsufficientDriver && driver == 0) ||
+                      (err == cudaSuccess && count == 0);
+    if (no_device) *no_device = none;
+    if (none)
         return std::string("no CUDA device (cudaGetDeviceCount: ") +
-               (err != cudaSuccess ? cudaGetErrorString(err) : "0 devices") + ")";
+               (err != cudaSuccess ? cudaGetErrorString(err) : "0 devices") + (driver == 0 ? ", no NVIDIA driver" : "") +
+               ")";
+    if (err != cudaSuccess)
+        return string_format("CUDA cannot start: cudaGetDeviceCount: %s (%s); the driver supports CUDA %d.%d, this "
+                             "program was built with CUDA %d.%d", cudaGetErrorName(err), cudaGetErrorString(err),
+                             driver / 1000, driver % 1000 / 10, runtime / 1000, runtime % 1000 / 10);
     if (local_rank >= count)
         return string_format("process %d needs GPU %d but only %d are visible", local_rank, local_rank, count);
     cudaCheck(cudaSetDevice(local_rank));
@@ -621,6 +634,9 @@ inline void embedding_forward(floatX* out, const int* tokens, const floatX* wte,
     launchCheck();
 }
 
+template <typename T>
+static T* device_alloc(size_t count, size_t* total);
+
 // Scratch for the embedding backward's sort, sized once for N tokens.
 struct EmbeddingSortScratch {
     int *positions = nullptr, *sorted_tokens = nullptr, *sorted_positions = nullptr;
@@ -628,19 +644,22 @@ struct EmbeddingSortScratch {
     size_t cub_bytes = 0;
     int N = 0, vocab_bits = 0;
 
-    void allocate(int n_tokens, int vocab_size) {
+    // Returns the device bytes it took.
+    size_t allocate(int n_tokens, int vocab_size) {
         N = n_tokens;
         vocab_bits = 1;
         while ((1 << vocab_bits) < vocab_size) vocab_bits++;
         std::vector<int> iota(N);
         for (int i = 0; i < N; i++) iota[i] = i;
-        cudaCheck(cudaMalloc(&positions, N * sizeof(int)));
-        cudaCheck(cudaMalloc(&sorted_tokens, N * sizeof(int)));
-        cudaCheck(cudaMalloc(&sorted_positions, N * sizeof(int)));
+        size_t bytes = 0;
+        positions = device_alloc<int>(N, &bytes);
+        sorted_tokens = device_alloc<int>(N, &bytes);
+        sorted_positions = device_alloc<int>(N, &bytes);
         cudaCheck(cudaMemcpy(positions, iota.data(), N * sizeof(int), cudaMemcpyHostToDevice));
         cudaCheck(cub::DeviceRadixSort::SortPairs(nullptr, cub_bytes, (const int*)nullptr, (int*)nullptr,
                                                   (const int*)nullptr, (int*)nullptr, N, 0, vocab_bits));
-        cudaCheck(cudaMalloc(&cub_temp, cub_bytes));
+        cub_temp = device_alloc<char>(cub_bytes, &bytes);
+        return bytes;
     }
     void release() {
         cudaCheck(cudaFree(positions));
@@ -692,7 +711,8 @@ inline void matmul_backward(cublasHandle_t cublas, floatX* dinp, float* dweight,
 // the host once, so the kernels only look them up.
 struct RopeTables {
     float *cos = nullptr, *sin = nullptr;
-    void allocate(int T, int hd) {
+    // Returns the device bytes it took.
+    size_t allocate(int T, int hd) {
         int half = hd / 2;
         std::vector<float> c((size_t)T * half), s((size_t)T * half);
         for (int t = 0; t < T; t++)
@@ -701,10 +721,12 @@ struct RopeTables {
                 c[(size_t)t * half + i] = (float)std::cos(angle);
                 s[(size_t)t * half + i] = (float)std::sin(angle);
             }
-        cudaCheck(cudaMalloc(&cos, c.size() * sizeof(float)));
-        cudaCheck(cudaMalloc(&sin, s.size() * sizeof(float)));
+        size_t bytes = 0;
+        cos = device_alloc<float>(c.size(), &bytes);
+        sin = device_alloc<float>(s.size(), &bytes);
         cudaCheck(cudaMemcpy(cos, c.data(), c.size() * sizeof(float), cudaMemcpyHostToDevice));
         cudaCheck(cudaMemcpy(sin, s.data(), s.size() * sizeof(float), cudaMemcpyHostToDevice));
+        return bytes;
     }
     void release() {
         cudaCheck(cudaFree(cos));
@@ -853,7 +875,31 @@ struct Activations {
     // backward (narrow: N x C, wide: N x max(4C, qkv width))
     floatX *dresidual = nullptr, *scratch_wide = nullptr, *scratch_narrow = nullptr, *ffn_act = nullptr;
     float* att_delta = nullptr;
-    size_t bytes = 0;
+};
+
+// The device memory a model takes, by part: every byte model_allocate
+// allocates is in one of them. train_et prints it at start-up; the dry run
+// (test/emu) checks it against what the emulated device saw allocated.
+struct MemoryPlan {
+    size_t weights = 0;      // the floatX copy the matmuls read (none in the FP32 build: the master weights serve)
+    size_t master = 0;       // fp32 master weights
+    size_t gradients = 0;    // fp32
+    size_t adam = 0;         // both AdamW moments, fp32
+    size_t activations = 0;  // what one micro-batch keeps for its backward, and the scratch buffers
+    size_t routing = 0;      // the MoE layers' routing buffers and state (router.cuh)
+    size_t other = 0;        // RoPE tables, the embedding sort's scratch, the step's scalars
+
+    size_t total() const { return weights + master + gradients + adam + activations + routing + other; }
+    std::string describe() const {
+        const double GiB = 1073741824.0;
+        std::string out = string_format("%.2f GiB on the GPU: parameters %.2f (", total() / GiB,
+                                        (weights + master + gradients + adam) / GiB);
+        if (weights) out += string_format("weights %.2f, ", weights / GiB);
+        out += string_format("fp32 master %.2f, gradients %.2f, AdamW %.2f), activations %.2f", master / GiB,
+                             gradients / GiB, adam / GiB, activations / GiB);
+        if (routing) out += string_format(", routing buffers %.2f", routing / GiB);
+        return out + string_format(", other %.3f", other / GiB);
+    }
 };
 
 struct Model {
@@ -867,6 +913,7 @@ struct Model {
     RopeTables rope;
     EmbeddingSortScratch embedding_sort;
     Router router;  // the MoE layers' routing buffers and state (empty for a dense model)
+    MemoryPlan memory;
     cublasHandle_t cublas = nullptr;
     // step scalars on the device: read by the host only at logging steps
     float *loss_total = nullptr, *grad_norm_value = nullptr, *clip_scale = nullptr, *norm_partial = nullptr;
@@ -881,7 +928,7 @@ struct Model {
 };
 
 // Allocates everything a training run needs for micro-batches of B x T,
-// once. Returns the bytes allocated.
+// once. Returns the bytes allocated (model->memory has them by part).
 inline size_t model_allocate(Model* model, int B, int T) {
     const ModelConfig& c = model->config;
     model->tensors = parameter_tensors(c);
@@ -891,15 +938,17 @@ inline size_t model_allocate(Model* model, int B, int T) {
         model->offsets.push_back(model->num_params);
         model->num_params += (size_t)t.numel();
     }
-    size_t total = 0, n = model->num_params;
-    model->master = device_alloc<float>(n, &total);
-    model->grads = device_alloc<float>(n, &total);
-    model->adam_m = device_alloc<float>(n, &total);
-    model->adam_v = device_alloc<float>(n, &total);
+    MemoryPlan& plan = model->memory;
+    plan = MemoryPlan{};
+    const size_t n = model->num_params;
+    model->master = device_alloc<float>(n, &plan.master);
+    model->grads = device_alloc<float>(n, &plan.gradients);
+    model->adam_m = device_alloc<float>(n, &plan.adam);
+    model->adam_v = device_alloc<float>(n, &plan.adam);
 #ifdef ENABLE_FP32
     model->params = model->master;
 #else
-    model->params = device_alloc<floatX>(n, &total);
+    model->params = device_alloc<floatX>(n, &plan.weights);
 #endif
     cudaCheck(cudaMemset(model->adam_m, 0, n * sizeof(float)));
     cudaCheck(cudaMemset(model->adam_v, 0, n * sizeof(float)));
@@ -910,7 +959,7 @@ inline size_t model_allocate(Model* model, int B, int T) {
     const size_t qkv_width = (size_t)(c.n_head + 2 * c.n_kv_head) * c.head_dim(), ffn = 4 * C;
     a.B = B;
     a.T = T;
-    size_t bytes = 0;
+    size_t& bytes = plan.activations;
     a.tokens = device_alloc<int>(N, &bytes);
     a.targets = device_alloc<int>(N, &bytes);
     a.x0 = device_alloc<floatX>(N * C, &bytes);
@@ -939,24 +988,21 @@ inline size_t model_allocate(Model* model, int B, int T) {
     a.att_delta = device_alloc<float>(N * c.n_head, &bytes);
     if (c.n_experts > 0) {
         router_allocate(&model->router, c, B, T);
-        bytes += model->router.bytes;
+        plan.routing = model->router.bytes;
     }
-    a.bytes = bytes;
-    total += bytes;
-
-    model->rope.allocate(T, c.head_dim());
-    model->embedding_sort.allocate((int)N, c.vocab_size);
-    model->loss_total = device_alloc<float>(1, &total);
-    model->grad_norm_value = device_alloc<float>(1, &total);
-    model->clip_scale = device_alloc<float>(1, &total);
-    model->norm_partial = device_alloc<float>(NORM_BLOCKS, &total);
+    plan.other += model->rope.allocate(T, c.head_dim());
+    plan.other += model->embedding_sort.allocate((int)N, c.vocab_size);
+    model->loss_total = device_alloc<float>(1, &plan.other);
+    model->grad_norm_value = device_alloc<float>(1, &plan.other);
+    model->clip_scale = device_alloc<float>(1, &plan.other);
+    model->norm_partial = device_alloc<float>(NORM_BLOCKS, &plan.other);
     cublasCheck(cublasCreate(&model->cublas));
     cublasCheck(cublasSetMathMode(model->cublas, CUBLAS_DEFAULT_MATH));  // no TF32 in the FP32 build
     if (c.head_dim() % 2 != 0 || c.head_dim() > ATT_MAX_DIMS_PER_LANE * WARP)
         fail("head dim %d: the attention kernels need an even head dim <= %d", c.head_dim(),
              ATT_MAX_DIMS_PER_LANE * WARP);
     attention_setup();
-    return total;
+    return plan.total();
 }
 
 // SPEC init (model_config.h gives each tensor its std), drawn on the host

@@ -762,19 +762,19 @@ int main(int argc, char** argv) {
     if (o.resume && !has_checkpoints) fail("-y 1: no checkpoint (ckpt_*.bin) in %s to resume from", o.out_dir.c_str());
 
     GpuInfo gpu;
-    err = gpu_open(rank, &gpu);
-    if (!err.empty())
+    bool no_device = false;
+    err = gpu_open(rank, &gpu, &no_device);
+    if (!err.empty() && no_device)
         fail("%s: train_et trains on an NVIDIA GPU; this machine has none (the CPU tests run with 'make test')",
              err.c_str());
+    if (!err.empty()) fail("%s", err.c_str());
     printf("gpu      %s, %d SMs, %.0f GiB, compute capability %d.%d, peak bf16 %.0f TFLOP/s\n", gpu.prop.name,
            gpu.prop.multiProcessorCount, gpu.prop.totalGlobalMem / 1073741824.0, gpu.prop.major, gpu.prop.minor,
            gpu.peak_bf16_flops / 1e12);
     Model model;
     model.config = config;
-    size_t bytes = model_allocate(&model, o.batch, o.seq_len);
-    printf("memory   %.2f GiB on the GPU: weights, gradients and AdamW state %.2f GiB, activations%s %.2f GiB\n",
-           bytes / 1073741824.0, (bytes - model.acts.bytes) / 1073741824.0,
-           config.n_experts > 0 ? " and routing buffers" : "", model.acts.bytes / 1073741824.0);
+    model_allocate(&model, o.batch, o.seq_len);
+    printf("memory   %s\n", model.memory.describe().c_str());
     if (config.n_experts > 0)
         printf("routing  room for %d (token, expert) pairs per MoE layer and micro-batch in training, %d in "
                "evaluation (the most the routers can pick: no sync, no drops)\n",

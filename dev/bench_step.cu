@@ -24,7 +24,7 @@
 //     measured micro-step shows what the split misses (gaps between launches).
 //   - attention: achieved TFLOP/s (forward 4*B*H*(T(T+1)/2)*hd FLOPs per
 //     layer, backward 2.5x that), against the time the same FLOPs take at
-//     the cuBLAS bf16 rate measured here on one 8192^3 product of random
+//     the cuBLAS bf16 rate measured here on one 8192^3 product (-g) of random
 //     data; the SPEC target is attention within 2x of that.
 //   - MoE: the routers run as in training after warm-up: ET's EC warm-up is
 //     one step, so the timed steps route by the tracked thresholds (with the
@@ -52,7 +52,6 @@ static const int TOTAL_BATCH = 524288;  // train_et's -d default: tokens per opt
 static const float LR = 1e-5f;          // small: the repeated updates must keep the weights sane
 static const float WEIGHT_DECAY = 0.1f, GRAD_CLIP = 1.0f;  // train_et's defaults
 static const int WARMUP_STEPS = 2;
-static const int GEMM_SIZE = 8192;      // the cuBLAS rate probe: M = N = K
 static const int GEMM_WARMUP = 3;       // cuBLAS picks and loads its kernel on the first calls
 static const uint64_t SEED = 1337;
 
@@ -62,16 +61,18 @@ static const uint64_t SEED = 1337;
 struct Options {
     std::string model = "d12";
     int batch = 16, seq_len = 2048, repeats = 20, experts = 0, router = (int)RouterKind::ET;
+    int gemm_size = 8192;  // the cuBLAS rate probe: M = N = K
 };
 
 static const char* USAGE =
-    "usage: bench_step [-m preset] [-b batch] [-t seq_len] [-r repeats] [-e experts] [-rt tc|ec|et]\n"
+    "usage: bench_step [-m preset] [-b batch] [-t seq_len] [-r repeats] [-e experts] [-rt tc|ec|et] [-g size]\n"
     "  -m  model preset (default d12; tiny, or dN with N even)\n"
     "  -b  sequences per micro-step (default 16)\n"
     "  -t  sequence length (default 2048)\n"
     "  -r  timed runs per measurement; each number is their median (default 20)\n"
     "  -e  routed experts per MoE layer (default 0: the dense model)\n"
-    "  -rt router of the MoE layers: tc, ec or et (default et)\n";
+    "  -rt router of the MoE layers: tc, ec or et (default et)\n"
+    "  -g  size of the cuBLAS rate probe, a g x g x g product (default 8192)\n";
 
 static int int_flag(const char* flag, const char* text, int lo, int hi) {
     char* end = nullptr;
@@ -90,7 +91,7 @@ static Options parse_flags(int argc, char** argv) {
             fputs(USAGE, stdout);
             exit(0);
         }
-        if (f != "-m" && f != "-b" && f != "-t" && f != "-r" && f != "-e" && f != "-rt")
+        if (f != "-m" && f != "-b" && f != "-t" && f != "-r" && f != "-e" && f != "-rt" && f != "-g")
             fail("unknown flag '%s'\n%s", argv[i], USAGE);
         if (i + 1 >= argc) fail("%s: missing value\n%s", argv[i], USAGE);
         const char* v = argv[++i];
@@ -98,6 +99,7 @@ static Options parse_flags(int argc, char** argv) {
         if (f == "-b") o.batch = int_flag("-b", v, 1, 65535);
         if (f == "-t") o.seq_len = int_flag("-t", v, 8, 65536);  // train_et's ranges
         if (f == "-r") o.repeats = int_flag("-r", v, 1, 100000);
+        if (f == "-g") o.gemm_size = int_flag("-g", v, 16, 65536);
         if (f == "-e") o.experts = int_flag("-e", v, 0, 1024);
         if (f == "-rt") {
             std::string r = v;
@@ -476,7 +478,8 @@ int main(int argc, char** argv) {
 
     // The cuBLAS bf16 ceiling on this GPU, measured: the attention target
     // and the matmul phases are read against it.
-    const size_t gemm_n = (size_t)GEMM_SIZE * GEMM_SIZE;
+    const int G = o.gemm_size;
+    const size_t gemm_n = (size_t)G * G;
     floatX *gemm_a = nullptr, *gemm_b = nullptr, *gemm_out = nullptr;
     cudaCheck(cudaMalloc(&gemm_a, gemm_n * sizeof(floatX)));
     cudaCheck(cudaMalloc(&gemm_b, gemm_n * sizeof(floatX)));
@@ -484,10 +487,10 @@ int main(int argc, char** argv) {
     fill_normal(gemm_a, gemm_n, SEED + 201, 1.0f);
     fill_normal(gemm_b, gemm_n, SEED + 202, 1.0f);
     Timing t_gemm = timer.time(
-        [&] { matmul_forward(cublas, gemm_out, gemm_a, gemm_b, GEMM_SIZE, GEMM_SIZE, GEMM_SIZE); }, nullptr,
+        [&] { matmul_forward(cublas, gemm_out, gemm_a, gemm_b, G, G, G); }, nullptr,
         GEMM_WARMUP);
-    print_timing("cuBLAS 8192^3 matmul_forward", t_gemm, o.repeats);
-    const double gemm_rate = 2.0 * GEMM_SIZE * (double)GEMM_SIZE * GEMM_SIZE / (t_gemm.median * 1e-3);
+    print_timing(string_format("cuBLAS %d^3 matmul_forward", G).c_str(), t_gemm, o.repeats);
+    const double gemm_rate = 2.0 * G * (double)G * G / (t_gemm.median * 1e-3);
     cudaCheck(cudaFree(gemm_a));
     cudaCheck(cudaFree(gemm_b));
     cudaCheck(cudaFree(gemm_out));
@@ -536,7 +539,7 @@ int main(int argc, char** argv) {
     // phases[0] and [1]: attention forward and backward (pushed first).
     const double att_ms = phases[0].t.median + phases[1].t.median, att_flops = 3.5 * att_fwd_flops;
     const double att_bound_ms = att_flops / gemm_rate * 1e3;
-    printf("cuBLAS bf16       %.1f TFLOP/s (8192^3, random data)\n", gemm_rate / 1e12);
+    printf("cuBLAS bf16       %.1f TFLOP/s (%d^3, random data)\n", gemm_rate / 1e12, G);
     printf("attention         fwd+bwd %.3f ms at %.1f TFLOP/s; the same FLOPs at the cuBLAS rate: %.3f ms; "
            "ratio %.2fx (SPEC target <= 2x)\n",
            att_ms, att_flops / (att_ms * 1e-3) / 1e12, att_bound_ms, att_ms / att_bound_ms);

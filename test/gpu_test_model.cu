@@ -23,8 +23,9 @@
 // micro-batch, and one model_update (global-norm clipping + AdamW) against the
 // reference update on the same gradients.
 //
-// Build: make build/gpu_test_model.bf16 build/gpu_test_model.fp32. Without a
-// CUDA device it prints one skip line and exits 0.
+// Build: make build/gpu_test_model.bf16 build/gpu_test_model.fp32 for a GPU, where a
+// CUDA that cannot start fails the program; make build/emu/plain/gpu_test_model.bf16
+// (and .fp32, and the asan variant) for the emulated device (test/emu).
 // TRAIN_ET_TEST_VERBOSE=1 also prints every measured error (lines starting "#").
 #include "../model.cuh"
 

@@ -48,8 +48,9 @@
 // about 3x, while a real bug (a wrong slot, a missing gate, an expert
 // dropped) makes the error O(1).
 //
-// Build: make build/gpu_test_moe.bf16 build/gpu_test_moe.fp32. Without a
-// CUDA device it prints one skip line and exits 0.
+// Build: make build/gpu_test_moe.bf16 build/gpu_test_moe.fp32 for a GPU, where a
+// CUDA that cannot start fails the program; make build/emu/plain/gpu_test_moe.bf16
+// (and .fp32, and the asan variant) for the emulated device (test/emu).
 // TRAIN_ET_TEST_VERBOSE=1 also prints every measured error (lines starting "#").
 #include "../model.cuh"
 

@@ -1,23 +1,36 @@
-"""test/gpu_test_train.py: whole training runs of train_et on a GPU.
+"""test/gpu_test_train.py: whole training runs of train_et on a GPU, or on the emulated device.
 
 A tiny dense model must overfit one batch, the same seed must give
 bit-identical losses twice, a resumed run must continue bit-exactly where
 the uninterrupted one went (dense, and ET across its warm-up switch), and a
 run on the synthetic corpus must learn, dense and with each router, with
 routing statistics that obey the router's rules.
-run_tests.sh runs this file only where a CUDA device exists.
+
+run_tests.sh runs it with ./train_et where a CUDA device exists, and else with
+TRAIN_ET_EMULATED=1: build/emu/plain/train_et on the emulated device (test/emu),
+which runs the same program about a million times slower, so at a quarter of
+the tokens per step and fewer steps; the assertions are the same. There the
+second run of the same seed also runs its threads in a random order: the
+losses must not change by a bit.
 """
 import json
 import os
 import random
+import re
 import struct
 import subprocess
 import tempfile
 
 from harness import REPO, main
 
-TRAIN_ET = os.path.join(REPO, "train_et")
-TINY = ["-m", "tiny", "-e", "0", "-b", "4", "-t", "64", "-d", "256", "-v", "0", "-s", "0", "-li", "1"]
+EMULATED = os.environ.get("TRAIN_ET_EMULATED") == "1"
+TRAIN_ET = os.path.join(REPO, "build/emu/plain/train_et" if EMULATED else "train_et")
+B, T = (2, 32) if EMULATED else (4, 64)
+TOKENS = B * T  # per step: one micro-batch
+OVERFIT_STEPS = 200 if EMULATED else 1000
+LEARN_STEPS = 150 if EMULATED else 300  # the synthetic-corpus runs
+VOCAB = 1024  # of the random shards: their tokenizer table says so
+TINY = ["-m", "tiny", "-e", "0", "-b", str(B), "-t", str(T), "-d", str(TOKENS), "-v", "0", "-s", "0", "-li", "1"]
 
 
 def write_shard(path, tokens):
@@ -26,8 +39,18 @@ def write_shard(path, tokens):
         f.write(struct.pack(f"<{len(tokens)}H", *tokens))
 
 
-def train(out_dir, *args):
-    r = subprocess.run([TRAIN_ET, *TINY, "-o", out_dir, *args], capture_output=True, text=True, timeout=600)
+def write_tokenizer_table(path, vocab):
+    """A gpt2_tokenizer.bin (magic 20240328, version 2, vocab, EOT) of `vocab` made-up tokens."""
+    with open(path, "wb") as f:
+        f.write(struct.pack("<256i", 20240328, 2, vocab, vocab - 1, *([0] * 252)))
+        for i in range(vocab):
+            text = f" t{i}".encode()
+            f.write(bytes([len(text)]) + text)
+
+
+def train(out_dir, *args, schedule=None):
+    env = dict(os.environ, EMU_SCHEDULE=schedule) if schedule else None
+    r = subprocess.run([TRAIN_ET, *TINY, "-o", out_dir, *args], capture_output=True, text=True, timeout=1200, env=env)
     assert r.returncode == 0, f"train_et {' '.join(args)} exited {r.returncode}: {r.stderr.strip()}"
     return r.stdout
 
@@ -48,26 +71,29 @@ def losses(out_dir):
     return {step: (rec["loss"], rec["grad_norm"]) for step, rec in records(out_dir).items()}
 
 
-def random_shard(directory, n_tokens, vocab=1000, seed=0):
+def random_shard(directory, n_tokens, seed=0):
+    """A train shard of random ids below 1000, with a tokenizer table of VOCAB beside it."""
     rng = random.Random(seed)
     path = os.path.join(directory, "train_000001.bin")
-    write_shard(path, [rng.randrange(vocab) for _ in range(n_tokens)])
+    write_shard(path, [rng.randrange(1000) for _ in range(n_tokens)])
+    write_tokenizer_table(os.path.join(directory, "gpt2_tokenizer.bin"), VOCAB)
     return path
 
 
 def test_tiny_model_overfits_one_batch():
     with tempfile.TemporaryDirectory() as d:
-        shard = random_shard(d, 4 * 64 + 1)  # exactly one batch: every step sees it
-        train(f"{d}/out", "-i", shard, "-x", "1000", "-l", "3e-3", "-u", "20", "-q", "0.1", "-c", "0", "-li", "100")
-        final = losses(f"{d}/out")[1000][0]
-        assert final < 0.1, f"loss after 1000 steps on one batch: {final}"
+        shard = random_shard(d, TOKENS + 1)  # exactly one batch: every step sees it
+        train(f"{d}/out", "-i", shard, "-x", str(OVERFIT_STEPS), "-l", "3e-3", "-u", "20", "-q", "0.1", "-c", "0",
+              "-li", "100")
+        final = losses(f"{d}/out")[OVERFIT_STEPS][0]
+        assert final < 0.1, f"loss after {OVERFIT_STEPS} steps on one batch: {final}"
 
 
 def test_same_seed_same_losses():
     with tempfile.TemporaryDirectory() as d:
         shard = random_shard(d, 50000)
         train(f"{d}/a", "-i", shard, "-x", "30")
-        train(f"{d}/b", "-i", shard, "-x", "30")
+        train(f"{d}/b", "-i", shard, "-x", "30", schedule="random:5" if EMULATED else None)
         a, b = losses(f"{d}/a"), losses(f"{d}/b")
         assert len(a) == 30 and a == b, "two runs with the same seed differ"
         train(f"{d}/c", "-i", shard, "-x", "30", "-sd", "7")
@@ -89,19 +115,21 @@ def test_resume_is_bit_exact():
 
 def test_synthetic_corpus_learns():
     with tempfile.TemporaryDirectory() as d:
-        out = train(f"{d}/out", "-i", "synthetic", "-sv", "2048", "-x", "300", "-l", "3e-3", "-v", "100",
+        out = train(f"{d}/out", "-i", "synthetic", "-sv", "2048", "-x", str(LEARN_STEPS), "-l", "3e-3", "-v", "100",
                     "-vm", "4", "-s", "100", "-g", "16")
         log = losses(f"{d}/out")
-        assert log[300][0] < log[1][0] - 2.0, f"loss {log[1][0]} -> {log[300][0]}"
+        assert log[LEARN_STEPS][0] < log[1][0] - 2.0, f"loss {log[1][0]} -> {log[LEARN_STEPS][0]}"
         assert "val loss" in out and "sample:" in out, out
+        assert re.search(r"^memory +[\d.]+ GiB on the GPU: parameters .*, activations [\d.]+", out, re.M), \
+            f"no memory plan in the start-up report: {out}"
         assert not any("moe" in rec for rec in records(f"{d}/out").values()), "a dense run logged routing"
 
 
 # The MoE runs: tiny has one MoE layer (layer 1); 4 experts and a pool of
-# one micro-batch of 4 x 64 = 256 tokens (one micro-step per step), so each
-# expert's target is k = 64 tokens, and ET's clamp (C = 0.5) keeps every
-# expert within [32, 96].
-MOE_STEPS, MOE_TOKENS, MOE_K = 300, 256, 64
+# one micro-batch of B x T tokens (one micro-step per step), so each
+# expert's target is k = B x T / 4 tokens, and ET's clamp (C = 0.5) keeps
+# every expert within [k/2, 3k/2].
+MOE_STEPS, MOE_TOKENS, MOE_K = LEARN_STEPS, TOKENS, TOKENS // 4
 
 
 def moe_run(d, router):

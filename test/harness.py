@@ -1,8 +1,9 @@
 """test/harness.py: the small test harness the Python tests share.
 
-Each test is a function named test_*; run_module() runs them in file order and
-prints one line each, "ok - name", "FAIL - name: reason" or "skip - name:
-reason", the lines test/run_tests.sh counts. A test skips by raising Skip
+Each test is a function named test_*; run_module() runs them in file order
+(or those named on the command line) and prints one line each, "ok - name",
+"FAIL - name: reason" or "skip - name: reason", the lines test/run_tests.sh
+counts. A test skips by raising Skip
 (only for missing optional data or tools, never to hide a failure), and
 fails on any exception: a failed assert or an error alike.
 """
@@ -30,11 +31,17 @@ def shared_file(name):
     return path
 
 
-def run_module(namespace):
-    """Runs every test_* function of a module's namespace; returns the exit code."""
+def run_module(namespace, only=()):
+    """Runs the test_* functions of a module's namespace (those named in `only`, if any); returns the exit code."""
+    tests = [name for name, fn in namespace.items() if name.startswith("test_") and callable(fn)]
+    unknown = [name for name in only if name not in tests]
+    if unknown:
+        print(f"FAIL - {' '.join(unknown)}: no such test (there are: {' '.join(tests)})", flush=True)
+        return 1
     failed = 0
-    for name, fn in list(namespace.items()):
-        if not (name.startswith("test_") and callable(fn)):
+    for name in tests:
+        fn = namespace[name]
+        if only and name not in only:
             continue
         try:
             fn()
@@ -51,4 +58,5 @@ def run_module(namespace):
 
 
 def main(namespace):
-    sys.exit(run_module(namespace))
+    """python3 test/x.py [test_name ...]: every test of the module, or the named ones."""
+    sys.exit(run_module(namespace, sys.argv[1:]))

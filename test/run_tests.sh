@@ -1,35 +1,58 @@
 #!/usr/bin/env bash
-# test/run_tests.sh: what `make test` runs. Builds and runs every test this
-# machine can run, counts the "ok / FAIL / skip" lines the test programs
-# print, and ends with one line "N passed, N failed, N skipped".
+# test/run_tests.sh: what `make test` runs; with the argument "emu", what
+# `make test-emu` runs (the emulated GPU and training tests alone).
 #
-# A build is a test too: the CPU tests, and the CUDA program and the GPU
-# tests in both precisions (nvcc compiles them without a GPU). GPU tests run
-# only where a CUDA device exists; elsewhere they are reported as skipped.
+# Builds and runs every test this machine can run, counts the "ok / FAIL /
+# skip" lines the test programs print, and ends with one line "N passed, N
+# failed, N skipped". A build is a test too, and must be warning-free: the
+# CPU tests, the CUDA program and the GPU tests in both precisions (nvcc
+# compiles them without a GPU), and the emulated device's programs.
+#
+# The GPU tests run natively where nvidia-smi lists a GPU (a CUDA that cannot
+# start fails them). Elsewhere they run on the emulated device (test/emu;
+# README "The emulated device"), every line marked "emu" so that no one takes
+# it for a GPU run:
+#   - the emulator's own tests (test/emu/test_emulator.py);
+#   - the GPU test programs, both precisions, each in the natural, reversed
+#     and a random schedule, whose results must be bit-identical (a digest of
+#     every device-to-host copy), and built with AddressSanitizer + UBSan;
+#   - the training tests (test/gpu_test_train.py) with the emulated train_et;
+#   - the dry run at the paper's sizes (test/emu/test_dry_run.py);
+#   - the benchmark and dev/gpu_check.sh's summary on a tiny model.
+# Independent programs run side by side, one per core; each part's time is
+# printed after it.
 set -u
 shopt -s nullglob
 cd "$(dirname "$0")/.."
+mode=${1:-all}
+case $mode in
+    all | emu) ;;
+    *) echo "usage: test/run_tests.sh [emu]" >&2; exit 2 ;;
+esac
 mkdir -p build
 passed=0
 failed=0
 skipped=0
+cores=$(nproc 2>/dev/null || echo 2)
+work=$(mktemp -d "${TMPDIR:-/tmp}/train_et_tests.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+export PYTHONPATH="$PWD/test${PYTHONPATH:+:$PYTHONPATH}"
 
-# Runs one test program; echoes its lines and adds them to the counts. A
-# program that exits non-zero without reporting a failure (a crash) counts
-# as one failure.
-run() {
-    local name=$1
-    shift
-    local out rc
-    out=$("$@" 2>&1)
-    rc=$?
-    [ -n "$out" ] && echo "$out"
+# Counts a program's output: its ok / FAIL / skip lines (with `label` put in
+# front of each test's name), and one failure for a non-zero exit that
+# reported none (a crash).
+count() {
+    local name=$1 file=$2 rc=$3 label=$4
+    if [ -n "$label" ]; then
+        sed -i -E "s#^(ok|FAIL|skip) - #\1 - $label #" "$file"
+    fi
+    cat "$file"
     local ok fail skip
-    ok=$(grep -c '^ok - ' <<<"$out")
-    fail=$(grep -c '^FAIL - ' <<<"$out")
-    skip=$(grep -c '^skip - ' <<<"$out")
+    ok=$(grep -c '^ok - ' "$file")
+    fail=$(grep -c '^FAIL - ' "$file")
+    skip=$(grep -c '^skip - ' "$file")
     if [ "$rc" -ne 0 ] && [ "$fail" -eq 0 ]; then
-        echo "FAIL - $name: exited with status $rc"
+        echo "FAIL - $label${label:+ }$name: exited with status $rc"
         fail=1
     fi
     passed=$((passed + ok))
@@ -37,11 +60,44 @@ run() {
     skipped=$((skipped + skip))
 }
 
-# A build step: one ok or FAIL line. The build must also be warning-free:
-# a compiler warning fails it, with the compiler's output shown.
+# Runs one test program now.
+run() {
+    local name=$1
+    shift
+    "$@" >"$work/run.out" 2>&1
+    count "$name" "$work/run.out" $? ""
+}
+
+# Starts one test program in the background (at most one per core); collect
+# waits for them all and counts their output in the order they were started.
+jobs_started=0
+spawn() {
+    local name=$1 label=$2
+    shift 2
+    while [ "$(jobs -rp | wc -l)" -ge "$cores" ]; do wait -n; done
+    local n=$((jobs_started++))
+    echo "$name" >"$work/job$n.name"
+    echo "$label" >"$work/job$n.label"
+    ("$@" >"$work/job$n.out" 2>&1; echo $? >"$work/job$n.rc") &
+}
+collect() {
+    wait
+    local n
+    for ((n = 0; n < jobs_started; n++)); do
+        local rc
+        rc=$(cat "$work/job$n.rc" 2>/dev/null) || rc=1  # no status: the job was killed
+        count "$(cat "$work/job$n.name")" "$work/job$n.out" "$rc" "$(cat "$work/job$n.label")"
+    done
+    jobs_started=0
+    rm -f "$work"/job*
+}
+
+# A build step: one ok or FAIL line. The build must also be warning-free: a
+# compiler warning fails it, with the compiler's output shown.
 build() {
     local name=$1
     shift
+    echo "   building $name"
     local out
     if out=$("$@" 2>&1) && ! grep -qi 'warning' <<<"$out"; then
         echo "ok - build $name"
@@ -54,33 +110,100 @@ build() {
     fi
 }
 
-echo "== builds"
+part_start=$SECONDS
+part_done() { echo "   ($1: $((SECONDS - part_start)) s)"; part_start=$SECONDS; }
+
+gpu=no
+if nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then gpu=yes; fi
+emulate=no
+if [ "$mode" = emu ] || [ "$gpu" = no ]; then emulate=yes; fi
 cpu_tests=$(ls test/test_*.cpp | sed 's|^test/|build/|; s|\.cpp$||')
-gpu_tests=$(ls test/gpu_test_*.cu 2>/dev/null | sed 's|^test/|build/|; s|\.cu$||' | sed 's|.*|&.bf16 &.fp32|')
-build "CPU tests" make --no-print-directory -s $cpu_tests
-build "train_et (BF16, the default)" make --no-print-directory -s train_et
-build "train_et (FP32)" make --no-print-directory -s build/train_et_fp32
-[ -n "$gpu_tests" ] && build "GPU tests (BF16 and FP32)" make --no-print-directory -s $gpu_tests
-build "dev/bench_step" make --no-print-directory -s build/bench_step
+gpu_programs=$(ls test/gpu_test_*.cu | sed 's|^test/||; s|\.cu$||')
+gpu_tests=$(for p in $gpu_programs; do echo "build/$p.bf16 build/$p.fp32"; done)
+emu_gpu_tests=$(for p in $gpu_programs; do echo "$p.bf16 $p.fp32"; done)
 
-echo "== CPU tests"
-for t in $cpu_tests; do
-    if [ -x "$t" ]; then run "$t" "$t"; fi
-done
-for t in test/test_*.py; do
-    run "$t" python3 "$t"
-done
+echo "== builds"
+if [ "$mode" = all ]; then
+    build "CPU tests" make --no-print-directory -s -j"$cores" $cpu_tests
+    build "train_et (BF16, the default)" make --no-print-directory -s train_et
+    build "train_et (FP32)" make --no-print-directory -s build/train_et_fp32
+    build "GPU tests (BF16 and FP32)" make --no-print-directory -s -j"$cores" $gpu_tests
+    build "dev/bench_step" make --no-print-directory -s build/bench_step
+fi
+if [ "$emulate" = yes ]; then
+    plain=$(for t in $emu_gpu_tests train_et bench_step selftest dry_run; do echo "build/emu/plain/$t"; done)
+    asan=$(for t in $emu_gpu_tests selftest; do echo "build/emu/asan/$t"; done)
+    build "emulated device: GPU tests, train_et, bench_step, selftest, dry_run (test/emu)" \
+        make --no-print-directory -s -j"$cores" $plain
+    build "emulated device, sanitizer builds: GPU tests and selftest (AddressSanitizer + UBSan), selftest (ThreadSanitizer)" \
+        make --no-print-directory -s -j"$cores" $asan build/emu/tsan/selftest
+fi
+part_done builds
 
-echo "== GPU tests"
-if nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then
-    for t in $gpu_tests; do
+if [ "$mode" = all ]; then
+    echo "== CPU tests"
+    for t in $cpu_tests; do
         if [ -x "$t" ]; then run "$t" "$t"; fi
+    done
+    for t in test/test_*.py; do
+        run "$t" python3 "$t"
+    done
+    part_done "CPU tests"
+fi
+
+if [ "$gpu" = yes ] && [ "$mode" = all ]; then
+    echo "== GPU tests (native)"
+    for t in $gpu_tests; do
+        if [ -x "$t" ]; then run "$t" "$t"; else echo "FAIL - $t: not built"; failed=$((failed + 1)); fi
     done
     for t in test/gpu_test_*.py; do
         run "$t" python3 "$t"
     done
-else
-    echo "skip - GPU tests: no CUDA device on this machine ($(echo $gpu_tests test/gpu_test_*.py | wc -w) programs compiled or ready, not run)"
+    part_done "native GPU tests"
+fi
+
+if [ "$emulate" = yes ]; then
+    echo "== GPU tests on the emulated device (test/emu: the CPU, not a GPU)"
+    seed=${EMU_RANDOM_SEED:-1}
+    # longest first, so the cores stay busy to the end
+    train_tests=$(python3 -c "import gpu_test_train as m; print(' '.join(n for n in vars(m) if n.startswith('test_')))")
+    if [ -z "$train_tests" ]; then
+        echo "FAIL - test/gpu_test_train.py: cannot list its tests"
+        failed=$((failed + 1))
+    fi
+    for t in $train_tests; do
+        spawn "test/gpu_test_train.py $t" "emu:" env TRAIN_ET_EMULATED=1 python3 test/gpu_test_train.py "$t"
+    done
+    for t in $emu_gpu_tests; do
+        spawn "build/emu/asan/$t" "emu(asan):" env ASAN_OPTIONS=detect_leaks=0 build/emu/asan/"$t"
+    done
+    for t in $emu_gpu_tests; do
+        spawn "build/emu/plain/$t" "emu:" env EMU_DIGEST="$work/$t.natural" build/emu/plain/"$t"
+        spawn "build/emu/plain/$t" "emu(reversed):" env EMU_SCHEDULE=reversed EMU_DIGEST="$work/$t.reversed" \
+            build/emu/plain/"$t"
+        spawn "build/emu/plain/$t" "emu(random):" env EMU_SCHEDULE="random:$seed" EMU_DIGEST="$work/$t.random" \
+            build/emu/plain/"$t"
+    done
+    spawn "test/emu/test_emulator.py" "" python3 test/emu/test_emulator.py
+    spawn "test/emu/test_dry_run.py" "emu: dry run:" python3 test/emu/test_dry_run.py
+    spawn "test/emu/test_gpu_check.py" "emu: dev/gpu_check.sh:" python3 test/emu/test_gpu_check.py
+    collect
+    for t in $emu_gpu_tests; do
+        if cmp -s "$work/$t.natural" "$work/$t.reversed" && cmp -s "$work/$t.natural" "$work/$t.random"; then
+            echo "ok - emu: $t: bit-identical results in the natural, reversed and random:$seed schedules"
+            passed=$((passed + 1))
+        else
+            echo "FAIL - emu: $t: results differ between schedules (a race between threads of a block): digests" \
+                "natural $(cat "$work/$t.natural" 2>/dev/null), reversed $(cat "$work/$t.reversed" 2>/dev/null)," \
+                "random $(cat "$work/$t.random" 2>/dev/null)"
+            failed=$((failed + 1))
+        fi
+    done
+    part_done "emulated GPU tests"
+fi
+
+if [ "$gpu" = no ] && [ "$mode" = all ]; then
+    echo "skip - native GPU tests: no CUDA device on this machine (they ran on the emulated device above)"
     skipped=$((skipped + 1))
 fi
 

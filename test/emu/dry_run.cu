@@ -1,0 +1,97 @@
+// test/emu/dry_run.cu: whole training steps at the paper's sizes, without a
+// GPU, on the emulated device's dry run (EMU_DRY_RUN=1: every launch and
+// library call is checked as an H200 checks it, no kernel body runs, no
+// memory is taken).
+//
+//   EMU_DRY_RUN=1 build/emu/plain/dry_run -m d12 -e 16 -r et
+//
+// It runs the host side exactly as train_et does: model_allocate, then two
+// training steps of -d tokens each (gradient accumulation over micro-batches
+// of -b x -t), the first routed by ET's EC warm-up and the second by its
+// thresholds, each ending with model_update and the routing statistics of a
+// logging step; then an evaluation pass and a generation pass as
+// train_et's evaluate() and sample() make them. What it prints: the memory
+// plan (model_allocate's parts) and what the device reports in use after all
+// of it; test/emu/test_dry_run.py checks that they agree, and the emulator's
+// own report (at exit) of the launches checked and the peak memory.
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "../../model.cuh"
+
+static const int VOCAB = 50257;  // GPT-2's, as in the FineWeb-Edu shards
+static const int STEPS = 2;
+static const int SAMPLE_TOKENS = 4;
+
+int main(int argc, char** argv) {
+    std::string preset = "d12", router = "et";
+    int experts = 16, B = 16, T = 2048, total_batch = 524288;
+    for (int i = 1; i + 1 < argc; i += 2) {
+        const std::string f = argv[i];
+        const char* v = argv[i + 1];
+        if (f == "-m") preset = v;
+        else if (f == "-e") experts = atoi(v);
+        else if (f == "-r") router = v;
+        else if (f == "-b") B = atoi(v);
+        else if (f == "-t") T = atoi(v);
+        else if (f == "-d") total_batch = atoi(v);
+        else fail("unknown flag '%s' (usage: dry_run [-m preset] [-e experts] [-r tc|ec|et] [-b B] [-t T] [-d tokens])", argv[i]);
+    }
+    if (argc % 2 == 0) fail("%s: missing value", argv[argc - 1]);
+    const char* dry = getenv("EMU_DRY_RUN");
+    if (!dry || !*dry || strcmp(dry, "0") == 0)
+        fail("dry_run needs EMU_DRY_RUN=1: without it the emulated device would run %s's kernels on the CPU",
+             preset.c_str());
+    ModelConfig c;
+    std::string err = model_preset(preset, &c);
+    if (!err.empty()) fail("-m: %s", err.c_str());
+    c.vocab_size = VOCAB;
+    c.seq_len = T;
+    c.n_experts = experts;
+    if (router != "tc" && router != "ec" && router != "et") fail("-r: '%s' is not tc, ec or et", router.c_str());
+    c.router.kind = router == "tc" ? RouterKind::TC : router == "ec" ? RouterKind::EC : RouterKind::ET;
+    c.router.et_warmup_steps = 1;  // step 0 routes by EC, step 1 by the thresholds
+    if (total_batch % (B * T) != 0) fail("-d %d is not a multiple of -b x -t = %d", total_batch, B * T);
+    const int grad_accum = total_batch / (B * T);
+
+    GpuInfo gpu;
+    err = gpu_open(0, &gpu);
+    if (!err.empty()) fail("%s", err.c_str());
+    printf("dry run  %s, %s, B=%d x T=%d, %d micro-steps per step, %d steps, an eval and a generation pass, on %s\n",
+           preset.c_str(), experts > 0 ? string_format("%d experts, %s router", experts, router.c_str()).c_str() : "dense",
+           B, T, grad_accum, STEPS, gpu.prop.name);
+    Model model;
+    model.config = c;
+    model_allocate(&model, B, T);
+    printf("memory   plan %zu bytes: %s\n", model.memory.total(), model.memory.describe().c_str());
+
+    const float dloss = 1.0f / total_batch;
+    for (int step = 0; step < STEPS; step++) {
+        router_step_begin(model.router, step);
+        cudaCheck(cudaMemsetAsync(model.grads, 0, model.num_params * sizeof(float)));
+        cudaCheck(cudaMemsetAsync(model.loss_total, 0, sizeof(float)));
+        for (int micro = 0; micro < grad_accum; micro++) {
+            model_forward(&model, B, T, true, true, dloss);
+            model_backward(&model, B, T);
+        }
+        model_update(&model, 1e-4f, 0.1f, 1.0f, step + 1);
+        float loss = 0;
+        cudaCheck(cudaMemcpy(&loss, model.loss_total, sizeof(float), cudaMemcpyDeviceToHost));
+        router_read_stats(model.router);
+        const char* routed = c.n_experts > 0 ? router_routing_now(model.router) : "dense";
+        router_step_end(model.router);
+        printf("step     %d: %d micro-steps, routed by %s\n", step, grad_accum, routed);
+    }
+    model_forward(&model, B, T, true, false, 0.0f);  // evaluate()
+    for (int t = 1; t <= SAMPLE_TOKENS; t++) model_forward(&model, 1, t, false, false, 0.0f);  // sample()
+    cudaCheck(cudaDeviceSynchronize());
+    size_t free_bytes = 0, total_bytes = 0;
+    cudaCheck(cudaMemGetInfo(&free_bytes, &total_bytes));
+    printf("memory   in use after the steps: %zu bytes (%.2f GiB of %.2f GiB)\n", total_bytes - free_bytes,
+           (total_bytes - free_bytes) / 1073741824.0, total_bytes / 1073741824.0);
+    model_free(&model);
+    return 0;
+}

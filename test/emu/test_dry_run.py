@@ -1,0 +1,63 @@
+"""test/emu/test_dry_run.py: training steps at the paper's sizes (d12, d20; B = 16, T = 2048,
+16 experts; dense and each router), checked on the emulated device without running them.
+
+build/emu/plain/dry_run runs the host side of two training steps with gradient
+accumulation, an evaluation and a generation pass (test/emu/dry_run.cu) under
+EMU_DRY_RUN=1: every launch configuration and cuBLAS call is checked as an H200
+checks it, and device memory is only counted. Each run must pass every check,
+route as its router does (ET: its EC warm-up, then thresholds), and leave in use
+exactly the memory plan train_et prints, which is also the emulator's peak.
+A model too big for the H200 must stop with the out-of-memory advice.
+"""
+import os
+import re
+import subprocess
+
+from harness import REPO, main
+
+DRY_RUN = os.path.join(REPO, "build/emu/plain/dry_run")
+ENV = dict(os.environ, EMU_DRY_RUN="1")
+
+
+def dry_run(*args):
+    if not os.path.exists(DRY_RUN):
+        raise AssertionError(f"{DRY_RUN} is not built (make build/emu/plain/dry_run)")
+    return subprocess.run([DRY_RUN, *args], capture_output=True, text=True, env=ENV, timeout=600)
+
+
+def check(preset, router):
+    args = ["-m", preset] + (["-e", "0"] if router == "dense" else ["-e", "16", "-r", router])
+    r = dry_run(*args)
+    assert r.returncode == 0 and "emu: error" not in r.stderr, f"{preset} {router}: exit {r.returncode}: {r.stderr[-1500:]}"
+    plan = int(re.search(r"^memory   plan (\d+) bytes", r.stdout, re.M).group(1))
+    in_use = int(re.search(r"^memory   in use after the steps: (\d+) bytes", r.stdout, re.M).group(1))
+    report = re.search(r"emu: dry run: (\d+) launches of (\d+) kernels and (\d+) cuBLAS .* device memory peak (\d+) bytes",
+                       r.stderr)
+    assert report, f"{preset} {router}: no dry-run report from the emulator: {r.stderr[-500:]}"
+    launches, kernels, gemms, peak = map(int, report.groups())
+    assert plan == in_use == peak, f"{preset} {router}: plan {plan}, in use {in_use}, emulator's peak {peak} bytes"
+    assert launches > 1000 and kernels >= 15 and gemms > 1000, f"{preset} {router}: {report.group(0)}"
+    routed = re.findall(r"routed by (.+)$", r.stdout, re.M)
+    want = {"dense": ["dense", "dense"], "tc": ["tc", "tc"], "ec": ["ec", "ec"], "et": ["ec (et warm-up)", "et"]}[router]
+    assert routed == want, f"{preset} {router}: the steps were routed by {routed}, expected {want}"
+    return plan
+
+
+def test_d12_every_router():
+    plans = {router: check("d12", router) for router in ("dense", "tc", "ec", "et")}
+    assert plans["dense"] < plans["tc"] < plans["et"], f"memory plans: {plans}"
+
+
+def test_d20_every_router():
+    plans = {router: check("d20", router) for router in ("dense", "tc", "ec", "et")}
+    assert max(plans.values()) < 141e9, f"d20 should fit an H200: {plans}"
+
+
+def test_too_big_for_the_device_stops_with_advice():
+    r = dry_run("-m", "d20", "-e", "64", "-r", "et")
+    assert r.returncode == 1 and "error: out of GPU memory" in r.stderr and "smaller micro-batch (-b)" in r.stderr, \
+        f"exit {r.returncode}: {r.stderr[-500:]}"
+
+
+if __name__ == "__main__":
+    main(globals())
