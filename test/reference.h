@@ -296,6 +296,69 @@ void adamw_update(F* param, F* m, F* v, const F* grad, size_t n, F lr, F beta1, 
     }
 }
 
+// Muon's Newton-Schulz map, in place on X (r x c, r <= c, row-major), which
+// has been scaled to Frobenius norm 1: `steps` times
+//   A = X X^T;  X = a X + (b A + c A A) X.
+template <typename F>
+void newton_schulz(F* X, int r, int c, int steps, F a, F b, F cc) {
+    std::vector<F> A((size_t)r * r), P((size_t)r * r), Y((size_t)r * c);
+    for (int s = 0; s < steps; s++) {
+        for (int i = 0; i < r; i++)
+            for (int j = 0; j < r; j++) {
+                F sum = 0;
+                for (int k = 0; k < c; k++) sum += X[(size_t)i * c + k] * X[(size_t)j * c + k];
+                A[(size_t)i * r + j] = sum;
+            }
+        for (int i = 0; i < r; i++)
+            for (int j = 0; j < r; j++) {
+                F sum = 0;
+                for (int k = 0; k < r; k++) sum += A[(size_t)i * r + k] * A[(size_t)k * r + j];
+                P[(size_t)i * r + j] = b * A[(size_t)i * r + j] + cc * sum;
+            }
+        for (int i = 0; i < r; i++)
+            for (int j = 0; j < c; j++) {
+                F sum = 0;
+                for (int k = 0; k < r; k++) sum += P[(size_t)i * r + k] * X[(size_t)k * c + j];
+                Y[(size_t)i * c + j] = a * X[(size_t)i * c + j] + sum;
+            }
+        std::copy(Y.begin(), Y.end(), X);
+    }
+}
+
+// One Muon step of a weight matrix W (rows x cols, row-major) from its
+// gradient g, with momentum buffer m (SPEC: Training):
+//   g' = g * grad_scale (the clip factor)
+//   m = mu m + (1 - mu) g';  u = (1 - mu) g' + mu m     (Nesterov)
+//   X = u / (||u||_F + eps), transposed when rows > cols (the wide orientation)
+//   X = newton_schulz(X), transposed back
+//   W = W (1 - lr wd) - lr sqrt(max(1, rows / cols)) X
+template <typename F>
+void muon_update(F* w, F* m, const F* grad, int rows, int cols, F lr, F mu, F weight_decay, F grad_scale, int steps,
+                 F a, F b, F c, F eps) {
+    const bool tall = rows > cols;
+    const int r = tall ? cols : rows, wide = tall ? rows : cols;
+    std::vector<F> X((size_t)rows * cols);
+    F norm = 0;
+    for (int i = 0; i < rows; i++)
+        for (int j = 0; j < cols; j++) {
+            const size_t at = (size_t)i * cols + j;
+            const F g = grad[at] * grad_scale;
+            m[at] = mu * m[at] + (1 - mu) * g;
+            const F u = (1 - mu) * g + mu * m[at];
+            X[tall ? (size_t)j * rows + i : at] = u;
+            norm += u * u;
+        }
+    norm = std::sqrt(norm);
+    for (F& x : X) x /= norm + eps;
+    newton_schulz(X.data(), r, wide, steps, a, b, c);
+    const F scale = std::sqrt(std::max(F(1), F(rows) / F(cols)));
+    for (int i = 0; i < rows; i++)
+        for (int j = 0; j < cols; j++) {
+            const size_t at = (size_t)i * cols + j;
+            w[at] = w[at] * (1 - lr * weight_decay) - lr * scale * X[tall ? (size_t)j * rows + i : at];
+        }
+}
+
 // sqrt(sum g^2)
 template <typename F>
 F global_norm(const F* grad, size_t n) {

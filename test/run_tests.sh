@@ -16,7 +16,8 @@
 #   - the GPU test programs, both precisions, each in the natural, reversed
 #     and a random schedule, whose results must be bit-identical (a digest of
 #     every device-to-host copy), and built with AddressSanitizer + UBSan;
-#   - the training tests (test/gpu_test_train.py) with the emulated train_et;
+#   - the GPU tests in Python (test/gpu_test_*.py) with the emulated programs:
+#     the training tests run the emulated train_et, one test per job;
 #   - the dry run at the paper's sizes (test/emu/test_dry_run.py);
 #   - the benchmark and dev/gpu_check.sh's summary on a tiny model.
 # Independent programs run side by side, one per core; each part's time is
@@ -173,6 +174,9 @@ if [ "$emulate" = yes ]; then
     fi
     for t in $train_tests; do
         spawn "test/gpu_test_train.py $t" "emu:" env TRAIN_ET_EMULATED=1 python3 test/gpu_test_train.py "$t"
+    done
+    for t in test/gpu_test_*.py; do
+        [ "$t" = test/gpu_test_train.py ] || spawn "$t" "emu:" env TRAIN_ET_EMULATED=1 python3 "$t"
     done
     for t in $emu_gpu_tests; do
         spawn "build/emu/asan/$t" "emu(asan):" env ASAN_OPTIONS=detect_leaks=0 build/emu/asan/"$t"

@@ -6,8 +6,10 @@
 // the objective L = sum(out * dout) has dL/dx = the backward's result, for
 // every input element. Forwards are checked against closed forms (RMSNorm's
 // unit mean square, RoPE's rotations, attention at T = 1, -log p computed a
-// second way), AdamW against values worked out by hand, and the whole dense
-// model's gradient against central differences of its mean loss.
+// second way), AdamW against values worked out by hand, Muon's Newton-Schulz
+// map against its scalar polynomial and its rotation symmetry, Muon's step
+// against its definition, and the whole dense model's gradient against
+// central differences of its mean loss.
 #include <cmath>
 #include <functional>
 
@@ -338,6 +340,81 @@ static void test_global_norm(Test& t) {
 }
 
 // ---------------------------------------------------------------------------
+// Muon
+
+static const double NS_A = 3.4445, NS_B = -4.7750, NS_C = 2.0315;
+
+static void test_newton_schulz(Test& t) {
+    // On a "diagonal" 3 x 5 matrix the map acts on each diagonal value alone:
+    // s <- a s + b s^3 + c s^5, five times.
+    const double s0[3] = {0.9, 0.3, 0.001};
+    Vec X(15, 0.0);
+    for (int i = 0; i < 3; i++) X[i * 5 + i] = s0[i];
+    newton_schulz(X.data(), 3, 5, 5, NS_A, NS_B, NS_C);
+    for (int i = 0; i < 3; i++) {
+        double s = s0[i];
+        for (int k = 0; k < 5; k++) s = NS_A * s + NS_B * s * s * s + NS_C * s * s * s * s * s;
+        CHECK(t, std::fabs(X[i * 5 + i] - s) < 1e-12, "diagonal %d: %.17g, the scalar map gives %.17g", i, X[i * 5 + i], s);
+        if (s0[i] > 0.0015) CHECK(t, s > 0.68 && s < 1.21, "singular value %g went to %g", s0[i], s);
+    }
+    for (int i = 0; i < 15; i++)
+        if (i % 6 != 0) CHECK(t, X[i] == 0, "off-diagonal %d: %g", i, X[i]);
+
+    // The map commutes with a rotation of the rows: NS(Q X) = Q NS(X).
+    Rng rng(7);
+    Vec Y = random_vector(rng, 2 * 6), QY(12);
+    double norm = std::sqrt(dot(Y, Y));
+    for (double& y : Y) y /= norm;
+    const double cs = std::cos(0.7), sn = std::sin(0.7);
+    for (int j = 0; j < 6; j++) {
+        QY[j] = cs * Y[j] - sn * Y[6 + j];
+        QY[6 + j] = sn * Y[j] + cs * Y[6 + j];
+    }
+    newton_schulz(Y.data(), 2, 6, 5, NS_A, NS_B, NS_C);
+    newton_schulz(QY.data(), 2, 6, 5, NS_A, NS_B, NS_C);
+    for (int j = 0; j < 6; j++) {
+        CHECK(t, std::fabs(QY[j] - (cs * Y[j] - sn * Y[6 + j])) < 1e-12, "rotated row 0, column %d", j);
+        CHECK(t, std::fabs(QY[6 + j] - (sn * Y[j] + cs * Y[6 + j])) < 1e-12, "rotated row 1, column %d", j);
+    }
+}
+
+static void test_muon_update(Test& t) {
+    // No Newton-Schulz steps: W moves by -lr u / |u| with u Nesterov's
+    // look-ahead, and m keeps the EMA.
+    Rng rng(11);
+    const int rows = 3, cols = 4;
+    const double lr = 0.02, mu = 0.9, wd = 0.1, clip = 0.5;
+    Vec w = random_vector(rng, 12), m = random_vector(rng, 12), g = random_vector(rng, 12);
+    Vec w0 = w, m0 = m, u(12);
+    muon_update(w.data(), m.data(), g.data(), rows, cols, lr, mu, wd, clip, 0, NS_A, NS_B, NS_C, 0.0);
+    for (int i = 0; i < 12; i++) {
+        const double mi = mu * m0[i] + (1 - mu) * g[i] * clip;
+        CHECK(t, std::fabs(m[i] - mi) < 1e-15, "momentum %d: %.17g, expected %.17g", i, m[i], mi);
+        u[i] = (1 - mu) * g[i] * clip + mu * mi;
+    }
+    const double un = std::sqrt(dot(u, u));
+    for (int i = 0; i < 12; i++) {
+        const double want = w0[i] * (1 - lr * wd) - lr * u[i] / un;
+        CHECK(t, std::fabs(w[i] - want) < 1e-15, "weight %d: %.17g, expected %.17g", i, w[i], want);
+    }
+
+    // A tall matrix is orthogonalised as its wide transpose, and its step is
+    // scaled by sqrt(rows / cols): update(G) = sqrt(6 / 2) update(G^T)^T.
+    const int tall = 6, narrow = 2;
+    Vec G = random_vector(rng, tall * narrow), GT(tall * narrow);
+    for (int i = 0; i < tall; i++)
+        for (int j = 0; j < narrow; j++) GT[j * tall + i] = G[i * narrow + j];
+    Vec w_tall(12, 0.0), m_tall(12, 0.0), w_wide(12, 0.0), m_wide(12, 0.0);
+    muon_update(w_tall.data(), m_tall.data(), G.data(), tall, narrow, lr, mu, 0.0, 1.0, 5, NS_A, NS_B, NS_C, 1e-7);
+    muon_update(w_wide.data(), m_wide.data(), GT.data(), narrow, tall, lr, mu, 0.0, 1.0, 5, NS_A, NS_B, NS_C, 1e-7);
+    for (int i = 0; i < tall; i++)
+        for (int j = 0; j < narrow; j++) {
+            const double a = w_tall[i * narrow + j], b = std::sqrt(3.0) * w_wide[j * tall + i];
+            CHECK(t, std::fabs(a - b) < 1e-14, "tall [%d][%d]: %.17g, the wide transpose gives %.17g", i, j, a, b);
+        }
+}
+
+// ---------------------------------------------------------------------------
 // The whole dense model
 
 static ModelConfig tiny_config(int n_kv_head) {
@@ -426,6 +503,8 @@ int main() {
         {"reference_cross_entropy_backward", test_cross_entropy_backward},
         {"reference_adamw", test_adamw},
         {"reference_global_norm", test_global_norm},
+        {"reference_newton_schulz", test_newton_schulz},
+        {"reference_muon_update", test_muon_update},
         {"reference_model_gradient", test_model_gradient},
         {"reference_model_gradient_gqa", test_model_gradient_gqa},
         {"reference_model_loss_at_zero_head", test_model_loss_at_zero_head},

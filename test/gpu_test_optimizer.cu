@@ -1,0 +1,169 @@
+// test/gpu_test_optimizer.cu: GPU parity of Muon (optimizer.cuh) against the
+// CPU reference (test/reference.h: muon_update), and the Newton-Schulz map
+// on demand for the property test.
+//
+//   gpu_test_optimizer.bf16                 the parity tests
+//   gpu_test_optimizer.bf16 --newton-schulz IN OUT BATCH ROWS COLS
+//        reads BATCH matrices of ROWS x COLS fp32 values from IN, runs Muon's
+//        normalisation and five Newton-Schulz steps on the device (the wide
+//        orientation, as muon_step does), writes the results to OUT as fp32;
+//        test/gpu_test_muon.py checks their singular values with numpy.
+//
+// Conventions as test/gpu_test_model.cu (test/gpu_check.h): seeded random
+// inputs, never zeros; the reference in double on exactly the values the GPU
+// reads; errors as ||gpu - ref|| / ||ref||. Muon's update is compared as the
+// step of the weights (the weights barely move), and the momentum as is.
+// Why the BF16 tolerance holds: the Newton-Schulz products run on bf16
+// operands (each rounding 2^-9 relative), and five steps of the map, which
+// is contracting near the orthogonal matrices it converges to, keep the
+// error of its output near a few of those roundings: measured here 1.3 to
+// 1.7% of the step; 3e-2 is the bound.
+#include "../model.cuh"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "../model_config.h"
+#include "check.h"
+namespace ref {
+#include "reference.h"
+}
+
+#include "../optimizer.cuh"
+#include "gpu_check.h"
+
+#ifdef ENABLE_FP32
+static const double TOL_MUON = 1e-4;
+#else
+static const double TOL_MUON = 3e-2;
+#endif
+
+struct MuonShape {
+    int rows, cols, batch;
+    std::string name() const { return string_format("%d x %d x %d", batch, rows, cols); }
+};
+static const MuonShape muon_shapes[] = {
+    {48, 64, 1},  // wide
+    {96, 32, 1},  // tall: iterated transposed
+    {64, 64, 1},  // square
+    {40, 24, 4},  // a batch of tall matrices (an EC/ET layer's experts)
+    {24, 40, 3},  // a batch of wide ones
+};
+
+// Two Muon steps (the second on the momentum the first left), with the clip
+// factor and weight decay active, against the reference matrix by matrix.
+static void test_muon_step(Test& t) {
+    Rng rng(901);
+    const float lr = 0.02f, weight_decay = 0.1f, clip = 0.7f;
+    for (const MuonShape& s : muon_shapes) {
+        const size_t n = (size_t)s.batch * s.rows * s.cols;
+        const std::vector<float> master = random_float(rng, n, -0.5, 0.5), m = random_float(rng, n, -0.1, 0.1);
+        const std::vector<float> grads1 = random_float(rng, n, -1, 1), grads2 = random_float(rng, n, -1, 1);
+        std::vector<MuonMatrix> shape = {{"test", 0, 1, s.rows, s.cols, s.batch}};
+        MuonWorkspace ws;
+        ws.allocate(shape);
+        DeviceBuffer<float> d_master(master), d_m(m), d_grads(grads1), d_clip(std::vector<float>{clip});
+        DeviceBuffer<floatX> d_params(n);
+        d_params.poison();
+        std::vector<double> w = to_doubles(master), mom = to_doubles(m);
+        for (int step = 0; step < 2; step++) {
+            const std::vector<float>& grads = step == 0 ? grads1 : grads2;
+            const float mu = step == 0 ? 0.85f : 0.9f;
+            d_grads.upload(grads);
+            const std::vector<float> before = d_master.download();
+            muon_step(g_cublas, ws, d_master.ptr, d_params.ptr, d_m.ptr, d_grads.ptr, s.rows, s.cols, s.batch, lr, mu,
+                      weight_decay, 5, d_clip.ptr);
+            sync_after("muon_step");
+            const std::vector<double> w_before = w;
+            const std::vector<double> g = to_doubles(grads);
+            const size_t per = (size_t)s.rows * s.cols;
+            for (int b = 0; b < s.batch; b++)
+                ref::muon_update<double>(&w[b * per], &mom[b * per], &g[b * per], s.rows, s.cols, lr, mu, weight_decay,
+                                         clip, 5, NS_A, NS_B, NS_C, NS_EPS);
+            const std::vector<float> got = d_master.download();
+            std::vector<double> step_gpu(n), step_ref(n);
+            for (size_t i = 0; i < n; i++) {
+                step_gpu[i] = (double)got[i] - before[i];
+                step_ref[i] = w[i] - w_before[i];
+            }
+            const std::string what = s.name() + string_format(" step %d", step + 1);
+            check_close(t, what + " weight step", step_gpu, step_ref, TOL_MUON);
+            check_close(t, what + " momentum", to_doubles(d_m.download()), mom, TOL_FP32);
+            std::vector<floatX> rounded(n);
+            for (size_t i = 0; i < n; i++) rounded[i] = to_floatX(got[i]);
+            CHECK(t, same_bits(d_params.download(), rounded), "%s: params are not the rounded master weights",
+                  what.c_str());
+            // the reference continues from the GPU's weights, so the steps stay comparable
+            w = to_doubles(got);
+        }
+        ws.release();
+    }
+}
+
+// The same inputs twice: the same bits.
+static void test_muon_determinism(Test& t) {
+    Rng rng(902);
+    const MuonShape s = {40, 24, 4};
+    const size_t n = (size_t)s.batch * s.rows * s.cols;
+    const std::vector<float> master = random_float(rng, n, -0.5, 0.5), grads = random_float(rng, n, -1, 1);
+    std::vector<MuonMatrix> shape = {{"test", 0, 1, s.rows, s.cols, s.batch}};
+    MuonWorkspace ws;
+    ws.allocate(shape);
+    std::vector<float> results[2];
+    for (int run = 0; run < 2; run++) {
+        DeviceBuffer<float> d_master(master), d_m(std::vector<float>(n, 0.0f)), d_grads(grads);
+        DeviceBuffer<float> d_clip(std::vector<float>{1.0f});
+        DeviceBuffer<floatX> d_params(n);
+        muon_step(g_cublas, ws, d_master.ptr, d_params.ptr, d_m.ptr, d_grads.ptr, s.rows, s.cols, s.batch, 0.02f, 0.95f,
+                  0.0f, 5, d_clip.ptr);
+        sync_after("muon_step");
+        results[run] = d_master.download();
+    }
+    ws.release();
+    CHECK(t, same_bits(results[0], results[1]), "two runs of the same Muon step differ");
+}
+
+// --newton-schulz IN OUT BATCH ROWS COLS: X / ||X||_F, then five steps, as
+// muon_step computes them (a momentum of 0 makes its X the gradient itself),
+// read back from the workspace in the matrix's own orientation.
+static int newton_schulz_on_files(const char* in, const char* out, int batch, int rows, int cols) {
+    const size_t n = (size_t)batch * rows * cols;
+    std::vector<float> host(n);
+    FILE* f = fopen(in, "rb");
+    if (!f || fread(host.data(), sizeof(float), n, f) != n) fail("%s: cannot read %zu fp32 values", in, n);
+    fclose(f);
+    GpuInfo gpu;
+    const std::string err = gpu_open(0, &gpu);
+    if (!err.empty()) fail("%s", err.c_str());
+    cublasCheck(cublasCreate(&g_cublas));
+    std::vector<MuonMatrix> shape = {{"test", 0, 1, rows, cols, batch}};
+    MuonWorkspace ws;
+    ws.allocate(shape);
+    DeviceBuffer<float> d_master(std::vector<float>(n, 0.0f)), d_m(std::vector<float>(n, 0.0f)), d_grads(host);
+    DeviceBuffer<float> d_clip(std::vector<float>{1.0f});
+    DeviceBuffer<floatX> d_params(n);
+    // mu = 0: x = g; lr = -1, scale divided out below: master = scale * X
+    muon_step(g_cublas, ws, d_master.ptr, d_params.ptr, d_m.ptr, d_grads.ptr, rows, cols, batch, -1.0f, 0.0f, 0.0f, 5,
+              d_clip.ptr);
+    std::vector<float> result = d_master.download();
+    const float scale = (float)muon_scale(rows, cols);
+    for (float& x : result) x /= scale;
+    f = fopen(out, "wb");
+    if (!f || fwrite(result.data(), sizeof(float), n, f) != n || fclose(f) != 0) fail("%s: cannot write", out);
+    ws.release();
+    return 0;
+}
+
+int main(int argc, char** argv) {
+    if (argc == 7 && std::string(argv[1]) == "--newton-schulz")
+        return newton_schulz_on_files(argv[2], argv[3], atoi(argv[4]), atoi(argv[5]), atoi(argv[6]));
+    if (argc != 1) fail("usage: %s [--newton-schulz IN OUT BATCH ROWS COLS]", argv[0]);
+    return run_gpu_tests("gpu_optimizer", {
+        GPU_TEST(muon_step),
+        GPU_TEST(muon_determinism),
+    });
+}
