@@ -7,8 +7,8 @@
 #   make clean
 #
 # Switches:
-#   GPU_ARCH=90                compute capability to build for (default: the
-#                              GPU nvidia-smi reports, else 90 = H100/H200)
+#   GPU_ARCH=90                compute capability to build for, digits only (default: the
+#                              GPU nvidia-smi reports, else 90 = H100/H200; at least 80)
 #   PRECISION=BF16 | FP32      bf16 matmuls with fp32 accumulation (default), or fp32 throughout
 #   NO_MULTI_GPU=1             build without NCCL (it is linked when nccl.h is found)
 
@@ -19,6 +19,14 @@ PRECISION ?= BF16
 GPU_ARCH ?= $(shell nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d '.' | grep -E '^[0-9]+$$')
 ifeq ($(strip $(GPU_ARCH)),)
   override GPU_ARCH := 90
+endif
+# nvcc wants sm_80, nvidia-smi says 8.0: both are easy to pass by mistake
+ifeq ($(shell echo '$(GPU_ARCH)' | grep -E '^[0-9]+$$'),)
+  $(error GPU_ARCH=$(GPU_ARCH): give the compute capability as digits only, e.g. GPU_ARCH=80 for 8.0 (sm_80))
+endif
+# the bf16 tensor-core kernels (wmma) need Ampere or newer
+ifeq ($(shell test $(GPU_ARCH) -ge 80 && echo ok),)
+  $(error GPU_ARCH=$(GPU_ARCH): train_et needs compute capability 8.0 or newer (A100, H100, H200: GPU_ARCH=80 or 90))
 endif
 
 ifeq ($(PRECISION),BF16)
@@ -48,17 +56,26 @@ LIBS := -lcublas
 CXX_FLAGS := -O2 -std=c++17 -Wall -Wextra -Werror -ffp-contract=off
 HEADERS := $(wildcard *.h *.cuh data/*.h)
 BUILD_FLAGS := $(NVCC_FLAGS) $(PRECISION_FLAGS) $(NCCL_FLAGS)
+# The commit train_et is built from and whether the tree has changes, for the
+# run record train_et writes (empty outside a git checkout).
+GIT_COMMIT := $(shell git rev-parse HEAD 2>/dev/null)
+GIT_DIRTY := $(if $(shell git status --porcelain 2>/dev/null),1,0)
+GIT_FLAGS := -DGIT_COMMIT='"$(GIT_COMMIT)"' -DGIT_DIRTY=$(GIT_DIRTY)
 
 .PHONY: all test test-emu bench clean FORCE
 all: train_et
 
-# Rebuild when the switches change, not only when sources do.
+# Rebuild when the switches change, not only when sources do; train_et also
+# when the commit or the tree's state does.
 build/flags.txt: FORCE
 	@mkdir -p build
 	@echo '$(BUILD_FLAGS)' | cmp -s - $@ || echo '$(BUILD_FLAGS)' > $@
+build/git.txt: FORCE
+	@mkdir -p build
+	@echo '$(GIT_COMMIT) $(GIT_DIRTY)' | cmp -s - $@ || echo '$(GIT_COMMIT) $(GIT_DIRTY)' > $@
 
-train_et: train_et.cu $(HEADERS) build/flags.txt
-	$(NVCC) $(NVCC_FLAGS) $(PRECISION_FLAGS) $< -o $@ $(LIBS) $(NCCL_FLAGS)
+train_et: train_et.cu $(HEADERS) build/flags.txt build/git.txt
+	$(NVCC) $(NVCC_FLAGS) $(PRECISION_FLAGS) $(GIT_FLAGS) $< -o $@ $(LIBS) $(NCCL_FLAGS)
 
 # Both precisions, for the tests' compile check.
 build/train_et_%: train_et.cu $(HEADERS)
@@ -121,8 +138,8 @@ $(EMU_SRC)/.stamp: $(EMU_SOURCES) test/emu/rewrite.py
 .PRECIOUS: build/emu/%.o
 emu_variant = $(firstword $(subst /, ,$*))
 emu_objects = $(patsubst %,build/emu/$(1)/%.o,$(EMU_RUNTIME))
-emu_link = $(CXX) $(EMU_CXX_FLAGS) $(EMU_FLAGS_$(emu_variant)) -include test/emu/emu.h $(1) -x c++ $(2) -x none \
-           $(call emu_objects,$(emu_variant)) -o $@
+emu_link = $(CXX) $(EMU_CXX_FLAGS) $(EMU_FLAGS_$(emu_variant)) $(GIT_FLAGS) -include test/emu/emu.h $(1) -x c++ $(2) \
+           -x none $(call emu_objects,$(emu_variant)) -o $@
 
 build/emu/%.o: test/emu/$$(notdir $$*).cpp $(EMU_HEADERS)
 	@mkdir -p $(dir $@)
@@ -131,6 +148,7 @@ build/emu/%.bf16: $(EMU_SRC)/.stamp $$(call emu_objects,$$(firstword $$(subst /,
 	$(call emu_link,-DENABLE_BF16,$(EMU_SRC)/test/$(notdir $*).cu)
 build/emu/%.fp32: $(EMU_SRC)/.stamp $$(call emu_objects,$$(firstword $$(subst /, ,$$*))) $(EMU_HEADERS)
 	$(call emu_link,-DENABLE_FP32,$(EMU_SRC)/test/$(notdir $*).cu)
+build/emu/plain/train_et build/emu/asan/train_et build/emu/tsan/train_et: build/git.txt
 build/emu/%: $(EMU_SRC)/.stamp $$(call emu_objects,$$(firstword $$(subst /, ,$$*))) $(EMU_HEADERS)
 	$(if $(EMU_SOURCE_$(notdir $*)),,$(error $@: no such emulated program (train_et, bench_step, selftest, dry_run)))
 	$(call emu_link,-DENABLE_BF16,$(EMU_SRC)/$(EMU_SOURCE_$(notdir $*)))

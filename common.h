@@ -2,15 +2,21 @@
 //
 // - fail(): print one error line and exit non-zero. train_et never throws and
 //   never crashes on bad input; it names what was wrong and how to fix it.
+//   Once a run has its log open (fail_log), the line goes there too.
 // - Rng: a counter-seeded xoshiro256** generator. Training must be bit-exact
 //   from a seed on every machine, so we never use std:: distributions (their
 //   output is implementation-defined).
-// - glob_sorted(): expand a shell pattern into a sorted file list.
+// - glob_sorted(): expand a shell pattern into a sorted file list;
+//   make_dirs(): mkdir -p, with the reason when it cannot.
 #pragma once
 
 #include <glob.h>
-
+#include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
 
 #include <cstdarg>
 #include <cstdint>
@@ -20,13 +26,16 @@
 #include <utility>
 #include <vector>
 
+inline FILE* fail_log = nullptr;  // a run's train.log, once open: it ends with the error that stopped the run
+
 [[noreturn]] inline void fail(const char* fmt, ...) {
+    char line[4096];
     va_list args;
     va_start(args, fmt);
-    fprintf(stderr, "error: ");
-    vfprintf(stderr, fmt, args);
-    fprintf(stderr, "\n");
+    vsnprintf(line, sizeof(line), fmt, args);
     va_end(args);
+    fprintf(stderr, "error: %s\n", line);
+    if (fail_log) fprintf(fail_log, "error: %s\n", line);
     exit(1);
 }
 
@@ -123,4 +132,20 @@ inline std::vector<std::string> glob_sorted(const std::string& pattern) {
     }
     globfree(&g);  // glob() sorts by name already
     return files;
+}
+
+// Creates a directory and any missing parents, like mkdir -p, and checks that
+// files can be written in it. Returns "" or "<path>: <reason>".
+inline std::string make_dirs(const std::string& path) {
+    for (size_t slash = path.find('/', 1);; slash = path.find('/', slash + 1)) {
+        const std::string part = path.substr(0, slash);
+        if (mkdir(part.c_str(), 0777) != 0 && errno != EEXIST)
+            return part + ": cannot create the directory (" + strerror(errno) + ")";
+        if (slash == std::string::npos) break;
+    }
+    struct stat st;
+    if (stat(path.c_str(), &st) != 0) return path + ": " + strerror(errno);
+    if (!S_ISDIR(st.st_mode)) return path + ": is a file, not a directory";
+    if (access(path.c_str(), W_OK) != 0) return path + ": cannot write in it (" + strerror(errno) + ")";
+    return "";
 }

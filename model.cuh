@@ -8,7 +8,9 @@
 //      router.cuh, the MoE layer's kernels (twins in test/reference_moe.h);
 //   3. Model: parameters (one contiguous buffer each for the bf16 weights,
 //      fp32 master weights, fp32 gradients and the two AdamW moments),
-//      activations sized once from (B, T), and forward / backward / update.
+//      activations sized once from (B, T), the memory plan (model_plan: what
+//      model_allocate will take, counted before the GPU is touched), and
+//      forward / backward / update.
 //
 // Determinism: no kernel uses atomics whose order could change a result.
 // Every reduction has one owner (a warp or a block) that sums in a fixed
@@ -634,10 +636,51 @@ inline void embedding_forward(floatX* out, const int* tokens, const floatX* wte,
     launchCheck();
 }
 
+// Device memory: model_allocate takes every buffer a run needs once, at
+// start-up, through device_alloc, and fills fresh ones with device_zero and
+// device_upload. A planning pass (model_plan, memory_planning set) runs that
+// same code with these three only counting: device_alloc returns null, the
+// others do nothing. So the estimate train_et prints before it touches the
+// GPU is, byte for byte, what model_allocate then takes.
+inline bool memory_planning = false;
+
+// cudaMalloc that also counts the bytes (for the start-up memory report).
+// Running out of memory is a setting too large for this GPU, so it says
+// which settings to lower rather than only that cudaMalloc failed.
 template <typename T>
-static T* device_alloc(size_t count, size_t* total);
+static T* device_alloc(size_t count, size_t* total) {
+    *total += count * sizeof(T);
+    if (memory_planning) return nullptr;
+    T* p = nullptr;
+    cudaError_t err = cudaMalloc(&p, count * sizeof(T));
+    if (err == cudaErrorMemoryAllocation) {
+        size_t free = 0, capacity = 0;
+        cudaCheck(cudaMemGetInfo(&free, &capacity));
+        fail("out of GPU memory: %.2f GiB more wanted, %.2f of %.2f GiB free. Use a smaller micro-batch (-b) or "
+             "model (-m); an MoE model's routing buffers grow with -b x -t x -e, most for ET without its capacity "
+             "clamp (-ec < 0), which can send every token to every expert",
+             count * sizeof(T) / 1073741824.0, free / 1073741824.0, capacity / 1073741824.0);
+    }
+    cudaCheck(err);
+    return p;
+}
+
+inline void device_zero(void* p, size_t bytes) {
+    if (!memory_planning) cudaCheck(cudaMemset(p, 0, bytes));
+}
+
+inline void device_upload(void* device, const void* host, size_t bytes) {
+    if (!memory_planning) cudaCheck(cudaMemcpy(device, host, bytes, cudaMemcpyHostToDevice));
+}
 
 // Scratch for the embedding backward's sort, sized once for N tokens.
+// CUB's onesweep radix sort of N (key, value) pairs needs one more copy of
+// them, a histogram per pass and a lookback table of 1 KiB per tile
+// (cub/device/dispatch/dispatch_radix_sort.cuh); CUB answers its size query
+// only on the GPU, so the plan reserves a fixed bound, twice that copy plus
+// 4 MiB, and a run checks CUB's own answer against it.
+inline size_t sort_scratch_bytes(int n_tokens) { return 4 * (size_t)n_tokens * sizeof(int) + (4 << 20); }
+
 struct EmbeddingSortScratch {
     int *positions = nullptr, *sorted_tokens = nullptr, *sorted_positions = nullptr;
     void* cub_temp = nullptr;
@@ -655,9 +698,16 @@ struct EmbeddingSortScratch {
         positions = device_alloc<int>(N, &bytes);
         sorted_tokens = device_alloc<int>(N, &bytes);
         sorted_positions = device_alloc<int>(N, &bytes);
-        cudaCheck(cudaMemcpy(positions, iota.data(), N * sizeof(int), cudaMemcpyHostToDevice));
-        cudaCheck(cub::DeviceRadixSort::SortPairs(nullptr, cub_bytes, (const int*)nullptr, (int*)nullptr,
-                                                  (const int*)nullptr, (int*)nullptr, N, 0, vocab_bits));
+        device_upload(positions, iota.data(), N * sizeof(int));
+        cub_bytes = sort_scratch_bytes(N);
+        if (!memory_planning) {
+            size_t needed = 0;
+            cudaCheck(cub::DeviceRadixSort::SortPairs(nullptr, needed, (const int*)nullptr, (int*)nullptr,
+                                                      (const int*)nullptr, (int*)nullptr, N, 0, vocab_bits));
+            if (needed > cub_bytes)
+                fail("internal: CUB's radix sort of %d tokens wants %zu bytes of scratch, more than the %zu of "
+                     "sort_scratch_bytes (model.cuh): raise that bound", N, needed, cub_bytes);
+        }
         cub_temp = device_alloc<char>(cub_bytes, &bytes);
         return bytes;
     }
@@ -724,8 +774,8 @@ struct RopeTables {
         size_t bytes = 0;
         cos = device_alloc<float>(c.size(), &bytes);
         sin = device_alloc<float>(s.size(), &bytes);
-        cudaCheck(cudaMemcpy(cos, c.data(), c.size() * sizeof(float), cudaMemcpyHostToDevice));
-        cudaCheck(cudaMemcpy(sin, s.data(), s.size() * sizeof(float), cudaMemcpyHostToDevice));
+        device_upload(cos, c.data(), c.size() * sizeof(float));
+        device_upload(sin, s.data(), s.size() * sizeof(float));
         return bytes;
     }
     void release() {
@@ -826,26 +876,6 @@ inline void copy_to_floatX(floatX* out, const float* inp, size_t n) {
     launchCheck();
 }
 
-// cudaMalloc that also counts the bytes (for the start-up memory report).
-// Running out of memory is a setting too large for this GPU, so it says
-// which settings to lower rather than only that cudaMalloc failed.
-template <typename T>
-static T* device_alloc(size_t count, size_t* total) {
-    T* p = nullptr;
-    cudaError_t err = cudaMalloc(&p, count * sizeof(T));
-    if (err == cudaErrorMemoryAllocation) {
-        size_t free = 0, capacity = 0;
-        cudaCheck(cudaMemGetInfo(&free, &capacity));
-        fail("out of GPU memory: %.2f GiB more wanted, %.2f of %.2f GiB free. Use a smaller micro-batch (-b) or "
-             "model (-m); an MoE model's routing buffers grow with -b x -t x -e, most for ET without its capacity "
-             "clamp (-ec < 0), which can send every token to every expert",
-             count * sizeof(T) / 1073741824.0, free / 1073741824.0, capacity / 1073741824.0);
-    }
-    cudaCheck(err);
-    *total += count * sizeof(T);
-    return p;
-}
-
 // The MoE layer (routers, dispatch and combine, expert FFNs) builds on the
 // plumbing and launchers above.
 #include "router.cuh"
@@ -889,11 +919,11 @@ struct MemoryPlan {
     size_t routing = 0;      // the MoE layers' routing buffers and state (router.cuh)
     size_t other = 0;        // RoPE tables, the embedding sort's scratch, the step's scalars
 
-    size_t total() const { return weights + master + gradients + adam + activations + routing + other; }
+    size_t parameters() const { return weights + master + gradients + adam; }
+    size_t total() const { return parameters() + activations + routing + other; }
     std::string describe() const {
         const double GiB = 1073741824.0;
-        std::string out = string_format("%.2f GiB on the GPU: parameters %.2f (", total() / GiB,
-                                        (weights + master + gradients + adam) / GiB);
+        std::string out = string_format("%.2f GiB on the GPU: parameters %.2f (", total() / GiB, parameters() / GiB);
         if (weights) out += string_format("weights %.2f, ", weights / GiB);
         out += string_format("fp32 master %.2f, gradients %.2f, AdamW %.2f), activations %.2f", master / GiB,
                              gradients / GiB, adam / GiB, activations / GiB);
@@ -928,9 +958,13 @@ struct Model {
 };
 
 // Allocates everything a training run needs for micro-batches of B x T,
-// once. Returns the bytes allocated (model->memory has them by part).
+// once. Returns the bytes allocated (model->memory has them by part). In a
+// planning pass (model_plan) it allocates nothing and only counts.
 inline size_t model_allocate(Model* model, int B, int T) {
     const ModelConfig& c = model->config;
+    if (c.head_dim() % 2 != 0 || c.head_dim() > ATT_MAX_DIMS_PER_LANE * WARP)
+        fail("head dim %d: the attention kernels need an even head dim <= %d", c.head_dim(),
+             ATT_MAX_DIMS_PER_LANE * WARP);
     model->tensors = parameter_tensors(c);
     model->offsets.clear();
     model->num_params = 0;
@@ -950,9 +984,9 @@ inline size_t model_allocate(Model* model, int B, int T) {
 #else
     model->params = device_alloc<floatX>(n, &plan.weights);
 #endif
-    cudaCheck(cudaMemset(model->adam_m, 0, n * sizeof(float)));
-    cudaCheck(cudaMemset(model->adam_v, 0, n * sizeof(float)));
-    cudaCheck(cudaMemset(model->grads, 0, n * sizeof(float)));
+    device_zero(model->adam_m, n * sizeof(float));
+    device_zero(model->adam_v, n * sizeof(float));
+    device_zero(model->grads, n * sizeof(float));
 
     Activations& a = model->acts;
     const size_t N = (size_t)B * T, C = c.n_embd, Vp = c.padded_vocab();
@@ -996,13 +1030,23 @@ inline size_t model_allocate(Model* model, int B, int T) {
     model->grad_norm_value = device_alloc<float>(1, &plan.other);
     model->clip_scale = device_alloc<float>(1, &plan.other);
     model->norm_partial = device_alloc<float>(NORM_BLOCKS, &plan.other);
+    if (memory_planning) return plan.total();
     cublasCheck(cublasCreate(&model->cublas));
     cublasCheck(cublasSetMathMode(model->cublas, CUBLAS_DEFAULT_MATH));  // no TF32 in the FP32 build
-    if (c.head_dim() % 2 != 0 || c.head_dim() > ATT_MAX_DIMS_PER_LANE * WARP)
-        fail("head dim %d: the attention kernels need an even head dim <= %d", c.head_dim(),
-             ATT_MAX_DIMS_PER_LANE * WARP);
     attention_setup();
     return plan.total();
+}
+
+// The model model_allocate(B, T) will make, worked out on the host without
+// touching the GPU: its memory plan, parameter count and router shapes are
+// the real ones; every buffer is null (never to be used or freed).
+inline Model model_plan(const ModelConfig& config, int B, int T) {
+    Model planned;
+    planned.config = config;
+    memory_planning = true;
+    model_allocate(&planned, B, T);
+    memory_planning = false;
+    return planned;
 }
 
 // SPEC init (model_config.h gives each tensor its std), drawn on the host

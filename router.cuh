@@ -789,14 +789,14 @@ inline void router_allocate(Router* r, const ModelConfig& c, int B, int T) {
     r->eval = r->eval_owned ? moe_buffers_allocate(N, r->E, r->C, eval_capacity, &bytes) : r->train[0];
     r->raw_cutoff = device_alloc<float>(L * E, &bytes);
     r->tc_bias = device_alloc<float>(L * E, &bytes);
-    cudaCheck(cudaMemset(r->raw_cutoff, 0, L * E * sizeof(float)));
-    cudaCheck(cudaMemset(r->tc_bias, 0, L * E * sizeof(float)));
+    device_zero(r->raw_cutoff, L * E * sizeof(float));
+    device_zero(r->tc_bias, L * E * sizeof(float));
     r->stats_int = device_alloc<int>(L * r->stats_int_stride(), &bytes);
     r->stats_float = device_alloc<float>(L * r->stats_float_stride(), &bytes);
     r->dropped = device_alloc<int>(1, &bytes);
-    cudaCheck(cudaMemset(r->stats_int, 0, L * r->stats_int_stride() * sizeof(int)));
-    cudaCheck(cudaMemset(r->stats_float, 0, L * r->stats_float_stride() * sizeof(float)));
-    cudaCheck(cudaMemset(r->dropped, 0, sizeof(int)));
+    device_zero(r->stats_int, L * r->stats_int_stride() * sizeof(int));
+    device_zero(r->stats_float, L * r->stats_float_stride() * sizeof(float));
+    device_zero(r->dropped, sizeof(int));
     r->mask = device_alloc<uint8_t>(N * E, &bytes);
     r->counts = device_alloc<int>(E, &bytes);
     r->kth = device_alloc<float>((int64_t)B * E, &bytes);  // (pools, E): at most one pool per sequence

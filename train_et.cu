@@ -5,14 +5,19 @@
 //
 // Reading order: the options and their flag table; parsing and checking
 // them (every bad flag or value is one line naming the flag and what is
-// allowed); choosing the data (FineWeb-Edu shards, or the built-in synthetic
-// corpus when the default location is empty); the start-up report (model
-// size, parameters, FLOPs per token, data, batch); checkpoints; evaluation,
-// sampling and the logs (with an MoE model's routing statistics); then the
-// GPU and the training loop.
+// allowed); the run's log (console, train.log and train.jsonl); the output
+// dir; choosing the data (FineWeb-Edu shards, every token checked, or the
+// built-in synthetic corpus when the default location is empty); warnings
+// about settings that cannot do what was meant; the start-up report (model
+// size, parameters, FLOPs per token, data, batch, and the device memory and
+// checkpoint size, both worked out before the GPU is touched); checkpoints;
+// the run record that opens train.jsonl; evaluation, sampling and the
+// routing statistics of the logs; then the GPU and the training loop.
 #include <libgen.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <climits>
 #include <cmath>
@@ -20,6 +25,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
+#include <map>
 #include <memory>
 #include <string>
 #include <type_traits>
@@ -51,6 +58,15 @@ static const int GPT2_VOCAB = 50257;
 // shard's tail that does not fill a batch is skipped).
 static const size_t SYNTHETIC_SHARD_TOKENS = 1 << 20;
 static const size_t SYNTHETIC_TRAIN_SHARDS = 1024;
+// The device memory a run's plan is held to where no GPU says otherwise: an
+// H200's (143,771 MiB, as nvidia-smi shows it; the paper's GPU).
+static const size_t H200_MEMORY = 143771ull << 20;
+// The commit train_et was built from and whether the tree had changes
+// (Makefile; empty outside a git checkout), for the run record.
+#ifndef GIT_COMMIT
+#define GIT_COMMIT ""
+#define GIT_DIRTY 0
+#endif
 
 // ----------------------------------------------------------------------------
 // Options. Choice-valued options are indexes into their flag's choice list,
@@ -75,6 +91,9 @@ struct Options {
     double warmdown_frac = 0.2, weight_decay = 0.1, grad_clip = 1.0;
     int val_every = 250, val_batches = 20, sample_every = 1000, sample_tokens = 64, log_every = 10;
     int seed = 1337, synthetic_vocab = GPT2_VOCAB;
+    std::vector<std::string> given;  // the flags on the command line, in order (twice if given twice)
+
+    bool was_given(const std::string& flag) const { return std::find(given.begin(), given.end(), flag) != given.end(); }
 };
 
 struct Flag {
@@ -93,7 +112,7 @@ static std::vector<Flag> flag_table(Options& o) {
          "train shards (glob), or 'synthetic' for the built-in corpus; the default falls back to it when empty"},
         {"-j", "data", Flag::Text, &o.val_glob, 0, 0, nullptr, "validation shards (glob)"},
         {"-o", "data", Flag::Text, &o.out_dir, 0, 0, nullptr, "output dir: logs, checkpoints"},
-        {"-y", "data", Flag::Int, &o.resume, 0, 1, nullptr, "1: resume from the latest checkpoint in -o"},
+        {"-y", "data", Flag::Int, &o.resume, 0, 1, nullptr, "1: resume from the latest checkpoint in -o (-l, -u, -q, -a, -wd, -gc may change)"},
         {"-n", "data", Flag::Int, &o.checkpoint_every, 0, 1e9, nullptr, "checkpoint every N steps (0: only at the end)"},
         {"-nk", "data", Flag::Int, &o.checkpoints_kept, 0, 1e6, nullptr, "keep the last N checkpoints (0: all)"},
         {"-sv", "data", Flag::Int, &o.synthetic_vocab, 1024, 65536, nullptr, "vocab size of the synthetic corpus (-i synthetic only)"},
@@ -201,6 +220,19 @@ static std::string set_flag(const Flag& f, const char* text) {
     return "";
 }
 
+// A pattern the shell expanded into `first` and `second` (two of its files),
+// guessed back: their common start without its trailing digits, '*', their
+// common end. data/x/train_000001.bin, data/x/train_000002.bin -> data/x/train_*.bin
+static std::string guess_glob(const std::string& first, const std::string& second) {
+    size_t start = 0, end = 0;
+    while (start < first.size() && start < second.size() && first[start] == second[start]) start++;
+    while (end < first.size() - start && end < second.size() - start &&
+           first[first.size() - 1 - end] == second[second.size() - 1 - end])
+        end++;
+    while (start > 0 && isdigit((unsigned char)first[start - 1])) start--;
+    return first.substr(0, start) + "*" + first.substr(first.size() - end);
+}
+
 static Options parse_flags(int argc, char** argv) {
     Options o;
     std::vector<Flag> flags = flag_table(o);
@@ -210,10 +242,21 @@ static Options parse_flags(int argc, char** argv) {
         const Flag* flag = nullptr;
         for (const Flag& f : flags)
             if (name == f.name) flag = &f;
+        if (!flag && name[0] != '-' && i >= 3 && argv[i - 2][0] == '-') {
+            const Flag* before = nullptr;
+            for (const Flag& f : flags)
+                if (f.name == std::string(argv[i - 2])) before = &f;
+            if (before && before->kind == Flag::Text)
+                fail("'%s' is not a flag: it follows %s %s as if the shell had expanded an unquoted glob into "
+                     "several files; quote the glob: %s '%s'", argv[i], argv[i - 2], argv[i - 1], argv[i - 2],
+                     guess_glob(argv[i - 1], argv[i]).c_str());
+            if (before) fail("'%s' is not a flag: %s takes one value (here '%s')", argv[i], argv[i - 2], argv[i - 1]);
+        }
         if (!flag) fail("unknown flag '%s' (./train_et -h lists them)", argv[i]);
         if (i + 1 >= argc) fail("%s: missing value (expected %s)", flag->name, flag_allowed(*flag).c_str());
         std::string err = set_flag(*flag, argv[++i]);
         if (!err.empty()) fail("%s: %s (expected %s)", flag->name, err.c_str(), flag_allowed(*flag).c_str());
+        o.given.push_back(flag->name);
     }
     return o;
 }
@@ -258,36 +301,139 @@ static ModelConfig model_from_options(const Options& o) {
     return c;
 }
 
+// Micro-steps per step: -d over the tokens of one micro-step of every
+// process. A -d that is no multiple of them names the nearest that are.
+static int gradient_accumulation(const Options& o, int world) {
+    const int64_t micro = (int64_t)o.batch * o.seq_len * world;
+    if (micro > INT_MAX)
+        fail("-b x -t: %lld tokens per micro-step is more than %d; use a smaller -b or -t", (long long)micro, INT_MAX);
+    if (o.total_batch % micro == 0) return (int)(o.total_batch / micro);
+    const int64_t below = o.total_batch / micro * micro, above = below + micro;
+    const std::string nearest = below > 0 ? string_format("%lld or %lld", (long long)below, (long long)above)
+                                          : string_format("%lld", (long long)above);
+    fail("-d: %d tokens is not a multiple of -b x -t x processes = %d x %d x %d = %lld; the nearest -d that are: %s",
+         o.total_batch, o.batch, o.seq_len, world, (long long)micro, nearest.c_str());
+}
+
+// ----------------------------------------------------------------------------
+// The run's log. Everything the run prints goes through print(): to the
+// console and to <out>/train.log, so the log holds what the console showed.
+// Until open() (start-up done, the GPU found) the text is kept and then
+// written first: the start-up report is in the log, and a start-up that
+// fails leaves no log behind. record() writes one JSON line to train.jsonl.
+
+struct RunLog {
+    FILE *text = nullptr, *json = nullptr;
+    std::string kept;  // printed before open()
+
+    // A fresh run starts new logs; a resumed one appends to its own.
+    void open(const std::string& dir, bool append) {
+        text = fopen((dir + "/train.log").c_str(), append ? "a" : "w");
+        json = fopen((dir + "/train.jsonl").c_str(), append ? "a" : "w");
+        if (!text || !json) fail("-o: cannot write logs in %s (%s)", dir.c_str(), strerror(errno));
+        fputs(kept.c_str(), text);
+        fflush(text);
+        kept.clear();
+        fail_log = text;
+    }
+    void print(const char* fmt, ...) __attribute__((format(printf, 2, 3))) {
+        char buf[4096];
+        va_list args;
+        va_start(args, fmt);
+        vsnprintf(buf, sizeof(buf), fmt, args);
+        va_end(args);
+        fputs(buf, stdout);
+        fflush(stdout);
+        if (!text) { kept += buf; return; }
+        fputs(buf, text);
+        fflush(text);
+    }
+    void warn(const std::string& what) { print("warning: %s\n", what.c_str()); }
+    void record(const std::string& line) {
+        fprintf(json, "%s\n", line.c_str());
+        fflush(json);
+    }
+};
+
+static std::string json_string(const std::string& text) {
+    std::string out = "\"";
+    for (unsigned char c : text) {
+        if (c == '"' || c == '\\') out += '\\';
+        if (c < 0x20) out += string_format("\\u%04x", c);
+        else out += (char)c;
+    }
+    return out + "\"";
+}
+
+// JSON has no NaN or infinity: a number that is not finite is written null.
+static std::string json_number(double x, const char* fmt = "%.6g") {
+    return std::isfinite(x) ? string_format(fmt, x) : "null";
+}
+
+// Counts are written whole (%.6g would round a count past a million).
+template <typename T>
+static std::string json_array(const std::vector<T>& values) {
+    std::string out = "[";
+    for (size_t i = 0; i < values.size(); i++) {
+        if (i) out += ", ";
+        if constexpr (std::is_integral_v<T>) out += std::to_string(values[i]);
+        else if constexpr (std::is_same_v<T, std::string>) out += json_string(values[i]);
+        else out += json_number(values[i]);
+    }
+    return out + "]";
+}
+
+// ----------------------------------------------------------------------------
+// The output dir: made (with its parents) and checked writable at start-up,
+// and it must hold checkpoints exactly when the run resumes.
+
+static void prepare_output_dir(const Options& o) {
+    std::string err = make_dirs(o.out_dir);
+    if (!err.empty()) fail("-o: %s", err.c_str());
+    bool has_checkpoints = !glob_sorted(o.out_dir + "/ckpt_*.bin").empty();
+    if (!o.resume && has_checkpoints)
+        fail("-o: %s holds checkpoints of an earlier run: resume it with -y 1, or choose another -o", o.out_dir.c_str());
+    if (o.resume && !has_checkpoints) fail("-y 1: no checkpoint (ckpt_*.bin) in %s to resume from", o.out_dir.c_str());
+}
+
 // ----------------------------------------------------------------------------
 // Data: the train and val token sources and the vocab size they imply.
 
 struct DataSources {
     SyntheticCorpus synthetic;
     std::unique_ptr<TokenSource> train, val;  // val is null when there is none
+    std::vector<std::string> train_files, val_files;  // the shards the globs matched
     int vocab_size = GPT2_VOCAB;
     std::string tokenizer_path;  // empty: samples print token ids
     bool is_synthetic = false;
+    double check_seconds = 0;  // checking every token of every shard
 };
 
-static std::unique_ptr<TokenSource> open_shards(const std::string& pattern, int vocab, const char* flag) {
+static std::unique_ptr<TokenSource> open_shards(const std::string& pattern, int vocab, const char* flag,
+                                                std::vector<std::string>* matched) {
     auto files = std::make_unique<ShardFiles>();
     std::string err = files->open(pattern, vocab);
     if (!err.empty()) fail("%s: %s", flag, err.c_str());
+    *matched = files->files();
     return files;
 }
 
-static void open_data(const Options& o, DataSources* d) {
+static void open_data(const Options& o, DataSources* d, RunLog& log) {
     bool synthetic = o.train_glob == "synthetic";
     if (!synthetic && glob_sorted(o.train_glob).empty()) {
         if (o.train_glob != DEFAULT_TRAIN)
             fail("-i: no files match '%s' (make shards with data/prepare.py, or use -i synthetic)", o.train_glob.c_str());
+        if (!glob_sorted(o.val_glob).empty())
+            fail("-i: %s holds validation shards but no train shards (%s): prepare the data again with "
+                 "data/prepare.py fineweb, which splits a small input into both, or use -i synthetic",
+                 DEFAULT_VAL, DEFAULT_TRAIN);
         synthetic = true;
-        printf("+----------------------------------------------------------------------------+\n"
-               "| No FineWeb-Edu shards at %-49s |\n"
-               "| Training on the BUILT-IN SYNTHETIC CORPUS instead. For real data run       |\n"
-               "|   python3 data/prepare.py fineweb          (see README: Data)              |\n"
-               "+----------------------------------------------------------------------------+\n",
-               DEFAULT_TRAIN);
+        log.print("+----------------------------------------------------------------------------+\n"
+                  "| No FineWeb-Edu shards at %-49s |\n"
+                  "| Training on the BUILT-IN SYNTHETIC CORPUS instead. For real data run       |\n"
+                  "|   python3 data/prepare.py fineweb          (see README: Data)              |\n"
+                  "+----------------------------------------------------------------------------+\n",
+                  DEFAULT_TRAIN);
     }
     if (synthetic) {
         if (o.val_glob != DEFAULT_VAL)
@@ -311,13 +457,74 @@ static void open_data(const Options& o, DataSources* d) {
         d->vocab_size = tok.vocab_size();
         d->tokenizer_path = table;
     }
-    d->train = open_shards(o.train_glob, d->vocab_size, "-i");
+    const double start = wall_seconds();
+    d->train = open_shards(o.train_glob, d->vocab_size, "-i", &d->train_files);
     // the default validation shards belong to the default training shards
     bool default_pair = o.train_glob == DEFAULT_TRAIN || o.val_glob != DEFAULT_VAL;
     if (default_pair && !glob_sorted(o.val_glob).empty())
-        d->val = open_shards(o.val_glob, d->vocab_size, "-j");
+        d->val = open_shards(o.val_glob, d->vocab_size, "-j", &d->val_files);
     else if (o.val_glob != DEFAULT_VAL)
         fail("-j: no files match '%s'", o.val_glob.c_str());
+    d->check_seconds = wall_seconds() - start;
+}
+
+// ----------------------------------------------------------------------------
+// Settings that cannot do what the user wants: the run still starts, with a
+// one-line warning each (see settings_warnings).
+
+// The router flags, and the routers that read them.
+static const struct { const char* flag; bool tc, ec, et; } ROUTER_FLAGS[] = {
+    {"-r", true, true, true},     {"-k", true, true, true},     {"-eb", false, false, true},
+    {"-ew", false, false, true},  {"-ec", false, false, true},  {"-tb", true, false, false},
+    {"-ta", true, false, false},  {"-tu", true, false, false},  {"-ep", false, true, true},
+    {"-er", false, true, true},
+};
+
+static std::vector<std::string> settings_warnings(const Options& o, const ModelConfig& c, const DataSources& d,
+                                                  int steps, int lr_warmup, int world) {
+    std::vector<std::string> out;
+    std::map<std::string, int> times;
+    for (const std::string& flag : o.given) times[flag]++;
+    Options values = o;
+    for (const Flag& f : flag_table(values))
+        if (times[f.name] > 1)
+            out.push_back(string_format("%s given %d times: the last value, %s, is used", f.name, times[f.name],
+                                        flag_value(f).c_str()));
+    const RouterConfig& r = c.router;
+    const char* router = router_name(r.kind);
+    for (const auto& rf : ROUTER_FLAGS) {
+        if (!o.was_given(rf.flag)) continue;
+        bool used = r.kind == RouterKind::TC ? rf.tc : r.kind == RouterKind::EC ? rf.ec : rf.et;
+        const char* users = rf.tc && rf.ec ? "every router" : rf.tc ? "token choice (-r tc)"
+                            : rf.ec ? "expert choice and expert threshold (-r ec, et)" : "expert threshold (-r et)";
+        if (c.n_experts == 0)
+            out.push_back(string_format("%s: ignored: -e 0 is a dense model, which has no router", rf.flag));
+        else if (!used)
+            out.push_back(string_format("%s: ignored: it is read by %s, and the router is %s", rf.flag, users, router));
+    }
+    if (c.n_experts > 0 && r.kind == RouterKind::TC) {
+        if (o.was_given("-ta") && r.tc_balance != TcBalance::Aux)
+            out.push_back("-ta: ignored: it weighs the aux loss of -tb aux, and -tb is not aux");
+        if (o.was_given("-tu") && r.tc_balance != TcBalance::LossFree)
+            out.push_back("-tu: ignored: it is the bias step of -tb lossfree, and -tb is not lossfree");
+    }
+    if (c.n_experts > 0 && r.kind == RouterKind::ET) {
+        if (r.et_warmup_steps >= steps)
+            out.push_back(string_format("-ew %d: the ET warm-up lasts the whole run (%d steps), so it never routes by "
+                                        "thresholds; use -ew below %d", r.et_warmup_steps, steps, steps));
+        if (r.capacity > 1)
+            out.push_back(string_format("-ec %g: above 1 the clamp's lower bound k(1 - C) is below 0, so only its "
+                                        "upper bound k(1 + C) acts", r.capacity));
+    }
+    if (c.n_experts > 0 && r.kind != RouterKind::TC && r.ec_pool == EcPool::Global && world == 1)
+        out.push_back("-ep global: with one process the global batch is this GPU's micro-batch: it routes as -ep micro");
+    if (lr_warmup >= steps)
+        out.push_back(string_format("-u %d: the learning-rate warm-up does not end before the run does (%d steps), "
+                                    "so the schedule never decays; use -u below %d", lr_warmup, steps, steps));
+    if (o.lr == 0) out.push_back("-l 0: the learning rate is 0, so the weights never change");
+    if (o.was_given("-sv") && !d.is_synthetic)
+        out.push_back("-sv: ignored: it sets the synthetic corpus's vocab, and this run trains on shards (-i)");
+    return out;
 }
 
 // ----------------------------------------------------------------------------
@@ -334,68 +541,106 @@ static Schedule lr_schedule(const Options& o, int steps) {
     return s;
 }
 
-static void print_config(const Options& o, const ModelConfig& c, const DataSources& d, int grad_accum, int steps,
-                         size_t steps_per_epoch) {
+// `planned` is the model model_allocate will make (model_plan): its memory
+// and checkpoint size are printed before the GPU is touched.
+static void print_config(RunLog& log, const Options& o, const ModelConfig& c, const DataSources& d, int grad_accum,
+                         int steps, size_t steps_per_epoch, const Model& planned, size_t checkpoint_size) {
     ParamCounts n = count_parameters(c);
-    printf("train_et | %s build", PRECISION_NAME);
+    log.print("train_et | %s build", PRECISION_NAME);
 #ifdef MULTI_GPU
     int nccl = 0;
     if (ncclGetVersion(&nccl) != ncclSuccess) fail("NCCL: ncclGetVersion failed: the NCCL library is unusable");
-    printf(", NCCL %d.%d.%d linked (multi-GPU training not wired yet: 1 process)", nccl / 10000, nccl / 100 % 100,
+    log.print(", NCCL %d.%d.%d linked (multi-GPU training not wired yet: 1 process)", nccl / 10000, nccl / 100 % 100,
            nccl % 100);
 #else
-    printf(", single GPU (NO_MULTI_GPU)");
+    log.print(", single GPU (NO_MULTI_GPU)");
 #endif
-    printf("\nmodel    %s: %d layers, width %d, %d heads of %d", c.preset.c_str(), c.n_layer, c.n_embd, c.n_head, c.head_dim());
-    if (c.n_kv_head != c.n_head) printf(" (%d kv heads)", c.n_kv_head);
-    printf(", vocab %d (head padded to %d), sequence %d\n", c.vocab_size, c.padded_vocab(), c.seq_len);
+    log.print("\nmodel    %s: %d layers, width %d, %d heads of %d", c.preset.c_str(), c.n_layer, c.n_embd, c.n_head, c.head_dim());
+    if (c.n_kv_head != c.n_head) log.print(" (%d kv heads)", c.n_kv_head);
+    log.print(", vocab %d (head padded to %d), sequence %d\n", c.vocab_size, c.padded_vocab(), c.seq_len);
     if (c.n_experts == 0) {
-        printf("ffn      dense, width %d in every layer\n", 4 * c.n_embd);
+        log.print("ffn      dense, width %d in every layer\n", 4 * c.n_embd);
     } else {
         const RouterConfig& r = c.router;
-        printf("moe      layers 1..%d: 1 shared + %d routed experts of width %d, K = %d; layer 0 dense\n",
+        log.print("moe      layers 1..%d: 1 shared + %d routed experts of width %d, K = %d; layer 0 dense\n",
                c.n_layer - 1, c.n_experts, 2 * c.n_embd, r.top_k);
         int64_t pool = routing_pool_tokens(r.ec_pool, o.batch, c.seq_len);
-        printf("router   %s", router_name(r.kind));
+        log.print("router   %s", router_name(r.kind));
         if (r.kind == RouterKind::TC) {
             const char* bal[] = {"none", "aux", "lossfree"};
-            printf(", balancing %s", bal[(int)r.tc_balance]);
-            if (r.tc_balance == TcBalance::Aux) printf(" (alpha %g)", r.aux_alpha);
-            if (r.tc_balance == TcBalance::LossFree) printf(" (u %g)", r.lossfree_rate);
+            log.print(", balancing %s", bal[(int)r.tc_balance]);
+            if (r.tc_balance == TcBalance::Aux) log.print(" (alpha %g)", r.aux_alpha);
+            if (r.tc_balance == TcBalance::LossFree) log.print(" (u %g)", r.lossfree_rate);
         } else {
             const char* pools[] = {"micro-batch", "sequence", "global batch"};
-            printf(", pool %s, k = %.1f tokens per expert", pools[(int)r.ec_pool], expert_target(pool, r.top_k, c.n_experts));
+            log.print(", pool %s, k = %.1f tokens per expert", pools[(int)r.ec_pool], expert_target(pool, r.top_k, c.n_experts));
         }
         if (r.kind == RouterKind::ET) {
-            printf(", EMA beta %g, EC warm-up %d steps, capacity ", r.et_beta, et_warmup_steps(r, steps));
-            if (r.capacity < 0) printf("off");
-            else printf("%g", r.capacity);
+            log.print(", EMA beta %g, EC warm-up %d steps, capacity ", r.et_beta, et_warmup_steps(r, steps));
+            if (r.capacity < 0) log.print("off");
+            else log.print("%g", r.capacity);
         }
         if (r.kind != RouterKind::TC)
-            printf(", eval routing %s", r.eval_routing == EvalRouting::Threshold ? "threshold (causal)" : "batch (not causal)");
-        printf("\n");
+            log.print(", eval routing %s", r.eval_routing == EvalRouting::Threshold ? "threshold (causal)" : "batch (not causal)");
+        log.print("\n");
     }
-    printf("params   %s total, %s active per token (embedding %s, lm_head %s)\n", human_count(n.total).c_str(),
+    log.print("params   %s total, %s active per token (embedding %s, lm_head %s)\n", human_count(n.total).c_str(),
            human_count(n.active).c_str(), human_count((double)c.vocab_size * c.n_embd).c_str(),
            human_count((double)c.vocab_size * c.n_embd).c_str());
-    printf("flops    %.3f GFLOP per token, training (6 x %s active matmul weights + causal attention)\n",
+    log.print("flops    %.3f GFLOP per token, training (6 x %s active matmul weights + causal attention)\n",
            training_flops_per_token(c) / 1e9, human_count(n.active_matmul).c_str());
-    printf("data     train: %s\n", d.train->describe().c_str());
-    printf("         val:   %s\n", d.val ? d.val->describe().c_str() : "none (validation off)");
+    log.print("data     train: %s\n", d.train->describe().c_str());
+    log.print("         val:   %s\n", d.val ? d.val->describe().c_str() : "none (validation off)");
     if (d.is_synthetic)
-        printf("         synthetic corpus, seed %d: %d domains, loss floor (entropy rate) %.4f nats/token\n", o.seed,
+        log.print("         synthetic corpus, seed %d: %d domains, loss floor (entropy rate) %.4f nats/token\n", o.seed,
                (int)d.synthetic.domains().size(), d.synthetic.entropy_rate());
     else
-        printf("         tokenizer: %s\n", d.tokenizer_path.empty() ? "none beside the shards (GPT-2 ids assumed; samples print ids)"
-                                                                     : d.tokenizer_path.c_str());
-    printf("batch    %d x %d tokens per micro-step, %d micro-steps: %d tokens per step\n", o.batch, o.seq_len, grad_accum,
-           o.total_batch);
-    printf("steps    %d (%.2f epochs; %zu steps per epoch)\n", steps, (double)steps / steps_per_epoch, steps_per_epoch);
+        log.print("         tokenizer: %s; every token checked below vocab %d in %.2f s\n",
+                  d.tokenizer_path.empty() ? "none beside the shards (GPT-2 ids assumed; samples print ids)"
+                                           : d.tokenizer_path.c_str(), d.vocab_size, d.check_seconds);
+    log.print("batch    %d x %d tokens per micro-step, %d micro-step%s: %d tokens per step\n", o.batch, o.seq_len,
+              grad_accum, grad_accum == 1 ? "" : "s", o.total_batch);
+    log.print("steps    %d (%.2f epochs; %zu steps per epoch)\n", steps, (double)steps / steps_per_epoch, steps_per_epoch);
     const char* sched[] = {"cosine", "wsd"};
-    printf("optim    AdamW lr %g, %s schedule, warm-up %d, final %g x peak, weight decay %g, clip %g\n", o.lr,
+    log.print("optim    AdamW lr %g, %s schedule, warm-up %d, final %g x peak, weight decay %g, clip %g\n", o.lr,
            sched[o.schedule], lr_schedule(o, steps).warmup, o.final_lr_frac, o.weight_decay, o.grad_clip);
-    printf("output   %s (checkpoint every %d steps%s)\n", o.out_dir.c_str(), o.checkpoint_every, o.resume ? ", resuming" : "");
-    fflush(stdout);
+    log.print("memory   %s\n", planned.memory.describe().c_str());
+    if (c.n_experts > 0)
+        log.print("routing  room for %d (token, expert) pairs per MoE layer and micro-batch in training, %d in "
+                  "evaluation (the most the routers can pick: no sync, no drops)\n",
+                  planned.router.train[0].capacity, planned.router.eval.capacity);
+    const std::string when = o.checkpoint_every > 0 ? string_format("every %d steps and at the end", o.checkpoint_every)
+                                                    : std::string("at the end");
+    const std::string kept = o.checkpoints_kept > 0 ? string_format("the last %d kept", o.checkpoints_kept)
+                                                    : std::string("all kept");
+    log.print("output   %s (checkpoints %s, %.2f GiB each, %s%s)\n", o.out_dir.c_str(), when.c_str(),
+              checkpoint_size / 1073741824.0, kept.c_str(), o.resume ? "; resuming" : "");
+}
+
+// Refuses a run whose memory plan does not fit `capacity` (the GPU's, or an
+// H200's where no GPU answers), before anything is allocated, naming the
+// setting to change: the largest micro-batch -b whose plan fits (a valid one:
+// it divides -d, and gives EC and ET a whole k), or, when not even -b 1
+// fits, a smaller model.
+static void check_memory_fits(const Options& o, const ModelConfig& c, const MemoryPlan& plan, size_t capacity,
+                              const char* gpu) {
+    if (plan.total() <= capacity) return;
+    const double GiB = 1073741824.0;
+    std::string advice = string_format("a smaller -m, or fewer experts (-e): even at -b 1 it does not fit (the "
+                                       "parameters, fp32 master weights, gradients and AdamW take %.1f GiB)",
+                                       plan.parameters() / GiB);
+    for (int b = o.batch - 1; b >= 1; b--) {
+        const int64_t pool = routing_pool_tokens(c.router.ec_pool, b, o.seq_len);
+        const bool whole_k = c.n_experts == 0 || c.router.kind == RouterKind::TC || pool * c.router.top_k % c.n_experts == 0;
+        if (o.total_batch % ((int64_t)b * o.seq_len) != 0 || !whole_k) continue;
+        if (model_plan(c, b, o.seq_len).memory.total() > capacity) continue;
+        advice = string_format("-b %d, the largest micro-batch that fits (-d stays: more micro-steps), or a smaller -t, "
+                               "-m or -e", b);
+        break;
+    }
+    fail("memory: this run needs %.1f GiB on the GPU (parameters %.1f, activations %.1f, routing buffers %.1f), more "
+         "than the %.1f GiB of %s; use %s", plan.total() / GiB, plan.parameters() / GiB, plan.activations / GiB,
+         plan.routing / GiB, capacity / GiB, gpu, advice.c_str());
 }
 
 // ----------------------------------------------------------------------------
@@ -404,10 +649,12 @@ static void print_config(const Options& o, const ModelConfig& c, const DataSourc
 // weights are re-derived from the master copy), then the router state of an
 // MoE model (router_state_floats: every MoE layer's raw ET/EC cutoffs and TC
 // biases; its update count is in the header). Written to a temp file and
-// renamed, so a crash mid-write never damages the last good checkpoint.
+// renamed, so a crash mid-write never damages the last good checkpoint. A
+// resume reads the header at start-up, before the GPU, and stops if the run's
+// settings differ from the checkpoint's (the schedule's may change).
 
 static const int64_t CHECKPOINT_MAGIC = 0x7472616E5F65745FLL;  // "train_et_"
-static const int64_t CHECKPOINT_VERSION = 2;  // 2: the router settings and state
+static const int64_t CHECKPOINT_VERSION = 3;  // 2: the router settings and state; 3: the training time so far
 enum CheckpointField {
     CK_MAGIC, CK_VERSION, CK_STEP, CK_NUM_PARAMS, CK_LAYERS, CK_EMBD, CK_HEADS, CK_KV_HEADS, CK_VOCAB, CK_EXPERTS,
     CK_BATCH, CK_SEQ_LEN, CK_TOTAL_BATCH, CK_WORLD, CK_SEED, CK_DATA, CK_STEPS, CK_WARMUP, CK_SCHEDULE,
@@ -417,7 +664,7 @@ enum CheckpointField {
     CK_LR, CK_FINAL_LR, CK_WARMDOWN, CK_WEIGHT_DECAY, CK_GRAD_CLIP, CK_ET_BETA, CK_CAPACITY, CK_AUX_ALPHA,
     CK_LOSSFREE_RATE,
     // where the run is
-    CK_EPOCH, CK_SHARD_POS, CK_ROUND, CK_RNG0, CK_RNG3 = CK_RNG0 + 3, CK_ROUTER_UPDATES,
+    CK_EPOCH, CK_SHARD_POS, CK_ROUND, CK_RNG0, CK_RNG3 = CK_RNG0 + 3, CK_ROUTER_UPDATES, CK_ELAPSED_MS,
     CK_HEADER_FIELDS = 64  // room to grow
 };
 
@@ -455,18 +702,93 @@ static void checkpoint_settings(const Options& o, const ModelConfig& c, size_t n
     h[CK_AUX_ALPHA] = double_bits(r.aux_alpha); h[CK_LOSSFREE_RATE] = double_bits(r.lossfree_rate);
 }
 
-static const struct { CheckpointField field; const char* what; } CHECKPOINT_CHECKS[] = {
-    {CK_LAYERS, "-m (layers)"}, {CK_EMBD, "-m (width)"}, {CK_HEADS, "-m (heads)"}, {CK_KV_HEADS, "-kv"},
-    {CK_VOCAB, "the data's vocab size"}, {CK_EXPERTS, "-e"}, {CK_NUM_PARAMS, "the parameter count"},
-    {CK_BATCH, "-b"}, {CK_SEQ_LEN, "-t"}, {CK_TOTAL_BATCH, "-d"}, {CK_WORLD, "the number of processes"},
-    {CK_SEED, "-sd"}, {CK_DATA, "the training data (-i: shard count and sizes)"}, {CK_STEPS, "the step count (-x)"},
-    {CK_WARMUP, "-u"}, {CK_SCHEDULE, "-a"}, {CK_LR, "-l"}, {CK_FINAL_LR, "-q"}, {CK_WARMDOWN, "-wd"},
-    {CK_WEIGHT_DECAY, "-c"}, {CK_GRAD_CLIP, "-gc"}, {CK_ROUTER, "-r"}, {CK_TOP_K, "-k"},
-    {CK_ET_WARMUP, "ET warm-up (-ew, or 20% of -x)"}, {CK_TC_BALANCE, "-tb"}, {CK_EC_POOL, "-ep"}, {CK_ET_BETA, "-eb"},
-    {CK_CAPACITY, "-ec"}, {CK_AUX_ALPHA, "-ta"}, {CK_LOSSFREE_RATE, "-tu"}};
+// A checkpoint's size on disk: the header, the fp32 master weights and both
+// AdamW moments, and the router state.
+static size_t checkpoint_bytes(const Model& model) {
+    return CK_HEADER_FIELDS * sizeof(int64_t) + (3 * model.num_params + router_state_floats(model.router)) * sizeof(float);
+}
+
+// How a resumed run's settings are held to its checkpoint's. Most must match,
+// or the run would not be the one the checkpoint belongs to. The schedule's
+// (-l, -u, -q, -a, -wd, -gc) may change, with a warning: resuming from the
+// last good checkpoint with a lower -l is the usual remedy for a divergence,
+// and the one train_et advises.
+enum class SettingKind { Whole, Real, Schedule, Opaque };
+static const struct {
+    CheckpointField field;
+    const char* what;
+    SettingKind kind;
+    bool may_change;
+} CHECKPOINT_CHECKS[] = {
+    {CK_LAYERS, "-m (layers)", SettingKind::Whole, false}, {CK_EMBD, "-m (width)", SettingKind::Whole, false},
+    {CK_HEADS, "-m (heads)", SettingKind::Whole, false}, {CK_KV_HEADS, "-kv", SettingKind::Whole, false},
+    {CK_VOCAB, "the data's vocab size", SettingKind::Whole, false}, {CK_EXPERTS, "-e", SettingKind::Whole, false},
+    {CK_NUM_PARAMS, "the parameter count", SettingKind::Whole, false}, {CK_BATCH, "-b", SettingKind::Whole, false},
+    {CK_SEQ_LEN, "-t", SettingKind::Whole, false}, {CK_TOTAL_BATCH, "-d", SettingKind::Whole, false},
+    {CK_WORLD, "the number of processes", SettingKind::Whole, false}, {CK_SEED, "-sd", SettingKind::Whole, false},
+    {CK_DATA, "the training data (-i: shard count and sizes)", SettingKind::Opaque, false},
+    {CK_STEPS, "the step count (-x)", SettingKind::Whole, false}, {CK_WARMUP, "-u", SettingKind::Whole, true},
+    {CK_SCHEDULE, "-a", SettingKind::Schedule, true}, {CK_LR, "-l", SettingKind::Real, true},
+    {CK_FINAL_LR, "-q", SettingKind::Real, true}, {CK_WARMDOWN, "-wd", SettingKind::Real, true},
+    {CK_WEIGHT_DECAY, "-c", SettingKind::Real, false}, {CK_GRAD_CLIP, "-gc", SettingKind::Real, true},
+    {CK_ROUTER, "-r", SettingKind::Whole, false}, {CK_TOP_K, "-k", SettingKind::Whole, false},
+    {CK_ET_WARMUP, "ET warm-up (-ew, or 20% of -x)", SettingKind::Whole, false},
+    {CK_TC_BALANCE, "-tb", SettingKind::Whole, false}, {CK_EC_POOL, "-ep", SettingKind::Whole, false},
+    {CK_ET_BETA, "-eb", SettingKind::Real, false}, {CK_CAPACITY, "-ec", SettingKind::Real, false},
+    {CK_AUX_ALPHA, "-ta", SettingKind::Real, false}, {CK_LOSSFREE_RATE, "-tu", SettingKind::Real, false}};
+
+static std::string setting_text(int64_t value, SettingKind kind) {
+    double real;
+    memcpy(&real, &value, sizeof(real));
+    switch (kind) {
+        case SettingKind::Whole: return std::to_string(value);
+        case SettingKind::Real: return string_format("%g", real);
+        case SettingKind::Schedule: return value == (int64_t)LrSchedule::Wsd ? "wsd" : "cosine";
+        case SettingKind::Opaque: break;
+    }
+    return "";
+}
+
+static void read_all(FILE* f, void* data, size_t bytes, const std::string& path) {
+    if (fread(data, 1, bytes, f) != bytes) fail("%s: truncated checkpoint", path.c_str());
+}
+
+// Reads and checks a checkpoint's header; returns the open file, at its arrays.
+static FILE* open_checkpoint(const std::string& path, int64_t* h) {
+    FILE* f = fopen(path.c_str(), "rb");
+    if (!f) fail("%s: cannot open (%s)", path.c_str(), strerror(errno));
+    read_all(f, h, CK_HEADER_FIELDS * sizeof(int64_t), path);
+    if (h[CK_MAGIC] != CHECKPOINT_MAGIC) fail("%s: not a train_et checkpoint", path.c_str());
+    if (h[CK_VERSION] != CHECKPOINT_VERSION)
+        fail("%s: checkpoint version %lld, this train_et reads version %lld: resume with the train_et that wrote it",
+             path.c_str(), (long long)h[CK_VERSION], (long long)CHECKPOINT_VERSION);
+    return f;
+}
+
+// At start-up, before the GPU: the newest checkpoint of -o (prepare_output_dir
+// made sure there is one) must belong to this run (CHECKPOINT_CHECKS); a
+// changed schedule setting is a warning. Returns the checkpoint's path.
+static std::string check_resume(const Options& o, const int64_t* settings, RunLog& log) {
+    const std::string path = glob_sorted(o.out_dir + "/ckpt_*.bin").back();
+    int64_t h[CK_HEADER_FIELDS];
+    fclose(open_checkpoint(path, h));
+    for (const auto& k : CHECKPOINT_CHECKS) {
+        if (h[k.field] == settings[k.field]) continue;
+        const std::string was = setting_text(h[k.field], k.kind), now = setting_text(settings[k.field], k.kind);
+        if (!k.may_change && was.empty())
+            fail("%s: its run had other %s; resume with the settings of the run it belongs to", path.c_str(), k.what);
+        if (!k.may_change)
+            fail("%s: its run had %s %s, this one %s; resume with the settings of the run it belongs to", path.c_str(),
+                 k.what, was.c_str(), now.c_str());
+        log.warn(string_format("resuming with %s %s where the checkpoint's run had %s: the run goes on with %s from "
+                               "step %lld", k.what, now.c_str(), was.c_str(), now.c_str(), (long long)h[CK_STEP]));
+    }
+    return path;
+}
 
 struct TrainState {
     int step = 0;  // steps completed
+    double elapsed = 0;  // seconds the run has trained (a resumed run's earlier processes included)
     LoaderPosition data;
     Rng sample_rng{0};
 };
@@ -487,6 +809,7 @@ static void save_checkpoint(const Options& o, const Model& model, const TrainSta
     h[CK_EPOCH] = (int64_t)st.data.epoch; h[CK_SHARD_POS] = (int64_t)st.data.shard_pos; h[CK_ROUND] = (int64_t)st.data.round;
     for (int i = 0; i < 4; i++) h[CK_RNG0 + i] = (int64_t)st.sample_rng.s[i];
     h[CK_ROUTER_UPDATES] = model.router.updates;
+    h[CK_ELAPSED_MS] = (int64_t)(st.elapsed * 1e3);
     std::string path = checkpoint_path(o.out_dir, st.step), tmp = path + ".tmp";
     FILE* f = fopen(tmp.c_str(), "wb");
     if (!f) fail("%s: cannot create (%s)", tmp.c_str(), strerror(errno));
@@ -507,28 +830,10 @@ static void save_checkpoint(const Options& o, const Model& model, const TrainSta
     }
 }
 
-static void read_all(FILE* f, void* data, size_t bytes, const std::string& path) {
-    if (fread(data, 1, bytes, f) != bytes) fail("%s: truncated checkpoint", path.c_str());
-}
-
-// Loads the newest checkpoint of -o (main made sure there is one) into the
-// model. Every setting that shapes the model, the data stream or the update
-// (CHECKPOINT_CHECKS) must match, or the resume would not be the same run.
-static TrainState load_checkpoint(const Options& o, Model* model, const int64_t* settings, float* host_buffer) {
-    std::vector<std::string> all = glob_sorted(o.out_dir + "/ckpt_*.bin");
-    const std::string& path = all.back();
-    FILE* f = fopen(path.c_str(), "rb");
-    if (!f) fail("%s: cannot open (%s)", path.c_str(), strerror(errno));
+// Loads the checkpoint check_resume chose into the model.
+static TrainState load_checkpoint(RunLog& log, const std::string& path, Model* model, float* host_buffer) {
     int64_t h[CK_HEADER_FIELDS];
-    read_all(f, h, sizeof(h), path);
-    if (h[CK_MAGIC] != CHECKPOINT_MAGIC) fail("%s: not a train_et checkpoint", path.c_str());
-    if (h[CK_VERSION] != CHECKPOINT_VERSION)
-        fail("%s: checkpoint version %lld, this train_et reads version %lld: resume with the train_et that wrote it",
-             path.c_str(), (long long)h[CK_VERSION], (long long)CHECKPOINT_VERSION);
-    for (const auto& k : CHECKPOINT_CHECKS)
-        if (h[k.field] != settings[k.field])
-            fail("%s: was written with another %s; resume with the settings of the run it belongs to", path.c_str(),
-                 k.what);
+    FILE* f = open_checkpoint(path, h);
     for (float* buf : {model->master, model->adam_m, model->adam_v}) {
         read_all(f, host_buffer, model->num_params * sizeof(float), path);
         cudaCheck(cudaMemcpy(buf, host_buffer, model->num_params * sizeof(float), cudaMemcpyHostToDevice));
@@ -543,12 +848,87 @@ static TrainState load_checkpoint(const Options& o, Model* model, const int64_t*
     copy_to_floatX(model->params, model->master, model->num_params);
     TrainState st;
     st.step = (int)h[CK_STEP];
+    st.elapsed = h[CK_ELAPSED_MS] / 1e3;
     st.data.epoch = (uint64_t)h[CK_EPOCH];
     st.data.shard_pos = (uint64_t)h[CK_SHARD_POS];
     st.data.round = (uint64_t)h[CK_ROUND];
     for (int i = 0; i < 4; i++) st.sample_rng.s[i] = (uint64_t)h[CK_RNG0 + i];
-    printf("resumed  %s (step %d)\n", path.c_str(), st.step);
+    log.print("resumed  %s (step %d)\n", path.c_str(), st.step);
     return st;
+}
+
+// ----------------------------------------------------------------------------
+// The run record: the first line of train.jsonl, and a new one at each
+// resume. It says what ran: the command, every setting with its defaults
+// resolved (-x, -u and -ew as the step counts they became), the files the
+// globs matched, the model's size, the build (precision, git commit, whether
+// the tree had changes), the GPU and the start time. dev/plot_runs.py labels
+// runs from it.
+
+static std::string utc_now() {
+    char buf[32];
+    time_t now = time(nullptr);
+    strftime(buf, sizeof(buf), "%Y-%m-%dT%H:%M:%SZ", gmtime(&now));
+    return buf;
+}
+
+// An argument as a shell would need it typed.
+static std::string shell_quoted(const std::string& arg) {
+    const char* plain = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-+=.,/:@%";
+    if (!arg.empty() && arg.find_first_not_of(plain) == std::string::npos) return arg;
+    std::string out = "'";
+    for (char c : arg) out += c == '\'' ? std::string("'\\''") : std::string(1, c);
+    return out + "'";
+}
+
+static std::string run_record(int argc, char** argv, const Options& o, const ModelConfig& c, const DataSources& d,
+                              int steps, int lr_warmup, int grad_accum, const Model& planned, size_t checkpoint_size,
+                              const char* gpu, const std::string& start_time, int resumed_from_step) {
+    std::vector<std::string> args(argv, argv + argc);
+    std::string command;
+    for (const std::string& a : args) command += (command.empty() ? "" : " ") + shell_quoted(a);
+    Options resolved = o;
+    resolved.max_steps = steps;
+    resolved.warmup = lr_warmup;
+    resolved.et_warmup = c.router.et_warmup_steps;
+    std::string settings;
+    for (const Flag& f : flag_table(resolved)) {
+        const bool number = f.kind == Flag::Int || f.kind == Flag::Real;
+        settings += string_format("%s%s: %s", settings.empty() ? "" : ", ", json_string(f.name).c_str(),
+                                  number ? flag_value(f).c_str() : json_string(flag_value(f)).c_str());
+    }
+    const ParamCounts n = count_parameters(c);
+    auto shards = [](const TokenSource* source, const std::vector<std::string>& files) {
+        if (!source) return std::string("null");
+        size_t tokens = 0;
+        for (size_t i = 0; i < source->num_shards(); i++) tokens += source->shard_tokens(i);
+        return string_format("{\"source\": %s, \"files\": %s, \"tokens\": %zu}", json_string(source->describe()).c_str(),
+                             json_array(files).c_str(), tokens);
+    };
+    const std::string git = *GIT_COMMIT ? string_format("{\"commit\": \"%s\", \"dirty\": %s}", GIT_COMMIT,
+                                                        GIT_DIRTY ? "true" : "false")
+                                        : "null";
+    std::string r = "{\"run\": {";
+    r += "\"command\": " + json_string(command) + ", \"argv\": " + json_array(args);
+    r += ", \"start_time\": " + json_string(start_time);
+    r += ", \"resumed_from_step\": " + (resumed_from_step >= 0 ? std::to_string(resumed_from_step) : "null");
+    r += ", \"settings\": {" + settings + "}";
+    r += string_format(", \"model\": {\"layers\": %d, \"width\": %d, \"heads\": %d, \"kv_heads\": %d, \"head_dim\": %d, "
+                       "\"vocab\": %d, \"padded_vocab\": %d, \"experts\": %d, \"moe_layers\": %zu}",
+                       c.n_layer, c.n_embd, c.n_head, c.n_kv_head, c.head_dim(), c.vocab_size, c.padded_vocab(),
+                       c.n_experts, planned.router.layers.size());
+    r += string_format(", \"batch\": {\"tokens_per_step\": %d, \"micro_steps\": %d, \"steps\": %d}", o.total_batch,
+                       grad_accum, steps);
+    r += ", \"data\": {\"train\": " + shards(d.train.get(), d.train_files) + ", \"val\": " +
+         shards(d.val.get(), d.val_files) + ", \"synthetic\": " + (d.is_synthetic ? "true" : "false") +
+         ", \"tokenizer\": " + (d.tokenizer_path.empty() ? "null" : json_string(d.tokenizer_path)) + "}";
+    r += string_format(", \"params\": {\"total\": %.0f, \"active\": %.0f, \"active_matmul\": %.0f}", n.total,
+                       n.active, n.active_matmul);
+    r += string_format(", \"flops_per_token\": %.6g, \"memory_bytes\": %zu, \"checkpoint_bytes\": %zu",
+                       training_flops_per_token(c), planned.memory.total(), checkpoint_size);
+    r += string_format(", \"precision\": \"%s\", \"git\": %s, \"gpu\": %s", PRECISION_NAME, git.c_str(),
+                       json_string(gpu).c_str());
+    return r + "}}";
 }
 
 // ----------------------------------------------------------------------------
@@ -626,48 +1006,6 @@ static std::vector<int> sample(Model* model, int length, int eot, Rng& rng, std:
     return std::vector<int>(seq.begin() + 1, seq.end());
 }
 
-// Prints to the console and to <out>/train.log; JSON lines go to train.jsonl.
-struct RunLog {
-    FILE *text = nullptr, *json = nullptr;
-    void open(const std::string& dir) {
-        text = fopen((dir + "/train.log").c_str(), "a");
-        json = fopen((dir + "/train.jsonl").c_str(), "a");
-        if (!text || !json) fail("-o: cannot write logs in %s (%s)", dir.c_str(), strerror(errno));
-    }
-    void print(const char* fmt, ...) {
-        char buf[4096];
-        va_list args;
-        va_start(args, fmt);
-        vsnprintf(buf, sizeof(buf), fmt, args);
-        va_end(args);
-        fputs(buf, stdout);
-        fputs(buf, text);
-        fflush(stdout);
-        fflush(text);
-    }
-    void record(const std::string& line) {
-        fprintf(json, "%s\n", line.c_str());
-        fflush(json);
-    }
-};
-
-// JSON has no NaN or infinity: a number that is not finite is written null.
-static std::string json_number(double x, const char* fmt = "%.6g") {
-    return std::isfinite(x) ? string_format(fmt, x) : "null";
-}
-
-// Counts are written whole (%.6g would round a count past a million).
-template <typename T>
-static std::string json_array(const std::vector<T>& values) {
-    std::string out = "[";
-    for (size_t i = 0; i < values.size(); i++) {
-        if (i) out += ", ";
-        if constexpr (std::is_integral_v<T>) out += std::to_string(values[i]);
-        else out += json_number(values[i]);
-    }
-    return out + "]";
-}
-
 // The "moe" value of a logged step: one object per MoE layer with its
 // routing statistics (SPEC: Observability); "cutoff" and "batch_cutoff" only
 // when the router tracks them.
@@ -717,26 +1055,17 @@ static std::string routing_line(const char* routing_now, const RouterConfig& rou
     return line;
 }
 
-static void make_dir(const std::string& dir) {
-    std::string cmd = "mkdir -p '" + dir + "'";
-    if (dir.find('\'') != std::string::npos || system(cmd.c_str()) != 0)
-        fail("-o: cannot create the output dir '%s'", dir.c_str());
-}
-
 int main(int argc, char** argv) {
+    const std::string start_time = utc_now();
     Options o = parse_flags(argc, argv);
     ModelConfig config = model_from_options(o);
     if (o.max_steps == 0) fail("-x: 0 steps; use a positive count, or -1 for one epoch");
     const int world = 1, rank = 0;  // one process per GPU: multi-GPU arrives with NCCL training
-    int64_t micro_tokens = (int64_t)o.batch * o.seq_len * world;
-    if (micro_tokens > INT_MAX)
-        fail("-b x -t: %lld tokens per micro-step is more than %d; use a smaller -b or -t", (long long)micro_tokens, INT_MAX);
-    if (o.total_batch % micro_tokens != 0)
-        fail("-d: %d tokens is not a multiple of -b x -t x processes = %d x %d x %d = %lld", o.total_batch, o.batch,
-             o.seq_len, world, (long long)micro_tokens);
-    int grad_accum = (int)(o.total_batch / micro_tokens);
+    const int grad_accum = gradient_accumulation(o, world);
+    prepare_output_dir(o);
+    RunLog log;
     DataSources data;
-    open_data(o, &data);
+    open_data(o, &data, log);
     config.vocab_size = data.vocab_size;
 
     DataLoader train_loader, val_loader;
@@ -745,7 +1074,7 @@ int main(int argc, char** argv) {
     if (data.val) {
         err = val_loader.init(data.val.get(), o.batch, o.seq_len, rank, world, (uint64_t)o.seed, false);
         if (!err.empty()) {
-            printf("warning: validation off: %s\n", err.c_str());
+            log.warn("validation off: " + err);
             data.val.reset();
         }
     }
@@ -755,30 +1084,36 @@ int main(int argc, char** argv) {
              train_loader.batches_per_epoch(), grad_accum);
     int steps = o.max_steps > 0 ? o.max_steps : (int)steps_per_epoch;
     config.router.et_warmup_steps = et_warmup_steps(config.router, steps);  // -1 (20% of the run) made a count
-    print_config(o, config, data, grad_accum, steps, steps_per_epoch);
-    bool has_checkpoints = !glob_sorted(o.out_dir + "/ckpt_*.bin").empty();
-    if (!o.resume && has_checkpoints)
-        fail("-o: %s holds checkpoints of an earlier run: resume it with -y 1, or choose another -o", o.out_dir.c_str());
-    if (o.resume && !has_checkpoints) fail("-y 1: no checkpoint (ckpt_*.bin) in %s to resume from", o.out_dir.c_str());
+    const Schedule schedule = lr_schedule(o, steps);
+
+    // The model as model_allocate will make it, worked out without the GPU.
+    const Model planned = model_plan(config, o.batch, o.seq_len);
+    print_config(log, o, config, data, grad_accum, steps, steps_per_epoch, planned, checkpoint_bytes(planned));
+    for (const std::string& w : settings_warnings(o, config, data, steps, schedule.warmup, world)) log.warn(w);
+    int64_t settings[CK_HEADER_FIELDS] = {};
+    checkpoint_settings(o, config, planned.num_params, world, steps, data_fingerprint(*data.train), settings);
+    const std::string resume_from = o.resume ? check_resume(o, settings, log) : "";
 
     GpuInfo gpu;
     bool no_device = false;
     err = gpu_open(rank, &gpu, &no_device);
+    // a setting too big for the GPU is named even where no GPU answers
+    check_memory_fits(o, config, planned.memory, err.empty() ? gpu.prop.totalGlobalMem : H200_MEMORY,
+                      err.empty() ? gpu.prop.name : "an H200 (no GPU here to ask)");
     if (!err.empty() && no_device)
         fail("%s: train_et trains on an NVIDIA GPU; this machine has none (the CPU tests run with 'make test')",
              err.c_str());
     if (!err.empty()) fail("%s", err.c_str());
-    printf("gpu      %s, %d SMs, %.0f GiB, compute capability %d.%d, peak bf16 %.0f TFLOP/s\n", gpu.prop.name,
-           gpu.prop.multiProcessorCount, gpu.prop.totalGlobalMem / 1073741824.0, gpu.prop.major, gpu.prop.minor,
-           gpu.peak_bf16_flops / 1e12);
+    log.open(o.out_dir, o.resume);
+    log.print("gpu      %s, %d SMs, %.0f GiB, compute capability %d.%d, peak bf16 %.0f TFLOP/s\n", gpu.prop.name,
+              gpu.prop.multiProcessorCount, gpu.prop.totalGlobalMem / 1073741824.0, gpu.prop.major, gpu.prop.minor,
+              gpu.peak_bf16_flops / 1e12);
     Model model;
     model.config = config;
     model_allocate(&model, o.batch, o.seq_len);
-    printf("memory   %s\n", model.memory.describe().c_str());
-    if (config.n_experts > 0)
-        printf("routing  room for %d (token, expert) pairs per MoE layer and micro-batch in training, %d in "
-               "evaluation (the most the routers can pick: no sync, no drops)\n",
-               model.router.train[0].capacity, model.router.eval.capacity);
+    if (model.memory.total() != planned.memory.total())
+        fail("internal: model_allocate took %zu bytes, its plan (model_plan) said %zu", model.memory.total(),
+             planned.memory.total());
     int val_batches = data.val ? (int)std::min<size_t>(o.val_batches, val_loader.batches_per_epoch()) : 0;
     BatchFeeder feeder;
     feeder.allocate((size_t)o.batch * o.seq_len);
@@ -787,33 +1122,36 @@ int main(int argc, char** argv) {
     std::vector<floatX> logits_row(config.padded_vocab());
     Tokenizer tokenizer;
     if (!data.tokenizer_path.empty()) tokenizer.load(data.tokenizer_path);
-    make_dir(o.out_dir);
-    RunLog log;
-    log.open(o.out_dir);
-    int64_t settings[CK_HEADER_FIELDS] = {};
-    checkpoint_settings(o, config, model.num_params, world, steps, data_fingerprint(*data.train), settings);
 
     TrainState st;
     st.sample_rng = Rng(seed_mix((uint64_t)o.seed, 0x5A3E));
     if (o.resume) {
-        st = load_checkpoint(o, &model, settings, host_buffer);
+        st = load_checkpoint(log, resume_from, &model, host_buffer);
         train_loader.restore(st.data);
     } else {
         model_init_parameters(&model, (uint64_t)o.seed);
     }
+    log.record(run_record(argc, argv, o, config, data, steps, schedule.warmup, grad_accum, planned,
+                          checkpoint_bytes(planned), gpu.prop.name, start_time, o.resume ? st.step : -1));
 
-    const Schedule schedule = lr_schedule(o, steps);
     const double flops_per_token = training_flops_per_token(config);
     const float dloss = 1.0f / ((float)o.total_batch);
+    const double elapsed_before = st.elapsed;  // a resumed run's earlier processes
     double window_start = wall_seconds(), run_start = window_start;
     int window_steps = 0;
+    // what every record of step s carries: the tokens trained on so far and the run's seconds
+    auto progress = [&](int s) {
+        return string_format("\"tokens\": %lld, \"elapsed_s\": %.3f", (long long)s * o.total_batch,
+                             elapsed_before + wall_seconds() - run_start);
+    };
     for (; st.step < steps; ) {
         int step = st.step;
         bool last = step == steps - 1;
         if (data.val && o.val_every > 0 && step % o.val_every == 0) {
             float val_loss = evaluate(&model, val_loader, feeder, val_batches);
             log.print("step %6d | val loss %.4f\n", step, val_loss);
-            log.record(string_format("{\"step\": %d, \"val_loss\": %s}", step, json_number(val_loss, "%.6f").c_str()));
+            log.record(string_format("{\"step\": %d, \"val_loss\": %s, %s}", step, json_number(val_loss, "%.6f").c_str(),
+                                     progress(step).c_str()));
             window_start = wall_seconds();
             window_steps = 0;
         }
@@ -838,6 +1176,7 @@ int main(int argc, char** argv) {
         model_update(&model, lr, (float)o.weight_decay, (float)o.grad_clip, step + 1);
         st.step++;
         st.data = train_loader.position();
+        st.elapsed = elapsed_before + wall_seconds() - run_start;
         window_steps++;
 
         bool checkpoint = last || (o.checkpoint_every > 0 && st.step % o.checkpoint_every == 0);
@@ -853,9 +1192,9 @@ int main(int argc, char** argv) {
             log.print("step %6d/%d | loss %.4f | lr %.2e | norm %.3f | %.0f ms | %.0f tok/s | MFU %.1f%% | ETA %s\n",
                       st.step, steps, loss, lr, norm, dt * 1e3, tokens_per_s, 100 * mfu, format_duration(eta).c_str());
             std::string record = string_format("{\"step\": %d, \"loss\": %s, \"lr\": %.6e, \"grad_norm\": %s, "
-                                               "\"step_ms\": %.3f, \"tokens_per_s\": %.1f, \"mfu\": %.5f", st.step,
+                                               "\"step_ms\": %.3f, \"tokens_per_s\": %.1f, \"mfu\": %.5f, %s", st.step,
                                                json_number(loss, "%.6f").c_str(), lr, json_number(norm, "%.6f").c_str(),
-                                               dt * 1e3, tokens_per_s, mfu);
+                                               dt * 1e3, tokens_per_s, mfu, progress(st.step).c_str());
             // read before router_step_end, so the cutoffs are the ones this step routed with
             std::vector<LayerRoutingStats> routing = router_read_stats(model.router);
             if (!routing.empty()) {
@@ -883,7 +1222,8 @@ int main(int argc, char** argv) {
     if (data.val && o.val_every > 0) {
         float val_loss = evaluate(&model, val_loader, feeder, val_batches);
         log.print("step %6d | val loss %.4f (final)\n", steps, val_loss);
-        log.record(string_format("{\"step\": %d, \"val_loss\": %s}", steps, json_number(val_loss, "%.6f").c_str()));
+        log.record(string_format("{\"step\": %d, \"val_loss\": %s, %s}", steps, json_number(val_loss, "%.6f").c_str(),
+                                 progress(steps).c_str()));
     }
     log.print("done: %d steps in %s\n", steps, format_duration(wall_seconds() - run_start).c_str());
     model_free(&model);

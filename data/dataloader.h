@@ -41,9 +41,10 @@ class TokenSource {
     virtual std::string describe() const = 0;
 };
 
-// llm.c shards on disk. Opening checks every file's header and size up front
-// (cheap); the token ids of a shard are checked against the vocab when it is
-// loaded, before any of its tokens is used.
+// llm.c shards on disk. Opening checks every file whole, header, size and
+// every token id against the vocab, before anything starts (a bad id would
+// index past the embedding on the GPU); loading a shard checks it again, so
+// a file changed during the run is caught too.
 class ShardFiles : public TokenSource {
   public:
     // Returns "" or the first problem ("<file>: <reason>", or no match).
@@ -55,12 +56,13 @@ class ShardFiles : public TokenSource {
         tokens_.clear();
         for (const std::string& f : files_) {
             size_t n = 0;
-            std::string err = shard_check_header(f, &n);
+            std::string err = shard_check(f, vocab_size, &n);
             if (!err.empty()) return err;
             tokens_.push_back(n);
         }
         return "";
     }
+    const std::vector<std::string>& files() const { return files_; }
     size_t num_shards() const override { return files_.size(); }
     size_t shard_tokens(size_t shard) const override { return tokens_[shard]; }
     void load(size_t shard, std::vector<uint16_t>* tokens) const override {

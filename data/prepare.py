@@ -7,9 +7,12 @@ and a small id-to-bytes table it uses to print text samples.
 Subcommands:
   fineweb    FineWeb-Edu from Hugging Face, or a local .jsonl/.txt file fully
              offline, into shards of --shard-size tokens with EOT (50256) in
-             front of every document. Shard 0 is validation, the rest training.
-             Tokenizes in parallel and resumes after an interrupt with output
-             byte-identical to an uninterrupted run.
+             front of every document. Shard 0 is validation, the rest training;
+             an input smaller than two shards is split instead: its first 1%
+             (at least 32,768 tokens or a tenth, whichever is fewer) to
+             validation, the rest to training. Tokenizes in parallel and
+             resumes after an interrupt with output byte-identical to an
+             uninterrupted run.
   text       one text file the way llm.c prepared tiny shakespeare: split on
              blank lines, EOT before each part, the first --val-tokens tokens
              to <name>_val.bin and the rest to <name>_train.bin.
@@ -20,6 +23,9 @@ File formats (llm.c's, byte for byte, all little-endian):
                    then the tokens as uint16.
   tokenizer table  256 x int32 header [20240328, 1, vocab size, 0, ...],
                    then for each id in order: uint8 length, that many bytes.
+
+Each command ends by printing the ./train_et command that trains on what it
+wrote.
 
 Examples:
   python data/prepare.py fineweb                      # sample-10BT -> data/edu_fineweb10B
@@ -35,6 +41,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import shlex
 import signal
 import struct
 import sys
@@ -66,6 +73,12 @@ FINEWEB_CONFIGS = {
 STATE_FILE_NAME = "prepare_state.json"
 TOKENIZER_TABLE_NAME = "gpt2_tokenizer.bin"
 DOC_SPLITS = ("blank-line", "line", "none")
+# llm.c's tiny-Shakespeare split: the validation tokens of a small input, at least
+LLMC_VAL_TOKENS = 32768
+# train_et's default batch: tokens per step, and per validation micro-batch (+1 for the targets)
+TRAIN_ET_STEP_TOKENS, TRAIN_ET_VAL_BATCH_TOKENS = 524288, 16 * 2048 + 1
+# the model and router of the small-corpus command (README: Quick start without FineWeb-Edu)
+SMALL_CORPUS_MODEL = "-m d6 -e 8"
 
 
 class PrepareError(Exception):
@@ -219,11 +232,50 @@ def write_tokenizer_table(encoding, path):
     write_atomically(path, table)
 
 
-def make_out_dir(path, option):
+@contextlib.contextmanager
+def output_dir(path, option):
+    """Makes the output directory; if this run made it and stops before writing
+    anything into it (a bad option, a bad input), removes it again."""
+    made = not path.exists()
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise PrepareError(f"cannot create output directory {path}: {e.strerror}; choose another {option}") from None
+    try:
+        yield
+    except BaseException:
+        if made and not any(path.iterdir()):
+            path.rmdir()
+        raise
+
+
+def counted(n, noun):
+    """1 shard, 2 shards, 12,345 tokens."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
+def train_command(train_glob, val_glob, train_tokens, val_tokens):
+    """The train_et command that trains on these shards. When they are too small for
+    train_et's default batch (ten steps of it, and one validation micro-batch), it
+    takes the small-corpus model and the largest -b x -t (-t at most 256) whose
+    windows fit both shards."""
+    command = f"./train_et -i {shlex.quote(str(train_glob))} -j {shlex.quote(str(val_glob))}"
+    if train_tokens >= 10 * TRAIN_ET_STEP_TOKENS and val_tokens >= TRAIN_ET_VAL_BATCH_TOKENS:
+        return command
+    for seq_len in (256, 128, 64, 32, 16, 8):
+        for batch in (8, 4, 2, 1):
+            if batch * seq_len + 1 <= min(train_tokens, val_tokens):
+                return f"{command} {SMALL_CORPUS_MODEL} -b {batch} -t {seq_len} -d {batch * seq_len}"
+    return None
+
+
+def print_train_command(train_glob, val_glob, train_tokens, val_tokens):
+    command = train_command(train_glob, val_glob, train_tokens, val_tokens)
+    if command:
+        print(f"train on it with:\n  {command}")
+    else:
+        print(f"too small to train on: train_et needs at least 9 tokens in the train and in the val shard "
+              f"(here {train_tokens:,} and {val_tokens:,})")
 
 
 # ---------------------------------------------------------------------------
@@ -399,6 +451,10 @@ def shard_name(index):
     return f"edu_fineweb_{split}_{index:06d}.bin"
 
 
+def shard_glob(split):
+    return f"edu_fineweb_{split}_*.bin"
+
+
 def fresh_state(settings):
     return {"settings": settings, "shards_written": 0, "tokens_written": 0,
             "documents_consumed": 0, "spill_tokens": [], "complete": False}
@@ -432,9 +488,19 @@ def load_state(out_dir, settings):
     return state
 
 
+def small_input_val_tokens(total):
+    """The validation tokens of an input smaller than two shards: its first 1%, but at
+    least llm.c's tiny-Shakespeare 32,768 tokens or a tenth of it, whichever is fewer."""
+    return max(-(-total // 100), min(LLMC_VAL_TOKENS, total // 10), 1)
+
+
 class ShardWriter:
     """Cuts the stream of document tokens into shards of exactly shard_size tokens
-    (the last one holds the remainder), saving the resume state after each."""
+    (the last one holds the remainder), saving the resume state after each.
+
+    Shard 0 is validation. It is held back until a second shard fills: an input
+    smaller than two shards is split by finish() instead (small_input_val_tokens),
+    so that it gives a train shard and a val shard, not validation alone."""
 
     def __init__(self, out_dir, shard_size, state, stop_after_shards):
         self.out_dir = out_dir
@@ -443,6 +509,8 @@ class ShardWriter:
         self.shards_this_run = 0
         self.buffer = bytearray(2 * shard_size)
         self.filled = 0  # in bytes
+        self.held = None  # shard 0, until shard 1 fills
+        self.small_split = None  # (val tokens, total tokens) when finish() split a small input
 
     def add_document(self, token_bytes):
         self.state["documents_consumed"] += 1
@@ -456,26 +524,53 @@ class ShardWriter:
             self.filled += take
             rest = rest[take:]
             if self.filled == len(self.buffer):
-                self.write_shard(spill=rest)
+                if self.state["shards_written"] == 0 and self.held is None:
+                    self.held = bytes(self.buffer)
+                else:
+                    if self.held is not None:
+                        self.write_shard(self.held, spill=None)
+                        self.held = None
+                    self.write_shard(self.buffer, spill=rest)
+                self.filled = 0
 
     def finish(self):
-        if self.filled:
-            self.write_shard(spill=b"")
+        rest = bytes(self.buffer[:self.filled])
+        if self.state["shards_written"] == 0:
+            self.split_small_input((self.held or b"") + rest)
+        elif rest:
+            self.write_shard(rest, spill=b"")
         self.state["complete"] = True
         save_state(self.out_dir, self.state)
 
-    def write_shard(self, spill):
+    def split_small_input(self, token_bytes):
+        total = len(token_bytes) // 2
+        if total < 2:
+            raise PrepareError(f"the input holds {counted(total, 'token')}: too few for a train and a val shard; "
+                               f"give it more text")
+        val = small_input_val_tokens(total)
+        self.small_split = (val, total)
+        shard_bytes = len(self.buffer)
+        pieces = [token_bytes[:2 * val]]
+        pieces += [token_bytes[start:start + shard_bytes] for start in range(2 * val, len(token_bytes), shard_bytes)]
+        for piece in pieces[:-1]:
+            self.write_shard(piece, spill=None)
+        self.write_shard(pieces[-1], spill=b"")
+
+    def write_shard(self, token_bytes, spill):
+        """Writes the next shard and, unless spill is None (another shard follows at
+        once), saves the resume state with spill, the start of the next shard."""
         index = self.state["shards_written"]
-        write_shard(self.out_dir / shard_name(index), memoryview(self.buffer)[:self.filled])
+        write_shard(self.out_dir / shard_name(index), token_bytes)
         self.state["shards_written"] = index + 1
-        self.state["tokens_written"] += self.filled // 2
+        self.state["tokens_written"] += len(token_bytes) // 2
+        self.shards_this_run += 1
+        if spill is None:
+            return
         self.state["spill_tokens"] = bytes_to_tokens(spill)
         save_state(self.out_dir, self.state)
-        self.filled = 0
-        self.shards_this_run += 1
-        if self.shards_this_run == self.stop_after_shards:
+        if self.stop_after_shards and self.shards_this_run >= self.stop_after_shards:
             raise Interrupted(f"stopped by --stop-after-shards {self.stop_after_shards} "
-                              f"({index + 1} shards in {self.out_dir})")
+                              f"({counted(index + 1, 'shard')} in {self.out_dir})")
 
 
 # ---------------------------------------------------------------------------
@@ -497,20 +592,37 @@ def run_settings(args):
     return settings
 
 
+def shard_tokens(path):
+    return (path.stat().st_size - 4 * HEADER_INTS) // 2
+
+
+def print_fineweb_train_command(out_dir, state):
+    val_tokens = shard_tokens(out_dir / shard_name(0))
+    print_train_command(out_dir / shard_glob("train"), out_dir / shard_glob("val"),
+                        state["tokens_written"] - val_tokens, val_tokens)
+
+
 def prepare_fineweb(args):
     out_dir = args.out or REPO_ROOT / "data" / FINEWEB_CONFIGS[args.config][0]
     if args.input is not None:
         check_input_file(args.input)
     settings = run_settings(args)
-    make_out_dir(out_dir, "--out")
-    state = load_state(out_dir, settings)
-    if state["complete"]:
-        print(f"already complete: {out_dir} holds {state['shards_written']} shards, {state['tokens_written']:,} tokens "
-              f"(delete {out_dir / STATE_FILE_NAME} and the shards to prepare them again)")
-        return
+    with output_dir(out_dir, "--out"):
+        state = load_state(out_dir, settings)
+        if state["complete"]:
+            print(f"already complete: {out_dir} holds {counted(state['shards_written'], 'shard')}, "
+                  f"{counted(state['tokens_written'], 'token')} (delete {out_dir / STATE_FILE_NAME} and the shards "
+                  f"to prepare them again)")
+            print_fineweb_train_command(out_dir, state)
+            return
+        encoding = load_gpt2(args.encoder, args.vocab)
+        write_fineweb_shards(args, out_dir, state, encoding)
+        # last, so that a run stopped by a bad input leaves nothing behind
+        write_tokenizer_table(encoding, out_dir / TOKENIZER_TABLE_NAME)
+    print_fineweb_train_command(out_dir, state)
 
-    encoding = load_gpt2(args.encoder, args.vocab)
-    write_tokenizer_table(encoding, out_dir / TOKENIZER_TABLE_NAME)
+
+def write_fineweb_shards(args, out_dir, state, encoding):
     skip = state["documents_consumed"]
     if args.input is not None:
         documents = itertools.islice(input_file_documents(args.input, args.text_field, args.doc_split), skip, None)
@@ -519,7 +631,8 @@ def prepare_fineweb(args):
         documents = open_fineweb(args.config, args.text_field, args.stream, skip)
         source, nominal_tokens = f"{FINEWEB_DATASET} ({args.config})", FINEWEB_CONFIGS[args.config][1]
     if skip:
-        print(f"resuming: {state['shards_written']} shards done, skipping the first {skip:,} documents")
+        print(f"resuming: {counted(state['shards_written'], 'shard')} done, skipping the first "
+              f"{counted(skip, 'document')}")
     print(f"tokenizing {source} into {out_dir}: shards of {args.shard_size:,} tokens, --workers {args.workers}")
 
     writer = ShardWriter(out_dir, args.shard_size, state, args.stop_after_shards)
@@ -538,8 +651,12 @@ def prepare_fineweb(args):
         if state["documents_consumed"] == 0:
             raise PrepareError(f"{source} holds no documents; check the file and --doc-split / --text-field")
         writer.finish()
-    print(f"wrote {state['shards_written']} shards, {state['tokens_written']:,} tokens "
-          f"({state['documents_consumed']:,} documents) to {out_dir}")
+    if writer.small_split:
+        val, total = writer.small_split
+        print(f"the input holds {counted(total, 'token')}, less than two shards of {args.shard_size:,}: its first "
+              f"{counted(val, 'token')} went to the validation shard, the other {total - val:,} to training")
+    print(f"wrote {counted(state['shards_written'], 'shard')}, {counted(state['tokens_written'], 'token')} "
+          f"({counted(state['documents_consumed'], 'document')}) to {out_dir}")
 
 
 def prepare_text(args):
@@ -547,31 +664,32 @@ def prepare_text(args):
         raise PrepareError(f"input file not found: {args.file}; check the path")
     name = args.name or args.file.stem
     out_dir = args.out or REPO_ROOT / "data" / name
-    make_out_dir(out_dir, "--out")
-    encoding = load_gpt2(args.encoder, args.vocab)
-    with open_utf8(args.file) as f:
-        parts = f.read().split("\n\n")
-    tokens = []
-    for index, part in enumerate(parts):
-        tokens.append(EOT)
-        # llm.c's recipe: every part but the last gets its separating blank line back
-        tokens.extend(encoding.encode_ordinary(part if index == len(parts) - 1 else part + "\n\n"))
-    if len(tokens) <= args.val_tokens:
-        raise PrepareError(f"{args.file} gives only {len(tokens):,} tokens, not more than --val-tokens "
-                           f"{args.val_tokens:,}; lower --val-tokens")
-    val_path, train_path = out_dir / f"{name}_val.bin", out_dir / f"{name}_train.bin"
-    write_shard(val_path, tokens_to_bytes(tokens[:args.val_tokens]))
-    write_shard(train_path, tokens_to_bytes(tokens[args.val_tokens:]))
-    write_tokenizer_table(encoding, out_dir / TOKENIZER_TABLE_NAME)
-    print(f"wrote {val_path} ({args.val_tokens:,} tokens) and {train_path} "
-          f"({len(tokens) - args.val_tokens:,} tokens)")
+    with output_dir(out_dir, "--out"):
+        encoding = load_gpt2(args.encoder, args.vocab)
+        with open_utf8(args.file) as f:
+            parts = f.read().split("\n\n")
+        tokens = []
+        for index, part in enumerate(parts):
+            tokens.append(EOT)
+            # llm.c's recipe: every part but the last gets its separating blank line back
+            tokens.extend(encoding.encode_ordinary(part if index == len(parts) - 1 else part + "\n\n"))
+        if len(tokens) <= args.val_tokens:
+            raise PrepareError(f"{args.file} gives only {counted(len(tokens), 'token')}, not more than --val-tokens "
+                               f"{args.val_tokens:,}; lower --val-tokens")
+        val_path, train_path = out_dir / f"{name}_val.bin", out_dir / f"{name}_train.bin"
+        write_shard(val_path, tokens_to_bytes(tokens[:args.val_tokens]))
+        write_shard(train_path, tokens_to_bytes(tokens[args.val_tokens:]))
+        write_tokenizer_table(encoding, out_dir / TOKENIZER_TABLE_NAME)
+    train_tokens = len(tokens) - args.val_tokens
+    print(f"wrote {val_path} ({counted(args.val_tokens, 'token')}) and {train_path} ({counted(train_tokens, 'token')})")
+    print_train_command(train_path, val_path, train_tokens, args.val_tokens)
 
 
 def prepare_tokenizer(args):
-    make_out_dir(args.path.parent, "PATH")
-    encoding = load_gpt2(args.encoder, args.vocab)
-    write_tokenizer_table(encoding, args.path)
-    print(f"wrote {args.path} ({encoding.n_vocab} tokens)")
+    with output_dir(args.path.parent, "PATH"):
+        encoding = load_gpt2(args.encoder, args.vocab)
+        write_tokenizer_table(encoding, args.path)
+    print(f"wrote {args.path} ({counted(encoding.n_vocab, 'token')})")
 
 
 # ---------------------------------------------------------------------------
@@ -616,7 +734,9 @@ def parse_args(argv):
         "fineweb", parents=[bpe_files], help="FineWeb-Edu (or a local file) -> token shards",
         description="Tokenize FineWeb-Edu (downloaded from Hugging Face, or a local --input file) into "
                     "shards <out>/edu_fineweb_{val|train}_NNNNNN.bin, EOT before every document; shard 0 is "
-                    "validation. Documents may straddle shards. Interrupted runs (Ctrl-C, kill) continue "
+                    "validation. An input smaller than two shards is split instead: its first 1% (at least "
+                    "32,768 tokens or a tenth, whichever is fewer) to validation, the rest to training. Documents "
+                    "may straddle shards. Interrupted runs (Ctrl-C, kill) continue "
                     f"where they stopped when the same command is run again (state in <out>/{STATE_FILE_NAME}); "
                     "the result is byte-identical to an uninterrupted run.")
     fineweb.add_argument("--config", choices=FINEWEB_CONFIGS, default="sample-10BT",
@@ -642,8 +762,9 @@ def parse_args(argv):
                          help="stream the download instead of keeping a local copy in the Hugging Face cache; "
                               "uses no disk for the raw data, but resuming re-reads the skipped documents")
     fineweb.add_argument("--stop-after-shards", type=positive_int, metavar="N",
-                         help="testing aid: stop after writing N shards in this run, exactly as an interrupt "
-                              "would, so that resuming can be tested")
+                         help="testing aid: stop once N shards are written in this run (shard 0 is written "
+                              "together with shard 1), exactly as an interrupt would, so that resuming can be "
+                              "tested")
     fineweb.set_defaults(run=prepare_fineweb)
 
     text = commands.add_parser(

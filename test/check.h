@@ -1,10 +1,11 @@
 // test/check.h: the tiny test harness every C++ test program uses.
 //
 // A test is a function taking a Test&. CHECK(t, cond, fmt, ...) records a
-// failure with its line and a message; t.skip(reason) marks the test skipped
-// (missing optional data, never to hide a failure). run_tests() prints one
-// line per test, "ok - name", "FAIL - name: ..." or "skip - name: ...",
-// which test/run_tests.sh counts, and returns non-zero if anything failed.
+// failure with its line and a message; t.skip(reason, fix) marks the test
+// skipped (missing optional data, never to hide a failure; the fix says what
+// makes it run). run_tests() prints one line per test, "ok - name",
+// "FAIL - name: ..." or "skip - name: reason; to run it: fix", which
+// test/run_tests.sh counts, and returns non-zero if anything failed.
 #pragma once
 
 #include <unistd.h>
@@ -18,7 +19,7 @@
 struct Test {
     std::vector<std::string> failures;
     std::string skipped;
-    void skip(const std::string& reason) { skipped = reason; }
+    void skip(const std::string& reason, const std::string& fix) { skipped = reason + "; to run it: " + fix; }
 };
 
 inline void check_fail(Test& t, int line, const char* fmt, ...) {
@@ -65,6 +66,7 @@ inline std::string shared_data_dir() {
     const char* env = getenv("TRAIN_ET_SHARED_DATA");
     return env ? env : "../shared/data";
 }
+constexpr const char* SHARED_DATA_FIX = "put the shared test data there, or point TRAIN_ET_SHARED_DATA at it (README: Tests)";
 
 // A fresh, empty scratch directory for one test program, removed when the
 // program exits.

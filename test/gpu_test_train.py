@@ -4,7 +4,11 @@ A tiny dense model must overfit one batch, the same seed must give
 bit-identical losses twice, a resumed run must continue bit-exactly where
 the uninterrupted one went (dense, and ET across its warm-up switch), and a
 run on the synthetic corpus must learn, dense and with each router, with
-routing statistics that obey the router's rules.
+routing statistics that obey the router's rules. A run must describe itself
+(train.log is the console, train.jsonl opens with the run record, every
+record carries tokens and seconds, a checkpoint is the size start-up said);
+a resume may change the schedule (with a warning) but nothing else; and on
+the emulated device, a CUDA that cannot start is named as what it is.
 
 run_tests.sh runs it with ./train_et where a CUDA device exists, and else with
 TRAIN_ET_EMULATED=1: build/emu/plain/train_et on the emulated device (test/emu),
@@ -21,7 +25,7 @@ import struct
 import subprocess
 import tempfile
 
-from harness import REPO, main
+from harness import REPO, Skip, main
 
 EMULATED = os.environ.get("TRAIN_ET_EMULATED") == "1"
 TRAIN_ET = os.path.join(REPO, "build/emu/plain/train_et" if EMULATED else "train_et")
@@ -53,6 +57,11 @@ def train(out_dir, *args, schedule=None):
     r = subprocess.run([TRAIN_ET, *TINY, "-o", out_dir, *args], capture_output=True, text=True, timeout=1200, env=env)
     assert r.returncode == 0, f"train_et {' '.join(args)} exited {r.returncode}: {r.stderr.strip()}"
     return r.stdout
+
+
+def run_records(out_dir):
+    with open(os.path.join(out_dir, "train.jsonl")) as f:
+        return [json.loads(line) for line in f]
 
 
 def records(out_dir):
@@ -123,6 +132,76 @@ def test_synthetic_corpus_learns():
         assert re.search(r"^memory +[\d.]+ GiB on the GPU: parameters .*, activations [\d.]+", out, re.M), \
             f"no memory plan in the start-up report: {out}"
         assert not any("moe" in rec for rec in records(f"{d}/out").values()), "a dense run logged routing"
+
+
+def test_run_describes_itself():
+    with tempfile.TemporaryDirectory() as d:
+        args = ["-i", "synthetic", "-sv", "2048", "-x", "6", "-e", "4", "-v", "3", "-vm", "1", "-n", "3"]
+        r = subprocess.run([TRAIN_ET, *TINY, "-o", f"{d}/out", *args], capture_output=True, text=True, timeout=1200)
+        assert r.returncode == 0, r.stderr
+        with open(f"{d}/out/train.log") as f:
+            assert f.read() == r.stdout, "train.log is not what the console showed"
+        lines = run_records(f"{d}/out")
+        run = lines[0]["run"]
+        assert run["argv"] == [TRAIN_ET, *TINY, "-o", f"{d}/out", *args], run["argv"]
+        settings = run["settings"]
+        assert settings["-x"] == 6 and settings["-u"] == 0 and settings["-ew"] == 1, settings  # -u, -ew resolved
+        assert (settings["-e"], settings["-r"], settings["-k"], settings["-b"], settings["-sd"]) == (4, "et", 1, B, 1337)
+        assert run["data"]["synthetic"] and run["data"]["train"]["tokens"] == 1024 * 2**20, run["data"]
+        assert run["params"]["total"] > run["params"]["active"] > 0 and run["flops_per_token"] > 0, run
+        assert run["batch"] == {"tokens_per_step": TOKENS, "micro_steps": 1, "steps": 6}, run["batch"]
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", run["start_time"]) and run["gpu"], run
+        assert run["resumed_from_step"] is None and run["precision"] == "BF16", run
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        if head:  # built from a git checkout
+            assert run["git"]["commit"] == head and isinstance(run["git"]["dirty"], bool), run["git"]
+        elapsed = [rec["elapsed_s"] for rec in lines[1:]]
+        assert elapsed == sorted(elapsed) and elapsed[0] >= 0, elapsed
+        assert all(rec["tokens"] == rec["step"] * TOKENS for rec in lines[1:]), lines[1:]
+        assert [rec["step"] for rec in lines[1:] if "val_loss" in rec] == [0, 3, 6], lines
+        checkpoint = os.path.getsize(f"{d}/out/ckpt_0000000006.bin")
+        assert checkpoint == run["checkpoint_bytes"], f"checkpoint {checkpoint} bytes, start-up said {run['checkpoint_bytes']}"
+        assert f"{checkpoint / 2**30:.2f} GiB each" in r.stdout and str(run["memory_bytes"]) != "0", r.stdout
+
+
+def test_resume_may_change_the_schedule_only():
+    """After a divergence train_et advises a resume with a lower -l: that resume must work (with a
+    warning), and go on at the new rate; a resume that changes the run itself stops before the GPU."""
+    with tempfile.TemporaryDirectory() as d:
+        shard = random_shard(d, 50000)
+        train(f"{d}/run", "-i", shard, "-x", "20", "-n", "10")
+        os.remove(f"{d}/run/ckpt_0000000020.bin")
+        whole = records(f"{d}/run")
+        r = subprocess.run([TRAIN_ET, *TINY, "-o", f"{d}/run", "-i", shard, "-x", "30", "-y", "1"], capture_output=True,
+                           text=True, timeout=1200)
+        assert r.returncode == 1 and "gpu " not in r.stdout and r.stderr.startswith(
+            f"error: {d}/run/ckpt_0000000010.bin: its run had the step count (-x) 20, this one 30; resume with"), r.stderr
+        out = train(f"{d}/run", "-i", shard, "-x", "20", "-y", "1", "-l", "3e-4")
+        want = "warning: resuming with -l 0.0003 where the checkpoint's run had 0.0006: the run goes on with 0.0003 from step 10"
+        assert want in out.splitlines(), out
+        resumed = records(f"{d}/run")
+        assert resumed[11]["lr"] < whole[11]["lr"] and resumed[11]["loss"] == whole[11]["loss"], (resumed[11], whole[11])
+        assert resumed[11]["elapsed_s"] >= whole[10]["elapsed_s"], "the resumed run's clock started again from 0"
+        starts = [line["run"] for line in run_records(f"{d}/run") if "run" in line]
+        assert [s["resumed_from_step"] for s in starts] == [None, 10], starts
+
+
+def test_cuda_start_failures_are_named():
+    """No driver at all is 'no CUDA device'; a driver too old for this CUDA is named as that, with both versions."""
+    if not EMULATED:
+        raise Skip("the emulated device stands in for the machines without a working driver",
+                   "TRAIN_ET_EMULATED=1 python3 test/gpu_test_train.py test_cuda_start_failures_are_named")
+    with tempfile.TemporaryDirectory() as d:
+        for driver, want in (("0", "error: no CUDA device (cudaGetDeviceCount: CUDA driver version is insufficient for "
+                                   "CUDA runtime version, no NVIDIA driver): train_et trains on an NVIDIA GPU; this "
+                                   "machine has none"),
+                             ("12040", "error: CUDA cannot start: cudaGetDeviceCount: cudaErrorInsufficientDriver (CUDA "
+                                       "driver version is insufficient for CUDA runtime version); the driver supports "
+                                       "CUDA 12.4, this program was built with CUDA ")):
+            r = subprocess.run([TRAIN_ET, *TINY, "-i", "synthetic", "-o", f"{d}/out"], capture_output=True, text=True,
+                               timeout=120, env=dict(os.environ, EMU_CUDA_DRIVER=driver))
+            assert r.returncode == 1 and r.stderr.startswith(want) and r.stderr.count("\n") == 1, r.stderr
+            assert driver == "0" or re.fullmatch(r".* CUDA \d+\.\d\n", r.stderr), r.stderr
 
 
 # The MoE runs: tiny has one MoE layer (layer 1); 4 experts and a pool of

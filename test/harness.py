@@ -2,10 +2,11 @@
 
 Each test is a function named test_*; run_module() runs them in file order
 (or those named on the command line) and prints one line each, "ok - name",
-"FAIL - name: reason" or "skip - name: reason", the lines test/run_tests.sh
-counts. A test skips by raising Skip
-(only for missing optional data or tools, never to hide a failure), and
-fails on any exception: a failed assert or an error alike.
+"FAIL - name: reason" or "skip - name: reason; to run it: fix", the lines
+test/run_tests.sh counts. A test skips by raising Skip(reason, fix) (only
+for missing optional data or tools, never to hide a failure; the fix says
+what makes it run), and fails on any exception: a failed assert or an error
+alike.
 """
 import os
 import sys
@@ -15,7 +16,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Skip(Exception):
-    pass
+    def __init__(self, reason, fix):
+        super().__init__(f"{reason}; to run it: {fix}")
 
 
 def shared_data_dir():
@@ -23,11 +25,14 @@ def shared_data_dir():
     return os.environ.get("TRAIN_ET_SHARED_DATA") or os.path.join(REPO, "..", "shared", "data")
 
 
+SHARED_DATA_FIX = "put the shared test data there, or point TRAIN_ET_SHARED_DATA at it (README: Tests)"
+
+
 def shared_file(name):
     """Path of a file of the shared test data, or Skip when it is absent."""
     path = os.path.join(shared_data_dir(), name)
     if not os.path.exists(path):
-        raise Skip(f"no {path}")
+        raise Skip(f"no {path}", SHARED_DATA_FIX)
     return path
 
 

@@ -93,18 +93,21 @@ collect() {
     rm -f "$work"/job*
 }
 
-# A build step: one ok or FAIL line. The build must also be warning-free: a
-# compiler warning fails it, with the compiler's output shown.
+# A build step: each file it builds is named as its build starts, then one
+# ok or FAIL line. The build must also be warning-free: a compiler warning
+# fails it, with the compiler's output shown (make's own warnings do not).
+source test/build_output.sh
 build() {
     local name=$1
     shift
     echo "   building $name"
-    local out
-    if out=$("$@" 2>&1) && ! grep -qi 'warning' <<<"$out"; then
+    "$@" 2>&1 | tee "$work/build.out" | announce_builds
+    local rc=${PIPESTATUS[0]}
+    if [ "$rc" -eq 0 ] && [ -z "$(compiler_warnings <"$work/build.out")" ]; then
         echo "ok - build $name"
         passed=$((passed + 1))
     else
-        echo "$out" | tail -n 30
+        tail -n 30 "$work/build.out"
         echo "FAIL - build $name"
         failed=$((failed + 1))
         return 1
@@ -125,19 +128,19 @@ emu_gpu_tests=$(for p in $gpu_programs; do echo "$p.bf16 $p.fp32"; done)
 
 echo "== builds"
 if [ "$mode" = all ]; then
-    build "CPU tests" make --no-print-directory -s -j"$cores" $cpu_tests
-    build "train_et (BF16, the default)" make --no-print-directory -s train_et
-    build "train_et (FP32)" make --no-print-directory -s build/train_et_fp32
-    build "GPU tests (BF16 and FP32)" make --no-print-directory -s -j"$cores" $gpu_tests
-    build "dev/bench_step" make --no-print-directory -s build/bench_step
+    build "CPU tests" make --no-print-directory -j"$cores" $cpu_tests
+    build "train_et (BF16, the default)" make --no-print-directory train_et
+    build "train_et (FP32)" make --no-print-directory build/train_et_fp32
+    build "GPU tests (BF16 and FP32)" make --no-print-directory -j"$cores" $gpu_tests
+    build "dev/bench_step" make --no-print-directory build/bench_step
 fi
 if [ "$emulate" = yes ]; then
     plain=$(for t in $emu_gpu_tests train_et bench_step selftest dry_run; do echo "build/emu/plain/$t"; done)
     asan=$(for t in $emu_gpu_tests selftest; do echo "build/emu/asan/$t"; done)
     build "emulated device: GPU tests, train_et, bench_step, selftest, dry_run (test/emu)" \
-        make --no-print-directory -s -j"$cores" $plain
+        make --no-print-directory -j"$cores" $plain
     build "emulated device, sanitizer builds: GPU tests and selftest (AddressSanitizer + UBSan), selftest (ThreadSanitizer)" \
-        make --no-print-directory -s -j"$cores" $asan build/emu/tsan/selftest
+        make --no-print-directory -j"$cores" $asan build/emu/tsan/selftest
 fi
 part_done builds
 
@@ -207,7 +210,8 @@ if [ "$emulate" = yes ]; then
 fi
 
 if [ "$gpu" = no ] && [ "$mode" = all ]; then
-    echo "skip - native GPU tests: no CUDA device on this machine (they ran on the emulated device above)"
+    echo "skip - native GPU tests: no CUDA device on this machine (they ran on the emulated device above); to run" \
+        "it: a machine with an NVIDIA GPU (dev/gpu_check.sh)"
     skipped=$((skipped + 1))
 fi
 

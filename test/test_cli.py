@@ -2,8 +2,12 @@
 
 Checks that -h lists every flag (and the README's table does too), that each
 kind of bad flag or value gets one error line naming the flag and what is
-allowed, how the data source is chosen (synthetic fallback only for the
-default location), that bad shards are named, and what start-up reports.
+allowed (an unquoted glob, a -d the batch does not divide: with the fix), how
+the data source is chosen (synthetic fallback only for the default location),
+that bad shards are named (a token id outside the vocab in any shard, a
+tokenizer table the glob caught), that a bad -o stops start-up, which
+settings warn, and what start-up reports: the device memory and checkpoint
+size before the GPU, and the refusal of a run too big for an H200.
 Every run is shown no GPU (CUDA_VISIBLE_DEVICES empty), so on any machine it
 stops right after start-up; test/gpu_test_train.py is where training runs.
 """
@@ -39,6 +43,7 @@ def assert_stopped_at_gpu(r):
     """Past start-up the run needs a GPU: without one, one clear error line."""
     assert r.returncode == 1, r.returncode
     assert r.stderr.startswith("error: no CUDA device") and r.stderr.count("\n") == 1, r.stderr
+    assert r.stdout.startswith(("train_et |", "+---", "warning: ")), r.stdout
 
 
 def test_help_lists_every_flag():
@@ -76,6 +81,14 @@ def test_bad_flags_give_one_line():
          "-e: k = pool x K / E = 64 x 2 / 6 tokens per expert is not a whole number; choose -e dividing 128 "
          "(the pool is one sequence, -t)"),
         (["-d", "1000"], "-d: 1000 tokens is not a multiple of -b x -t x processes"),
+        (["-b", "3"], "-d: 524288 tokens is not a multiple of -b x -t x processes = 3 x 2048 x 1 = 6144; the nearest "
+                      "-d that are: 522240 or 528384"),
+        (["-b", "8", "-t", "1024", "-d", "4000"], "-d: 4000 tokens is not a multiple of -b x -t x processes = 8 x 1024 "
+                                                  "x 1 = 8192; the nearest -d that are: 8192"),
+        (["-i", "data/x/train_000001.bin", "data/x/train_000002.bin"],
+         "'data/x/train_000002.bin' is not a flag: it follows -i data/x/train_000001.bin as if the shell had "
+         "expanded an unquoted glob into several files; quote the glob: -i 'data/x/train_*.bin'"),
+        (["-b", "4", "8"], "'8' is not a flag: -b takes one value (here '4')"),
         (["-x", "0"], "-x: 0 steps"),
         (["-i", "/nonexistent/shards_*.bin"], "-i: no files match '/nonexistent/shards_*.bin'"),
     ]
@@ -119,6 +132,118 @@ def test_bad_shard_is_named():
         r = train_et(*SMALL, "-i", f"{d}/train_*.bin")
         want = f"error: -i: {d}/train_000002.bin: bad magic 1234 (expected 20240520): not an llm.c token shard\n"
         assert r.returncode == 1 and r.stderr == want, r.stderr
+
+
+def test_every_token_checked_before_the_gpu():
+    """No tokenizer table: GPT-2's vocab is assumed, and every id of every
+    train and val shard is checked against it at start-up."""
+    with tempfile.TemporaryDirectory() as d:
+        good = [i % 50257 for i in range(20000)]
+        write_shard(f"{d}/train_000001.bin", good)
+        write_shard(f"{d}/train_000002.bin", good[:1234] + [50257] + good[1235:])
+        r = train_et(*SMALL, "-i", f"{d}/train_*.bin")
+        want = f"error: -i: {d}/train_000002.bin: token id 50257 at position 1234 >= vocab 50257"
+        assert r.returncode == 1 and r.stderr.startswith(want) and r.stderr.count("\n") == 1, r.stderr
+        write_shard(f"{d}/train_000002.bin", good)
+        write_shard(f"{d}/val_000000.bin", good[:19999] + [65535])
+        r = train_et(*SMALL, "-i", f"{d}/train_*.bin", "-j", f"{d}/val_*.bin")
+        want = f"error: -j: {d}/val_000000.bin: token id 65535 at position 19999 >= vocab 50257"
+        assert r.returncode == 1 and r.stderr.startswith(want), r.stderr
+        write_shard(f"{d}/val_000000.bin", good)
+        r = train_et(*SMALL, "-i", f"{d}/train_*.bin", "-j", f"{d}/val_*.bin")
+        assert re.search(r"GPT-2 ids assumed; samples print ids\); every token checked below vocab 50257 in "
+                         r"\d+\.\d\d s", r.stdout), r.stdout
+        assert_stopped_at_gpu(r)
+
+
+def test_tokenizer_table_in_a_glob_is_named():
+    with tempfile.TemporaryDirectory() as d:
+        write_shard(f"{d}/edu_fineweb_train_000001.bin", [i % 3 for i in range(1000)])
+        with open(f"{d}/gpt2_tokenizer.bin", "wb") as f:  # a table of 3 tokens
+            f.write(struct.pack("<256i", 20240328, 2, 3, 2, *([0] * 252)) + b"\x01a\x01b\x01c")
+        r = train_et(*SMALL, "-i", f"{d}/*.bin")
+        want = (f"error: -i: {d}/gpt2_tokenizer.bin: a tokenizer table (magic 20240328), not a token shard: make the "
+                f"glob match only the shards, e.g. '*_train_*.bin'\n")
+        assert r.returncode == 1 and r.stderr == want, r.stderr
+
+
+def test_default_location_with_val_shards_only():
+    """A val shard alone in the default folder is no reason to fall back to the synthetic corpus."""
+    with tempfile.TemporaryDirectory() as d:
+        os.makedirs(f"{d}/data/edu_fineweb10B")
+        write_shard(f"{d}/data/edu_fineweb10B/edu_fineweb_val_000000.bin", list(range(1000)))
+        r = train_et(*SMALL, cwd=d)
+        assert r.returncode == 1 and "BUILT-IN" not in r.stdout, r.stdout
+        assert r.stderr.startswith("error: -i: data/edu_fineweb10B/edu_fineweb_val_*.bin holds validation shards but "
+                                   "no train shards"), r.stderr
+
+
+def test_bad_output_dir_stops_start_up():
+    with tempfile.TemporaryDirectory() as d:
+        open(f"{d}/a_file", "w").close()
+        r = train_et(*SMALL, "-i", "synthetic", "-o", f"{d}/a_file")
+        assert r.returncode == 1 and r.stderr == f"error: -o: {d}/a_file: is a file, not a directory\n", r.stderr
+        r = train_et(*SMALL, "-i", "synthetic", "-o", f"{d}/a_file/run")
+        want = f"error: -o: {d}/a_file/run: cannot create the directory (Not a directory)\n"
+        assert r.returncode == 1 and r.stderr == want and r.stdout == "", r.stderr
+        r = train_et(*SMALL, "-i", "synthetic", "-o", f"{d}/new/nested/run")
+        assert os.path.isdir(f"{d}/new/nested/run"), "-o with missing parents was not made"
+        assert_stopped_at_gpu(r)
+        assert os.listdir(f"{d}/new/nested/run") == [], "a start-up that stopped left files behind"
+
+
+# Settings that cannot do what the user meant: (flags, the warning), and the run still starts.
+WARNINGS = [
+    (["-x", "10", "-ew", "10"], "-ew 10: the ET warm-up lasts the whole run (10 steps), so it never routes by "
+                                "thresholds; use -ew below 10"),
+    (["-x", "10", "-u", "20"], "-u 20: the learning-rate warm-up does not end before the run does (10 steps), so the "
+                               "schedule never decays; use -u below 10"),
+    (["-l", "0"], "-l 0: the learning rate is 0, so the weights never change"),
+    (["-ec", "1.5"], "-ec 1.5: above 1 the clamp's lower bound k(1 - C) is below 0, so only its upper bound k(1 + C) "
+                     "acts"),
+    (["-tb", "none"], "-tb: ignored: it is read by token choice (-r tc), and the router is et"),
+    (["-r", "ec", "-ew", "5"], "-ew: ignored: it is read by expert threshold (-r et), and the router is ec"),
+    (["-r", "tc", "-ep", "seq"], "-ep: ignored: it is read by expert choice and expert threshold (-r ec, et), and the "
+                                 "router is tc"),
+    (["-r", "tc", "-tb", "lossfree", "-ta", "0.01"], "-ta: ignored: it weighs the aux loss of -tb aux, and -tb is not aux"),
+    (["-e", "0", "-r", "tc"], "-r: ignored: -e 0 is a dense model, which has no router"),
+    (["-e", "0", "-eb", "0.99"], "-eb: ignored: -e 0 is a dense model, which has no router"),
+    (["-ep", "global"], "-ep global: with one process the global batch is this GPU's micro-batch: it routes as -ep "
+                        "micro"),
+    (["-sd", "1", "-sd", "2"], "-sd given 2 times: the last value, 2, is used"),
+]
+
+
+def test_settings_that_cannot_work_warn():
+    for flags, want in WARNINGS:
+        r = train_et("-m", "tiny", "-i", "synthetic", "-t", "64", "-b", "4", "-d", "256", *flags)
+        warnings = [line for line in r.stdout.splitlines() if line.startswith("warning: ")]
+        assert warnings == [f"warning: {want}"], f"{flags}: warned {warnings}"
+        assert_stopped_at_gpu(r)
+    with tempfile.TemporaryDirectory() as d:
+        write_shard(f"{d}/train_000001.bin", list(range(1000)))
+        r = train_et(*SMALL, "-i", f"{d}/train_*.bin", "-sv", "2048")
+        assert "warning: -sv: ignored: it sets the synthetic corpus's vocab, and this run trains on shards (-i)" in \
+            r.stdout, r.stdout
+    r = train_et(*SMALL, "-i", "synthetic")
+    assert "warning" not in r.stdout, r.stdout
+
+
+def test_memory_and_checkpoint_size_before_the_gpu():
+    r = train_et("-i", "synthetic", "-m", "d12", "-e", "16")
+    memory = re.search(r"^memory   ([\d.]+) GiB on the GPU: parameters ([\d.]+) .*activations ([\d.]+), routing "
+                       r"buffers ([\d.]+)", r.stdout, re.M)
+    assert memory and 5 < float(memory.group(1)) < 141, r.stdout
+    # 551.55M parameters (+ the head's padding) x 4 bytes x 3 arrays, and the router state
+    assert re.search(r"^output   log_et \(checkpoints every 1000 steps and at the end, 6\.1\d GiB each, the last 2 kept\)",
+                     r.stdout, re.M), r.stdout
+    assert_stopped_at_gpu(r)
+    r = train_et("-i", "synthetic", "-m", "d20", "-e", "64")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("error: memory: this run needs ") and "of an H200 (no GPU here to ask); use a smaller " \
+        "-m, or fewer experts (-e): even at -b 1 it does not fit" in r.stderr, r.stderr
+    r = train_et("-i", "synthetic", "-m", "d20", "-e", "16", "-b", "64")
+    assert "; use -b 32, the largest micro-batch that fits" in r.stderr, r.stderr
 
 
 def test_shards_too_small_for_a_batch():

@@ -19,6 +19,7 @@ import importlib.util
 import json
 import os
 import random
+import shlex
 import signal
 import struct
 import subprocess
@@ -27,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import Skip, main, shared_data_dir
+from harness import SHARED_DATA_FIX, Skip, main, shared_data_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PREPARE = REPO_ROOT / "data" / "prepare.py"
@@ -45,7 +46,7 @@ SMALL_SHARD = 5000
 
 def need_tiktoken():
     if importlib.util.find_spec("tiktoken") is None:
-        raise Skip("tiktoken is not installed")
+        raise Skip("tiktoken is not installed", "pip install -r data/requirements.txt")
 
 
 def shared(name):
@@ -53,7 +54,7 @@ def shared(name):
     need_tiktoken()
     path = SHARED_DATA / name
     if not path.is_file():
-        raise Skip(f"no shared data file {path}")
+        raise Skip(f"no shared data file {path}", SHARED_DATA_FIX)
     return path
 
 
@@ -118,18 +119,29 @@ def read_shard(path):
     return tokens
 
 
+def small_input_val_tokens(total):
+    """The val shard of an input smaller than two shards: 1%, at least 32,768 or a tenth, whichever is fewer."""
+    return max(-(-total // 100), min(32768, total // 10), 1)
+
+
 def read_fineweb_shards(out_dir, shard_size):
-    """All shards' tokens in order, checking names, val-then-train, and that only the last shard is short."""
+    """All shards' tokens in order, checking names, val-then-train, and the sizes: every shard full
+    but the last; or, for an input smaller than two shards, a small val shard and the rest as train."""
     paths = sorted(out_dir.glob("edu_fineweb_*.bin"), key=lambda path: path.name[-10:])
-    assert paths, f"no shards in {out_dir}"
+    assert len(paths) >= 2, f"not a val and a train shard in {out_dir}: {paths}"
+    shards = [read_shard(path) for path in paths]
+    total = sum(map(len, shards))
+    sizes = [len(shard) for shard in shards]
+    if total < 2 * shard_size:
+        val = small_input_val_tokens(total)
+        want = [val] + [min(shard_size, total - val - start) for start in range(0, total - val, shard_size)]
+    else:
+        want = [shard_size] * (total // shard_size) + ([total % shard_size] if total % shard_size else [])
+    assert sizes == want, f"shard sizes {sizes}, expected {want} (shard size {shard_size})"
     tokens = array.array("H")
-    for index, path in enumerate(paths):
+    for index, (path, shard) in enumerate(zip(paths, shards)):
         split = "val" if index == 0 else "train"
         assert path.name == f"edu_fineweb_{split}_{index:06d}.bin", f"shard {index} is named {path.name}"
-        shard = read_shard(path)
-        last = index == len(paths) - 1
-        assert (0 < len(shard) <= shard_size) if last else len(shard) == shard_size, \
-            f"{path.name} holds {len(shard)} tokens (shard size {shard_size})"
         tokens.extend(shard)
     return tokens
 
@@ -180,7 +192,7 @@ sys.modules["datasets"] = real
 
 def offline_hub_environment(directory, documents):
     if importlib.util.find_spec("datasets") is None:
-        raise Skip("the datasets package is not installed")
+        raise Skip("the datasets package is not installed", "pip install -r data/requirements.txt")
     (directory / "datasets.py").write_text(DATASETS_STAND_IN)
     (directory / "documents.json").write_text(json.dumps(documents))
     python_path = os.pathsep.join(filter(None, [str(directory), os.environ.get("PYTHONPATH")]))
@@ -219,13 +231,17 @@ def test_text_reproduces_tiny_shakespeare_shards():
 
 
 def test_fineweb_whole_file_as_one_document_matches_sample_bin():
+    """Less than two shards: split into a val shard (its first 10%, as 1% would be under 32,768 tokens) and
+    a train shard, together the sample's tokens."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         prepare_ok("fineweb", "--input", shared("fineweb_edu_sample.txt"), "--doc-split", "none",
                    "--out", out, "--workers", 1, *bpe_args())
-        shards = sorted(out.glob("edu_fineweb_*.bin"))
-        assert [path.name for path in shards] == ["edu_fineweb_val_000000.bin"], f"shards: {shards}"
-        assert shards[0].read_bytes() == shared("fineweb_edu_sample.bin").read_bytes(), "differs from the sample"
+        names = sorted(path.name for path in out.glob("edu_fineweb_*.bin"))
+        assert names == ["edu_fineweb_train_000001.bin", "edu_fineweb_val_000000.bin"], f"shards: {names}"
+        sample = read_shard(shared("fineweb_edu_sample.bin"))
+        assert read_fineweb_shards(out, 100_000_000) == sample, "differs from the sample"
+        assert len(read_shard(out / names[1])) == len(sample) // 10, "the val shard is not a tenth"
 
 
 # ---------------------------------------------------------------------------
@@ -291,18 +307,20 @@ def test_resume_after_stops_is_byte_identical():
     with tempfile.TemporaryDirectory() as tmp:
         source, whole, resumed = Path(tmp) / "docs.jsonl", Path(tmp) / "whole", Path(tmp) / "resumed"
         write_jsonl(source, documents)
-        common = ["fineweb", "--input", source, "--shard-size", SMALL_SHARD, *bpe_args()]
+        shard_size = 2000  # the long document (about 13,000 tokens) spans several
+        common = ["fineweb", "--input", source, "--shard-size", shard_size, *bpe_args()]
         prepare_ok(*common, "--out", whole, "--workers", 2)
 
-        # The first stop lands inside the long document: what spills over fills more than a shard.
-        for stop_after, shards_so_far, workers in ((1, 1, 2), (4, 5, 1)):
+        # The first stop (shard 0 is written with shard 1) lands inside the long document: what spills
+        # over fills more than a shard.
+        for stop_after, shards_so_far, workers in ((1, 2, 2), (3, 5, 1)):
             result = run_prepare(*common, "--out", resumed, "--workers", workers, "--stop-after-shards", stop_after)
             assert result.returncode == 130, f"stopped run: exit {result.returncode}: {result.stderr[-300:]}"
             shards = sorted(resumed.glob("edu_fineweb_*.bin"))
             assert len(shards) == shards_so_far, f"{len(shards)} shards after the stop, expected {shards_so_far}"
             if stop_after == 1:
                 spill = json.loads((resumed / "prepare_state.json").read_text())["spill_tokens"]
-                assert len(spill) > SMALL_SHARD, f"the first stop spills {len(spill)} tokens, meant > a shard"
+                assert len(spill) > shard_size, f"the first stop spills {len(spill)} tokens, meant > a shard"
 
         prepare_ok(*common, "--out", resumed, "--workers", 2)
         same_files(whole, resumed)
@@ -374,6 +392,7 @@ def test_missing_text_field_is_one_line_error_naming_the_option():
         source.write_text('{"text": "one"}\n{"content": "two"}\n')
         result = run_prepare("fineweb", "--input", source, "--out", Path(tmp) / "out", *bpe_args())
         expect_one_line_error(result, f"{source}:2", "'text'", "--text-field")
+        assert not (Path(tmp) / "out").exists(), f"the failed run left {list((Path(tmp) / 'out').iterdir())}"
 
         renamed = Path(tmp) / "content.jsonl"
         renamed.write_text('{"content": "one"}\n{"content": "two"}\n')
@@ -397,8 +416,90 @@ def test_unwritable_out_dir_is_one_line_error():
 def test_encoder_without_vocab_is_one_line_error():
     need_tiktoken()
     with tempfile.TemporaryDirectory() as tmp:
-        result = run_prepare("tokenizer", Path(tmp) / "table.bin", "--encoder", Path(tmp) / "encoder.json")
+        result = run_prepare("tokenizer", Path(tmp) / "new" / "table.bin", "--encoder", Path(tmp) / "encoder.json")
         expect_one_line_error(result, "--vocab")
+        source = Path(tmp) / "docs.txt"
+        source.write_text("hello\n")
+        for command in (["fineweb", "--input", source], ["text", source]):
+            result = run_prepare(*command, "--out", Path(tmp) / "out", "--encoder", Path(tmp) / "encoder.json")
+            expect_one_line_error(result, "--vocab")
+        assert sorted(path.name for path in Path(tmp).iterdir()) == ["docs.txt"], \
+            f"the failed runs left {sorted(path.name for path in Path(tmp).iterdir())}"
+
+
+# ---------------------------------------------------------------------------
+# Small inputs: a train shard and a val shard, and a train_et command that runs on them
+
+TRAIN_ET = REPO_ROOT / "train_et"
+NO_GPU = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+
+
+def train_et_start_up(command, cwd):
+    """Runs a printed ./train_et command (with the built train_et) on a machine shown no GPU: its
+    start-up must pass every check and stop only for the missing GPU."""
+    assert TRAIN_ET.exists(), f"{TRAIN_ET} is not built (make train_et)"
+    args = shlex.split(command)
+    assert args[0] == "./train_et", command
+    r = subprocess.run([str(TRAIN_ET), *args[1:]], capture_output=True, text=True, cwd=cwd, env=NO_GPU, timeout=120)
+    assert r.returncode == 1 and r.stderr.startswith("error: no CUDA device"), f"{command}: {r.stderr}"
+    assert "warning" not in r.stdout, r.stdout
+    return r.stdout
+
+
+def test_small_input_trains():
+    """One shard's worth or less gives a val shard (its first 10%, as 1% is under 32,768 tokens) and a
+    train shard, says so, and prints a train_et command whose -b/-t/-d fit them."""
+    documents = sample_documents(40, seed=7)
+    with tempfile.TemporaryDirectory() as tmp:
+        source, out = Path(tmp) / "docs.jsonl", Path(tmp) / "out"
+        write_jsonl(source, documents)
+        result = prepare_ok("fineweb", "--input", source, "--out", out, "--workers", 1, *bpe_args())
+        tokens = read_fineweb_shards(out, 100_000_000)
+        assert tokens == expected_tokens(documents), "shard tokens != EOT + tokens of each document"
+        val = small_input_val_tokens(len(tokens))
+        assert val == len(tokens) // 10, (val, len(tokens))
+        assert f"its first {val:,} tokens went to the validation shard, the other {len(tokens) - val:,} to training" \
+            in result.stdout, result.stdout
+        assert f"wrote 2 shards, {len(tokens):,} tokens ({len(documents)} documents) to {out}" in result.stdout, \
+            result.stdout
+        command = result.stdout.splitlines()[-1].strip()
+        want = (f"./train_et -i '{out}/edu_fineweb_train_*.bin' -j '{out}/edu_fineweb_val_*.bin' -m d6 -e 8 "
+                f"-b 8 -t 256 -d 2048")
+        assert command == want, f"printed {command!r}"
+        report = train_et_start_up(command, tmp)
+        assert f"train: 1 shard, " in report and "val:   1 shard, " in report, report
+
+        one, shard_size = Path(tmp) / "one.jsonl", 8000  # one document, between one and two shards
+        write_jsonl(one, [documents[3]])
+        result = prepare_ok("fineweb", "--input", one, "--out", Path(tmp) / "one", "--shard-size", shard_size,
+                            *bpe_args())
+        tokens = read_fineweb_shards(Path(tmp) / "one", shard_size)
+        assert shard_size < len(tokens) < 2 * shard_size, len(tokens)
+        assert f"wrote 3 shards, {len(tokens):,} tokens (1 document)" in result.stdout, result.stdout
+
+
+def readme_quick_start():
+    """The commands of the README's "Quick start without FineWeb-Edu" block."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = readme.split("## Quick start without FineWeb-Edu", 1)[1]
+    block = section.split("```sh\n", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line and not line.startswith("#")]
+
+
+def test_readme_quick_start_works_as_written():
+    """Its prepare command on tiny Shakespeare (the shared copy instead of the download, and the local
+    GPT-2 files instead of tiktoken's download), then its train_et command, from a folder of its own."""
+    download, prepare, train = readme_quick_start()
+    assert download.startswith("curl ") and download.split()[2] == "tiny_shakespeare.txt", download
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "tiny_shakespeare.txt").write_bytes(shared("tiny_shakespeare.txt").read_bytes())
+        args = shlex.split(prepare)
+        assert args[:2] == ["python3", "data/prepare.py"], prepare
+        result = prepare_ok(*args[2:], *bpe_args(), cwd=tmp)
+        printed = result.stdout.splitlines()[-1].strip()
+        assert train.startswith(printed), f"the README's command {train!r} is not the printed {printed!r}"
+        report = train_et_start_up(train, tmp)
+        assert "train: 1 shard, 298.0K tokens" in report and "val:   1 shard, 32.8K tokens" in report, report
 
 
 def test_every_command_and_option_has_help():

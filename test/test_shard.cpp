@@ -67,10 +67,42 @@ static void test_rejects_bad_shards(Test& t) {
     CHECK(t, err == dir + ": not a regular file", "directory: '%s'", err.c_str());
 }
 
+// shard_check reads every id through a memory map: a bad id is found in any
+// block of the scan (first, middle, last position), and named with its position.
+static void test_check_finds_every_bad_token(Test& t) {
+    std::vector<uint16_t> tokens(200003);
+    for (size_t i = 0; i < tokens.size(); i++) tokens[i] = (uint16_t)(i * 7919 % 50257);
+    std::string path = dir + "/checked.bin";
+    CHECK(t, shard_write(path, tokens.data(), tokens.size()).empty(), "cannot write %s", path.c_str());
+    size_t n = 0;
+    std::string err = shard_check(path, 50257, &n);
+    CHECK(t, err.empty() && n == tokens.size(), "good shard: '%s', %zu tokens", err.c_str(), n);
+    for (size_t position : {(size_t)0, (size_t)65537, tokens.size() - 1}) {
+        std::vector<uint16_t> bad = tokens;
+        bad[position] = 60000;
+        CHECK(t, shard_write(path, bad.data(), bad.size()).empty(), "cannot write %s", path.c_str());
+        err = shard_check(path, 50257, &n);
+        std::string want = path + ": token id 60000 at position " + std::to_string(position) + " >= vocab 50257";
+        CHECK(t, err.rfind(want, 0) == 0, "bad id at %zu: '%s'", position, err.c_str());
+    }
+    err = shard_check(path, 60001, &n);
+    CHECK(t, err.empty(), "a vocab holding 60000: '%s'", err.c_str());
+}
+
+// A glob like 'dir/*.bin' also matches the tokenizer table beside the shards.
+static void test_tokenizer_table_is_named(Test& t) {
+    std::string path = dir + "/gpt2_tokenizer.bin";
+    write_bytes(path, shard_bytes(TOKENIZER_MAGIC, 2, 10, std::vector<uint16_t>(10, 65)));
+    size_t n = 0;
+    std::string err = shard_check_header(path, &n);
+    CHECK(t, err == path + ": a tokenizer table (magic 20240328), not a token shard: make the glob match only the "
+                           "shards, e.g. '*_train_*.bin'", "'%s'", err.c_str());
+}
+
 static void test_real_llmc_shards(Test& t) {
     std::string train = shared_data_dir() + "/tiny_shakespeare_train.bin";
     std::string val = shared_data_dir() + "/tiny_shakespeare_val.bin";
-    if (!file_exists(train) || !file_exists(val)) { t.skip("no " + shared_data_dir()); return; }
+    if (!file_exists(train) || !file_exists(val)) { t.skip("no " + shared_data_dir(), SHARED_DATA_FIX); return; }
     std::vector<uint16_t> tokens;
     std::string err = shard_read(train, 50257, &tokens);
     CHECK(t, err.empty(), "%s", err.c_str());
@@ -85,7 +117,7 @@ static void test_real_llmc_shards(Test& t) {
 static void test_tokenizer_decodes_real_text(Test& t) {
     std::string dd = shared_data_dir();
     if (!file_exists(dd + "/gpt2_tokenizer.bin") || !file_exists(dd + "/tiny_shakespeare.txt")) {
-        t.skip("no " + dd);
+        t.skip("no " + dd, SHARED_DATA_FIX);
         return;
     }
     Tokenizer tok;
@@ -131,6 +163,8 @@ int main() {
     return run_tests({
         {"shard_roundtrip", test_roundtrip},
         {"shard_rejects_bad_files", test_rejects_bad_shards},
+        {"shard_check_finds_every_bad_token", test_check_finds_every_bad_token},
+        {"shard_names_a_tokenizer_table", test_tokenizer_table_is_named},
         {"shard_reads_real_llmc_shards", test_real_llmc_shards},
         {"tokenizer_decodes_real_text", test_tokenizer_decodes_real_text},
         {"tokenizer_rejects_bad_files", test_tokenizer_rejects_bad_files},

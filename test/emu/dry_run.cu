@@ -10,10 +10,11 @@
 // of -b x -t), the first routed by ET's EC warm-up and the second by its
 // thresholds, each ending with model_update and the routing statistics of a
 // logging step; then an evaluation pass and a generation pass as
-// train_et's evaluate() and sample() make them. What it prints: the memory
-// plan (model_allocate's parts) and what the device reports in use after all
-// of it; test/emu/test_dry_run.py checks that they agree, and the emulator's
-// own report (at exit) of the launches checked and the peak memory.
+// train_et's evaluate() and sample() make them. What it prints: the
+// estimate train_et prints before it touches the GPU (model_plan), the memory
+// model_allocate then took, and what the device reports in use after all of
+// it; test/emu/test_dry_run.py checks that the three agree with each other
+// and with the emulator's own report (at exit) of the peak memory.
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -63,6 +64,7 @@ int main(int argc, char** argv) {
     printf("dry run  %s, %s, B=%d x T=%d, %d micro-steps per step, %d steps, an eval and a generation pass, on %s\n",
            preset.c_str(), experts > 0 ? string_format("%d experts, %s router", experts, router.c_str()).c_str() : "dense",
            B, T, grad_accum, STEPS, gpu.prop.name);
+    printf("memory   estimate %zu bytes (model_plan, before the GPU)\n", model_plan(c, B, T).memory.total());
     Model model;
     model.config = c;
     model_allocate(&model, B, T);

@@ -27,6 +27,7 @@ struct Settings {
     uint64_t seed = 1;
     bool dry_run = false, trace = false, profile = false;
     std::string digest_path;
+    int driver = -1;  // EMU_CUDA_DRIVER: the CUDA version of a driver that cannot start this CUDA (0: none); -1: fine
 };
 const Settings& settings();
 const char* order_name();

@@ -19,6 +19,11 @@
 // At exit: EMU_DIGEST writes the hash of every device-to-host copy, and a dry
 // run (EMU_DRY_RUN=1) reports what it checked and the device memory it would
 // have used.
+//
+// EMU_CUDA_DRIVER=VERSION stands in for a machine where CUDA cannot start:
+// cudaGetDeviceCount fails with cudaErrorInsufficientDriver, as CUDA's does,
+// and cudaDriverGetVersion reports VERSION: 0 for no NVIDIA driver at all,
+// 12040 (say) for a driver older than this toolkit needs.
 #include <sys/time.h>
 #include <time.h>
 #include <unistd.h>
@@ -66,6 +71,16 @@ Settings settings_from_environment() {
     s.trace = flag("EMU_TRACE");
     s.profile = flag("EMU_PROFILE");
     if (const char* digest = getenv("EMU_DIGEST")) s.digest_path = digest;
+    if (const char* driver = getenv("EMU_CUDA_DRIVER")) {
+        char* end = nullptr;
+        long version = strtol(driver, &end, 10);
+        if (*driver == '\0' || *end != '\0' || version < 0 || version >= CUDART_VERSION) {
+            fprintf(stderr, "emu: error: EMU_CUDA_DRIVER=%s: give a CUDA version below this toolkit's %d (0: no driver)\n",
+                    driver, CUDART_VERSION);
+            exit(2);
+        }
+        s.driver = (int)version;
+    }
     return s;
 }
 
@@ -277,8 +292,8 @@ struct CUevent_st {
 extern "C" {
 
 cudaError_t cudaGetDeviceCount(int* count) {
-    *count = 1;
-    return result(cudaSuccess);
+    *count = settings().driver >= 0 ? 0 : 1;
+    return result(settings().driver >= 0 ? cudaErrorInsufficientDriver : cudaSuccess);
 }
 
 cudaError_t cudaSetDevice(int device) {
@@ -347,7 +362,7 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) 
 }
 
 cudaError_t cudaDriverGetVersion(int* version) {
-    *version = CUDART_VERSION;
+    *version = settings().driver >= 0 ? settings().driver : CUDART_VERSION;
     return result(cudaSuccess);
 }
 
@@ -390,6 +405,7 @@ const char* cudaGetErrorName(cudaError_t error) {
         case cudaErrorInvalidResourceHandle: return "cudaErrorInvalidResourceHandle";
         case cudaErrorLaunchFailure: return "cudaErrorLaunchFailure";
         case cudaErrorNoDevice: return "cudaErrorNoDevice";
+        case cudaErrorInsufficientDriver: return "cudaErrorInsufficientDriver";
         case cudaErrorNotReady: return "cudaErrorNotReady";
         case cudaErrorInvalidMemcpyDirection: return "cudaErrorInvalidMemcpyDirection";
         default: return "cudaError (not emulated)";
@@ -406,6 +422,7 @@ const char* cudaGetErrorString(cudaError_t error) {
         case cudaErrorInvalidResourceHandle: return "invalid resource handle";
         case cudaErrorLaunchFailure: return "unspecified launch failure (the emulated device reported the fault above)";
         case cudaErrorNoDevice: return "no CUDA-capable device is detected";
+        case cudaErrorInsufficientDriver: return "CUDA driver version is insufficient for CUDA runtime version";
         case cudaErrorNotReady: return "device not ready";
         case cudaErrorInvalidMemcpyDirection: return "invalid copy direction for memcpy";
         default: return "an error the emulated device never raises";

@@ -6,7 +6,8 @@ accumulation, an evaluation and a generation pass (test/emu/dry_run.cu) under
 EMU_DRY_RUN=1: every launch configuration and cuBLAS call is checked as an H200
 checks it, and device memory is only counted. Each run must pass every check,
 route as its router does (ET: its EC warm-up, then thresholds), and leave in use
-exactly the memory plan train_et prints, which is also the emulator's peak.
+exactly the memory model_allocate counted, which is also the emulator's peak and
+the estimate train_et prints before it touches the GPU (model_plan).
 A model too big for the H200 must stop with the out-of-memory advice.
 """
 import os
@@ -29,13 +30,15 @@ def check(preset, router):
     args = ["-m", preset] + (["-e", "0"] if router == "dense" else ["-e", "16", "-r", router])
     r = dry_run(*args)
     assert r.returncode == 0 and "emu: error" not in r.stderr, f"{preset} {router}: exit {r.returncode}: {r.stderr[-1500:]}"
+    estimate = int(re.search(r"^memory   estimate (\d+) bytes", r.stdout, re.M).group(1))
     plan = int(re.search(r"^memory   plan (\d+) bytes", r.stdout, re.M).group(1))
     in_use = int(re.search(r"^memory   in use after the steps: (\d+) bytes", r.stdout, re.M).group(1))
     report = re.search(r"emu: dry run: (\d+) launches of (\d+) kernels and (\d+) cuBLAS .* device memory peak (\d+) bytes",
                        r.stderr)
     assert report, f"{preset} {router}: no dry-run report from the emulator: {r.stderr[-500:]}"
     launches, kernels, gemms, peak = map(int, report.groups())
-    assert plan == in_use == peak, f"{preset} {router}: plan {plan}, in use {in_use}, emulator's peak {peak} bytes"
+    assert estimate == plan == in_use == peak, \
+        f"{preset} {router}: estimate {estimate}, plan {plan}, in use {in_use}, emulator's peak {peak} bytes"
     assert launches > 1000 and kernels >= 15 and gemms > 1000, f"{preset} {router}: {report.group(0)}"
     routed = re.findall(r"routed by (.+)$", r.stdout, re.M)
     want = {"dense": ["dense", "dense"], "tc": ["tc", "tc"], "ec": ["ec", "ec"], "et": ["ec (et warm-up)", "et"]}[router]

@@ -1,0 +1,75 @@
+"""test/test_build_output.py: how `make test` reads its builds (test/build_output.sh), and the build's switches.
+
+A build's compiler warnings fail it, make's own warnings (clock skew) do not;
+each file is named as its build starts, not when the whole build is done;
+GPU_ARCH given as 8.0 or sm_80 stops make with a one-line hint.
+"""
+import os
+import subprocess
+import time
+
+from harness import REPO, main
+
+HELPERS = os.path.join(REPO, "test", "build_output.sh")
+
+MAKE_OWN = [
+    "make: warning:  Clock skew detected.  Your build may be incomplete.",
+    "make[1]: Warning: File 'train_et.cu' has modification time 0.84 s in the future",
+    "make: warning: jobserver unavailable: using -j1.  Add '+' to parent make rule.",
+]
+COMPILERS = [
+    "test/test_shard.cpp:42:9: warning: unused variable 'x' [-Wunused-variable]",
+    "model.cuh:120: warning: ignoring #pragma omp [-Wunknown-pragmas]",
+    "train_et.cu(310): warning #177-D: variable \"y\" was declared but never referenced",
+    "nvcc warning : Support for offline compilation for architectures prior to '<compute/sm/lto>_75' will be removed",
+    "ptxas warning : Registers are spilled to local memory in function 'kernel', 8 bytes spill stores",
+    "/usr/bin/ld: warning: libfoo.so, needed by bar, not found",
+    "cc1plus: warning: command-line option '-Wno-x' is valid for C/ObjC but not for C++",
+]
+OTHER = [
+    "g++ -O2 -std=c++17 -Wall -Wextra -Werror test/test_shard.cpp -o build/test_shard",
+    "nvcc -O3 -Xcompiler -Wall,-Wextra train_et.cu -o train_et -lcublas",
+    "make: 'train_et' is up to date.",
+    "In file included from test/test_shard.cpp:5:",
+]
+
+
+def helper(function, text):
+    r = subprocess.run(["bash", "-c", f"source {HELPERS}; {function}"], input=text, capture_output=True, text=True,
+                       timeout=60)
+    return r.stdout.splitlines()
+
+
+def test_compiler_warnings_only():
+    found = helper("compiler_warnings", "\n".join(MAKE_OWN + OTHER + COMPILERS) + "\n")
+    assert found == COMPILERS, f"matched {found}"
+    assert helper("compiler_warnings", "\n".join(MAKE_OWN + OTHER) + "\n") == [], "make's own warnings matched"
+
+
+def test_each_build_is_named_as_it_starts():
+    """The first file is announced while the second command has not started yet."""
+    commands = "echo 'g++ -O2 a.cpp -o build/a'; sleep 3; echo 'g++ -O2 b.cpp -o build/b -lm'"
+    script = f"source {HELPERS}; ({commands}) | announce_builds"
+    start = time.monotonic()
+    with subprocess.Popen(["bash", "-c", script], stdout=subprocess.PIPE, text=True) as p:
+        first = p.stdout.readline()
+        seconds = time.monotonic() - start
+        rest = p.stdout.read()
+    assert first.strip() == "build/a" and seconds < 2.5, f"{first!r} after {seconds:.1f} s"
+    assert rest.strip() == "build/b", rest
+
+
+def test_gpu_arch_takes_digits():
+    for wrong in ("8.0", "sm_80"):
+        r = subprocess.run(["make", "-n", f"GPU_ARCH={wrong}", "train_et"], cwd=REPO, capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode != 0 and r.stderr.count("\n") == 1, f"GPU_ARCH={wrong}: exit {r.returncode}: {r.stderr}"
+        assert f"GPU_ARCH={wrong}: give the compute capability as digits only, e.g. GPU_ARCH=80" in r.stderr, r.stderr
+    r = subprocess.run(["make", "-n", "GPU_ARCH=75", "train_et"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "compute capability 8.0 or newer" in r.stderr, r.stderr
+    r = subprocess.run(["make", "-n", "GPU_ARCH=80", "train_et"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "-arch=sm_80" in r.stdout, f"exit {r.returncode}: {r.stderr}"
+
+
+if __name__ == "__main__":
+    main(globals())
