@@ -71,7 +71,9 @@ def test_summary_reads_real_bench_and_run_output():
             micro = re.search(r"^micro-step\s+([\d.]+) ms", text, re.M).group(1)
             row = re.search(rf"^\| {config} \| (\d+) \| (\S+) \| ([\d.]+) \| (\S+) \| (\S+) \| (.+) \|$", summary, re.M)
             assert row, f"no bench row for {config}:\n{summary}"
-            assert row.group(1) == tok_s.group(1) and row.group(2) == tok_s.group(2) and row.group(3) == micro, row.group(0)
+            # the summary writes the micro-step's ms as a float ("443.4"), bench_step with three decimals ("443.400")
+            assert row.group(1) == tok_s.group(1) and row.group(2) == tok_s.group(2) and \
+                float(row.group(3)) == float(micro), row.group(0)
             assert re.match(r"[\d.]+ / [\d.]+", row.group(6)), row.group(0)
             assert (row.group(5) != "-") == (config == "et"), f"routing share: {row.group(0)}"
         for phase in ("attention forward", "loss (softcap CE + sum)", "moe dispatch"):
