@@ -572,6 +572,26 @@ __global__ void loss_sum_kernel(float* total, const float* losses, int N) {
     }
 }
 
+// The sum of squares of x[start], x[start + stride], ... below n over one
+// block, in a fixed order: each thread's strided sum, a warp shuffle tree,
+// then thread 0 adds the warps in order. The total is valid in thread 0 only;
+// warp_sums is the caller's shared array of blockDim.x / WARP floats.
+template <typename T>
+__device__ float block_sum_of_squares(const T* x, size_t n, size_t start, size_t stride, float* warp_sums) {
+    float acc = 0.0f;
+    for (size_t i = start; i < n; i += stride) {
+        const float v = to_float(x[i]);
+        acc += v * v;
+    }
+    acc = warp_sum(acc);
+    if (threadIdx.x % WARP == 0) warp_sums[threadIdx.x / WARP] = acc;
+    __syncthreads();
+    float sum = 0.0f;
+    if (threadIdx.x == 0)
+        for (int w = 0; w < (int)blockDim.x / WARP; w++) sum += warp_sums[w];
+    return sum;
+}
+
 // Global gradient norm, deterministically: NORM_BLOCKS blocks each sum the
 // squares of a fixed grid-stride slice, then one block adds the partial sums
 // in order and turns the norm into the clip factor min(1, max_norm / norm)
@@ -579,17 +599,9 @@ __global__ void loss_sum_kernel(float* total, const float* losses, int N) {
 static const int NORM_BLOCKS = 512, NORM_THREADS = 512;
 __global__ void grad_norm_partial_kernel(float* partial, const float* grads, size_t n) {
     __shared__ float warp_sums[NORM_THREADS / WARP];
-    float acc = 0.0f;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-        acc += grads[i] * grads[i];
-    acc = warp_sum(acc);
-    if (threadIdx.x % WARP == 0) warp_sums[threadIdx.x / WARP] = acc;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        float sum = 0.0f;
-        for (int w = 0; w < NORM_THREADS / WARP; w++) sum += warp_sums[w];
-        partial[blockIdx.x] = sum;
-    }
+    const float sum = block_sum_of_squares(grads, n, (size_t)blockIdx.x * blockDim.x + threadIdx.x,
+                                           (size_t)gridDim.x * blockDim.x, warp_sums);
+    if (threadIdx.x == 0) partial[blockIdx.x] = sum;
 }
 __global__ void grad_norm_final_kernel(float* norm, float* clip_scale, const float* partial, float max_norm) {
     if (threadIdx.x != 0) return;

@@ -38,27 +38,16 @@ __global__ void muon_momentum_kernel(floatX* x, float* m, const float* grads, si
 }
 
 // x /= ||x||_F + eps for each of the batch's matrices of `per` values. One
-// block per matrix: each thread sums the squares of a fixed stride, a warp
-// shuffle tree then the warps in order add them up (deterministic), and the
-// block scales its matrix. Reads the matrix twice, writes it once.
+// block per matrix: block_sum_of_squares adds the squares in a fixed order
+// (deterministic), and the block scales its matrix. Reads the matrix twice,
+// writes it once.
 static const int MUON_THREADS = 512;
 __global__ void muon_normalize_kernel(floatX* x, size_t per, float eps) {
     __shared__ float warp_sums[MUON_THREADS / WARP];
     __shared__ float scale;
     floatX* mat = x + blockIdx.x * per;
-    float acc = 0.0f;
-    for (size_t i = threadIdx.x; i < per; i += blockDim.x) {
-        const float v = to_float(mat[i]);
-        acc += v * v;
-    }
-    acc = warp_sum(acc);
-    if (threadIdx.x % WARP == 0) warp_sums[threadIdx.x / WARP] = acc;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        float sum = 0.0f;
-        for (int w = 0; w < MUON_THREADS / WARP; w++) sum += warp_sums[w];
-        scale = 1.0f / (sqrtf(sum) + eps);
-    }
+    const float sum = block_sum_of_squares(mat, per, threadIdx.x, blockDim.x, warp_sums);
+    if (threadIdx.x == 0) scale = 1.0f / (sqrtf(sum) + eps);
     __syncthreads();
     for (size_t i = threadIdx.x; i < per; i += blockDim.x) mat[i] = from_float<floatX>(to_float(mat[i]) * scale);
 }
