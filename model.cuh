@@ -30,6 +30,7 @@
 
 #include "common.h"
 #include "model_config.h"
+#include "schedule.h"
 
 // ----------------------------------------------------------------------------
 // 1. Plumbing
@@ -888,8 +889,9 @@ inline void copy_to_floatX(floatX* out, const float* inp, size_t n) {
     launchCheck();
 }
 
-// The MoE layer (routers, dispatch and combine, expert FFNs) builds on the
-// plumbing and launchers above.
+// Muon (the paper's optimizer for the matrices) and the MoE layer (routers,
+// dispatch and combine, expert FFNs) build on the plumbing and launchers above.
+#include "optimizer.cuh"
 #include "router.cuh"
 
 // ----------------------------------------------------------------------------
@@ -926,19 +928,21 @@ struct MemoryPlan {
     size_t weights = 0;      // the floatX copy the matmuls read (none in the FP32 build: the master weights serve)
     size_t master = 0;       // fp32 master weights
     size_t gradients = 0;    // fp32
-    size_t adam = 0;         // both AdamW moments, fp32
+    size_t adam = 0;         // both AdamW moments, fp32 (Muon keeps its momentum in the first)
+    size_t muon = 0;         // Muon's Newton-Schulz scratch (-opt muon)
     size_t activations = 0;  // what one micro-batch keeps for its backward, and the scratch buffers
     size_t routing = 0;      // the MoE layers' routing buffers and state (router.cuh)
     size_t other = 0;        // RoPE tables, the embedding sort's scratch, the step's scalars
 
     size_t parameters() const { return weights + master + gradients + adam; }
-    size_t total() const { return parameters() + activations + routing + other; }
+    size_t total() const { return parameters() + muon + activations + routing + other; }
     std::string describe() const {
         const double GiB = 1073741824.0;
         std::string out = string_format("%.2f GiB on the GPU: parameters %.2f (", total() / GiB, parameters() / GiB);
         if (weights) out += string_format("weights %.2f, ", weights / GiB);
         out += string_format("fp32 master %.2f, gradients %.2f, AdamW %.2f), activations %.2f", master / GiB,
                              gradients / GiB, adam / GiB, activations / GiB);
+        if (muon) out += string_format(", Muon scratch %.2f", muon / GiB);
         if (routing) out += string_format(", routing buffers %.2f", routing / GiB);
         return out + string_format(", other %.3f", other / GiB);
     }
@@ -946,7 +950,11 @@ struct MemoryPlan {
 
 struct Model {
     ModelConfig config;
+    OptimizerConfig optim;
     std::vector<ParamTensor> tensors;
+    std::vector<ParamGroup> groups;         // which optimizer trains which tensors, at which peak rate
+    std::vector<MuonMatrix> muon_matrices;  // -opt muon: the matrices Muon orthogonalises one by one
+    MuonWorkspace muon;
     std::vector<size_t> offsets;  // of each tensor in the flat buffers
     size_t num_params = 0;
     float *master = nullptr, *grads = nullptr, *adam_m = nullptr, *adam_v = nullptr;
@@ -970,7 +978,7 @@ struct Model {
 };
 
 // Allocates everything a training run needs for micro-batches of B x T,
-// once. Returns the bytes allocated (model->memory has them by part). In a
+// once, for model->config trained by model->optim. Returns the bytes allocated (model->memory has them by part). In a
 // planning pass (model_plan) it allocates nothing and only counts.
 inline size_t model_allocate(Model* model, int B, int T) {
     const ModelConfig& c = model->config;
@@ -999,6 +1007,9 @@ inline size_t model_allocate(Model* model, int B, int T) {
     device_zero(model->adam_m, n * sizeof(float));
     device_zero(model->adam_v, n * sizeof(float));
     device_zero(model->grads, n * sizeof(float));
+    model->groups = optimizer_groups(c, model->tensors, model->optim);
+    model->muon_matrices = muon_matrices(c, model->tensors, model->optim);
+    plan.muon = model->muon.allocate(model->muon_matrices);
 
     Activations& a = model->acts;
     const size_t N = (size_t)B * T, C = c.n_embd, Vp = c.padded_vocab();
@@ -1052,9 +1063,10 @@ inline size_t model_allocate(Model* model, int B, int T) {
 // The model model_allocate(B, T) will make, worked out on the host without
 // touching the GPU: its memory plan, parameter count and router shapes are
 // the real ones; every buffer is null (never to be used or freed).
-inline Model model_plan(const ModelConfig& config, int B, int T) {
+inline Model model_plan(const ModelConfig& config, const OptimizerConfig& optim, int B, int T) {
     Model planned;
     planned.config = config;
+    planned.optim = optim;
     memory_planning = true;
     model_allocate(&planned, B, T);
     memory_planning = false;
@@ -1183,16 +1195,33 @@ inline void model_backward(Model* model, int B, int T) {
     embedding_backward(model->grad(t), a.tokens, a.scratch_narrow, N, C, model->embedding_sort);
 }
 
-// Global-norm clipping and AdamW over every tensor; weight decay on the
+// Global-norm clipping, then each group's optimizer at its peak rate times
+// the schedule's factor for the 0-based step: AdamW tensor by tensor, Muon
+// matrix by matrix (its momentum warmed up by the step). Weight decay on the
 // matrices only (ParamTensor::decays).
-inline void model_update(Model* model, float lr, float weight_decay, float max_grad_norm, int step) {
+inline void model_update(Model* model, const Schedule& schedule, float max_grad_norm, int step) {
+    const OptimizerConfig& o = model->optim;
     grad_norm(model->grad_norm_value, model->clip_scale, model->norm_partial, model->grads, model->num_params,
               max_grad_norm);
-    for (size_t i = 0; i < model->tensors.size(); i++) {
-        size_t off = model->offsets[i], n = (size_t)model->tensors[i].numel();
-        float wd = model->tensors[i].decays() ? weight_decay : 0.0f;
-        adamw_update(model->master + off, model->params + off, model->adam_m + off, model->adam_v + off,
-                     model->grads + off, n, lr, 0.9f, 0.95f, 1e-8f, wd, step, model->clip_scale);
+    for (const ParamGroup& g : model->groups) {
+        const float lr = (float)(g.lr * schedule.factor(step, g.warmup));
+        if (g.muon) {
+            for (const MuonMatrix& mm : model->muon_matrices) {
+                const size_t off = model->offsets[mm.first_tensor];
+                const float wd = model->tensors[mm.first_tensor].decays() ? (float)o.weight_decay : 0.0f;
+                muon_step(model->cublas, model->muon, model->master + off, model->params + off, model->adam_m + off,
+                          model->grads + off, (int)mm.rows, (int)mm.cols, mm.batch, lr,
+                          (float)muon_momentum(o, step), wd, o.ns_steps, model->clip_scale);
+            }
+            continue;
+        }
+        for (int i : g.tensors) {
+            const size_t off = model->offsets[i], n = (size_t)model->tensors[i].numel();
+            const float wd = model->tensors[i].decays() ? (float)o.weight_decay : 0.0f;
+            adamw_update(model->master + off, model->params + off, model->adam_m + off, model->adam_v + off,
+                         model->grads + off, n, lr, (float)o.beta1, (float)o.beta2, (float)o.eps, wd, step + 1,
+                         model->clip_scale);
+        }
     }
 }
 
@@ -1212,6 +1241,7 @@ inline void model_free(Model* model) {
     cudaCheck(cudaFree(model->params));
 #endif
     model->rope.release();
+    model->muon.release();
     model->embedding_sort.release();
     if (model->config.n_experts > 0) router_free(&model->router);
     cublasCheck(cublasDestroy(model->cublas));

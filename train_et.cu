@@ -42,6 +42,7 @@
 #include "data/tokenizer.h"
 #include "model.cuh"  // and router.cuh, which builds on its kernels
 #include "model_config.h"
+#include "presets.h"
 #include "schedule.h"
 
 #ifdef ENABLE_FP32
@@ -75,7 +76,7 @@ static const size_t H200_MEMORY = 143771ull << 20;
 struct Options {
     std::string train_glob = DEFAULT_TRAIN, val_glob = DEFAULT_VAL, out_dir = "log_et";
     int resume = 0, checkpoint_every = 1000, checkpoints_kept = 2;
-    std::string model = "d12";
+    std::string preset = "none", model = "d12";
     int experts = 16, router = (int)RouterKind::ET, top_k = 1, kv_heads = 0;
     double et_beta = 0.999;
     int et_warmup = -1;
@@ -84,7 +85,10 @@ struct Options {
     double aux_alpha = 0.001, lossfree_rate = 0.001;
     int ec_pool = (int)EcPool::MicroBatch, eval_routing = (int)EvalRouting::Threshold;
     int batch = 16, seq_len = 2048, total_batch = 524288, max_steps = -1;
-    double lr = 6e-4;
+    int optimizer = (int)OptimizerKind::AdamW;
+    double lr = 6e-4, lr_embedding = 0.2, lr_head = 0.004, lr_matrix = 0.02;
+    int router_optimizer = (int)RouterGroup::AdamW, mup_scope = (int)MupScope::AdamW;
+    double beta1 = 0.9, beta2 = 0.95, adam_eps = 1e-8;
     int warmup = -1;
     double final_lr_frac = 0.0;
     int schedule = (int)LrSchedule::Cosine;
@@ -112,10 +116,11 @@ static std::vector<Flag> flag_table(Options& o) {
          "train shards (glob), or 'synthetic' for the built-in corpus; the default falls back to it when empty"},
         {"-j", "data", Flag::Text, &o.val_glob, 0, 0, nullptr, "validation shards (glob)"},
         {"-o", "data", Flag::Text, &o.out_dir, 0, 0, nullptr, "output dir: logs, checkpoints"},
-        {"-y", "data", Flag::Int, &o.resume, 0, 1, nullptr, "1: resume from the latest checkpoint in -o (-l, -u, -q, -a, -wd, -gc may change)"},
+        {"-y", "data", Flag::Int, &o.resume, 0, 1, nullptr, "1: resume from the latest checkpoint in -o (-l, -le, -lh, -lm, -u, -q, -a, -wd, -gc may change)"},
         {"-n", "data", Flag::Int, &o.checkpoint_every, 0, 1e9, nullptr, "checkpoint every N steps (0: only at the end)"},
         {"-nk", "data", Flag::Int, &o.checkpoints_kept, 0, 1e6, nullptr, "keep the last N checkpoints (0: all)"},
         {"-sv", "data", Flag::Int, &o.synthetic_vocab, 1024, 65536, nullptr, "vocab size of the synthetic corpus (-i synthetic only)"},
+        {"-preset", "model", Flag::Text, &o.preset, 0, 0, nullptr, "a row of the paper's Tables 1 and 2 (listed below): sets its flags; flags given on the command line win"},
         {"-m", "model", Flag::Text, &o.model, 0, 0, nullptr, "model preset: tiny, or dN (N even; d12, d20 = paper)"},
         {"-e", "model", Flag::Int, &o.experts, 0, 1024, nullptr, "routed experts per MoE layer (0: dense model)"},
         {"-r", "model", Flag::Choice, &o.router, 0, 0, "tc|ec|et", "router: token choice, expert choice, expert threshold"},
@@ -133,12 +138,21 @@ static std::vector<Flag> flag_table(Options& o) {
         {"-t", "batch", Flag::Int, &o.seq_len, 8, 65536, nullptr, "sequence length in tokens"},
         {"-d", "batch", Flag::Int, &o.total_batch, 1, 1e9, nullptr, "total batch per step in tokens (gradient accumulation reaches it)"},
         {"-x", "batch", Flag::Int, &o.max_steps, -1, 1e9, nullptr, "training steps (-1: one epoch of the train data)"},
-        {"-l", "optim", Flag::Real, &o.lr, 0, 1, nullptr, "peak learning rate (AdamW)"},
-        {"-u", "optim", Flag::Int, &o.warmup, -1, 1e9, nullptr, "learning-rate warm-up steps (-1: 700, or 10% of a shorter run)"},
+        {"-opt", "optim", Flag::Choice, &o.optimizer, 0, 0, "adamw|muon", "optimizer: AdamW for every tensor, or the paper's Muon for the matrices and AdamW for wte and lm_head"},
+        {"-l", "optim", Flag::Real, &o.lr, 0, 1, nullptr, "-opt adamw: peak learning rate of every tensor"},
+        {"-le", "optim", Flag::Real, &o.lr_embedding, 0, 10, nullptr, "-opt muon: peak learning rate of wte (AdamW), before the muP factor"},
+        {"-lh", "optim", Flag::Real, &o.lr_head, 0, 10, nullptr, "-opt muon: peak learning rate of lm_head (AdamW), before the muP factor"},
+        {"-lm", "optim", Flag::Real, &o.lr_matrix, 0, 10, nullptr, "-opt muon: peak learning rate of the matrices (Muon)"},
+        {"-og", "optim", Flag::Choice, &o.router_optimizer, 0, 0, "adamw|muon", "-opt muon: the router's optimizer (adamw at -lh: the authors' code; muon at -lm: the paper's Table 7)"},
+        {"-om", "optim", Flag::Choice, &o.mup_scope, 0, 0, "adamw|all", "-opt muon: groups the muP factor (n_embd/768)^-1/2 scales (adamw: the code; all: the paper)"},
+        {"-b1", "optim", Flag::Real, &o.beta1, 0, 0.999999, nullptr, "AdamW beta1"},
+        {"-b2", "optim", Flag::Real, &o.beta2, 0, 0.999999, nullptr, "AdamW beta2"},
+        {"-ae", "optim", Flag::Real, &o.adam_eps, 1e-30, 1, nullptr, "AdamW epsilon"},
+        {"-u", "optim", Flag::Int, &o.warmup, -1, 1e9, nullptr, "learning-rate warm-up steps of the AdamW groups; Muon never warms up (-1: 700, or 10% of a shorter run)"},
         {"-q", "optim", Flag::Real, &o.final_lr_frac, 0, 1, nullptr, "final learning rate, as a fraction of the peak"},
-        {"-a", "optim", Flag::Choice, &o.schedule, 0, 0, "cosine|wsd", "schedule after warm-up: cosine, or constant then linear warm-down"},
+        {"-a", "optim", Flag::Choice, &o.schedule, 0, 0, "cosine|wsd|linear", "schedule after warm-up: cosine, constant then linear warm-down (the code's), or linear decay (the paper's)"},
         {"-wd", "optim", Flag::Real, &o.warmdown_frac, 0, 1, nullptr, "wsd: fraction of the run spent in the warm-down"},
-        {"-c", "optim", Flag::Real, &o.weight_decay, 0, 10, nullptr, "AdamW weight decay (matrices only)"},
+        {"-c", "optim", Flag::Real, &o.weight_decay, 0, 10, nullptr, "weight decay of the matrices (AdamW: decoupled; Muon: w *= 1 - lr c)"},
         {"-gc", "optim", Flag::Real, &o.grad_clip, 0, 1e6, nullptr, "clip the global gradient norm to this (0: off)"},
         {"-v", "eval", Flag::Int, &o.val_every, 0, 1e9, nullptr, "validate every N steps (0: off)"},
         {"-vm", "eval", Flag::Int, &o.val_batches, 1, 1e9, nullptr, "validation micro-batches per evaluation"},
@@ -192,6 +206,8 @@ static void print_help() {
         printf("  %-4s %-18s %s (default %s)\n", f.name, arg.c_str(), f.help, flag_value(f).c_str());
     }
     printf("\n  -h                      this help\n");
+    printf("\npresets (-preset NAME; docs/settings.md: how each follows the paper and its code):\n");
+    for (const Preset& p : PRESETS) printf("  %-16s %s\n", p.name, p.row);
 }
 
 // Sets one flag from its text; returns "" or what is wrong with the value.
@@ -233,31 +249,48 @@ static std::string guess_glob(const std::string& first, const std::string& secon
     return first.substr(0, start) + "*" + first.substr(first.size() - end);
 }
 
-static Options parse_flags(int argc, char** argv) {
-    Options o;
-    std::vector<Flag> flags = flag_table(o);
-    for (int i = 1; i < argc; i++) {
-        std::string name = argv[i];
+// Sets the flags of `args` (flag, value, flag, value, ...) in o; `given`
+// records them as the command line's.
+static void set_flags(Options& o, const std::vector<Flag>& flags, const std::vector<std::string>& args, bool given) {
+    for (size_t i = 0; i < args.size(); i++) {
+        const std::string& name = args[i];
         if (name == "-h" || name == "--help") { print_help(); exit(0); }
         const Flag* flag = nullptr;
         for (const Flag& f : flags)
             if (name == f.name) flag = &f;
-        if (!flag && name[0] != '-' && i >= 3 && argv[i - 2][0] == '-') {
+        if (!flag && name[0] != '-' && i >= 2 && args[i - 2][0] == '-') {
             const Flag* before = nullptr;
             for (const Flag& f : flags)
-                if (f.name == std::string(argv[i - 2])) before = &f;
+                if (f.name == args[i - 2]) before = &f;
             if (before && before->kind == Flag::Text)
                 fail("'%s' is not a flag: it follows %s %s as if the shell had expanded an unquoted glob into "
-                     "several files; quote the glob: %s '%s'", argv[i], argv[i - 2], argv[i - 1], argv[i - 2],
-                     guess_glob(argv[i - 1], argv[i]).c_str());
-            if (before) fail("'%s' is not a flag: %s takes one value (here '%s')", argv[i], argv[i - 2], argv[i - 1]);
+                     "several files; quote the glob: %s '%s'", name.c_str(), args[i - 2].c_str(), args[i - 1].c_str(),
+                     args[i - 2].c_str(), guess_glob(args[i - 1], name).c_str());
+            if (before)
+                fail("'%s' is not a flag: %s takes one value (here '%s')", name.c_str(), args[i - 2].c_str(),
+                     args[i - 1].c_str());
         }
-        if (!flag) fail("unknown flag '%s' (./train_et -h lists them)", argv[i]);
-        if (i + 1 >= argc) fail("%s: missing value (expected %s)", flag->name, flag_allowed(*flag).c_str());
-        std::string err = set_flag(*flag, argv[++i]);
+        if (!flag) fail("unknown flag '%s' (./train_et -h lists them)", name.c_str());
+        if (i + 1 >= args.size()) fail("%s: missing value (expected %s)", flag->name, flag_allowed(*flag).c_str());
+        std::string err = set_flag(*flag, args[++i].c_str());
         if (!err.empty()) fail("%s: %s (expected %s)", flag->name, err.c_str(), flag_allowed(*flag).c_str());
-        o.given.push_back(flag->name);
+        if (given) o.given.push_back(flag->name);
     }
+}
+
+// A -preset's flags first, wherever it stands; then the command line's, which win.
+static Options parse_flags(int argc, char** argv) {
+    Options o;
+    std::vector<Flag> flags = flag_table(o);
+    const std::vector<std::string> args(argv + 1, argv + argc);
+    for (size_t i = 0; i + 1 < args.size(); i++) {
+        if (args[i] != "-preset") continue;
+        if (args[i + 1] == "none") continue;
+        const Preset* p = find_preset(args[i + 1]);
+        if (!p) fail("-preset: unknown preset '%s' (the presets: %s)", args[i + 1].c_str(), preset_names().c_str());
+        set_flags(o, flags, preset_words(*p), false);
+    }
+    set_flags(o, flags, args, true);
     return o;
 }
 
@@ -299,6 +332,22 @@ static ModelConfig model_from_options(const Options& o) {
              "(the pool is %s)", (long long)pool, r.top_k, c.n_experts, (long long)pool * r.top_k,
              r.ec_pool == EcPool::Sequence ? "one sequence, -t" : "the micro-batch, -b x -t");
     return c;
+}
+
+static OptimizerConfig optimizer_from_options(const Options& o) {
+    OptimizerConfig opt;
+    opt.kind = (OptimizerKind)o.optimizer;
+    opt.lr = o.lr;
+    opt.lr_embedding = o.lr_embedding;
+    opt.lr_head = o.lr_head;
+    opt.lr_matrix = o.lr_matrix;
+    opt.router = (RouterGroup)o.router_optimizer;
+    opt.mup = (MupScope)o.mup_scope;
+    opt.beta1 = o.beta1;
+    opt.beta2 = o.beta2;
+    opt.eps = o.adam_eps;
+    opt.weight_decay = o.weight_decay;
+    return opt;
 }
 
 // Micro-steps per step: -d over the tokens of one micro-step of every
@@ -521,7 +570,26 @@ static std::vector<std::string> settings_warnings(const Options& o, const ModelC
     if (lr_warmup >= steps)
         out.push_back(string_format("-u %d: the learning-rate warm-up does not end before the run does (%d steps), "
                                     "so the schedule never decays; use -u below %d", lr_warmup, steps, steps));
-    if (o.lr == 0) out.push_back("-l 0: the learning rate is 0, so the weights never change");
+    if (const Preset* p = find_preset(o.preset)) {
+        if (p->paper_pool_tokens != p->pool_tokens && !o.was_given("-b") && !o.was_given("-ep"))
+            out.push_back(string_format(
+                "-preset %s: the paper's routing pool is %lld tokens, more than one H200 holds in a micro-batch; this run "
+                "pools %lld (-b %d -ep micro), the largest that fits. The paper's pool needs %lld ranks of -b %d with "
+                "-ep global (multi-GPU training is not in train_et yet)", p->name, p->paper_pool_tokens,
+                p->pool_tokens, o.batch, preset_pool_ranks(*p), o.batch));
+        if (!d.is_synthetic && d.vocab_size != PAPER_VOCAB)
+            out.push_back(string_format(
+                "-preset %s: the paper's tokenizer is a %d-token BPE and these shards have a vocab of %d; "
+                "data/prepare.py trains the paper's (README: Data)", p->name, PAPER_VOCAB, d.vocab_size));
+    }
+    const bool muon = o.optimizer == (int)OptimizerKind::Muon;
+    for (const char* flag : {"-le", "-lh", "-lm", "-og", "-om"})
+        if (o.was_given(flag) && !muon)
+            out.push_back(string_format("%s: ignored: it sets a group of -opt muon, and this run trains with -opt adamw",
+                                        flag));
+    if (o.was_given("-l") && muon)
+        out.push_back("-l: ignored: -opt muon trains at its groups' rates (-le, -lh, -lm)");
+    if (!muon && o.lr == 0) out.push_back("-l 0: the learning rate is 0, so the weights never change");
     if (o.was_given("-sv") && !d.is_synthetic)
         out.push_back("-sv: ignored: it sets the synthetic corpus's vocab, and this run trains on shards (-i)");
     return out;
@@ -533,7 +601,6 @@ static std::vector<std::string> settings_warnings(const Options& o, const ModelC
 static Schedule lr_schedule(const Options& o, int steps) {
     Schedule s;
     s.kind = (LrSchedule)o.schedule;
-    s.peak = o.lr;
     s.final_frac = o.final_lr_frac;
     s.warmdown_frac = o.warmdown_frac;
     s.warmup = o.warmup >= 0 ? o.warmup : default_warmup_steps(steps);
@@ -555,7 +622,15 @@ static void print_config(RunLog& log, const Options& o, const ModelConfig& c, co
 #else
     log.print(", single GPU (NO_MULTI_GPU)");
 #endif
-    log.print("\nmodel    %s: %d layers, width %d, %d heads of %d", c.preset.c_str(), c.n_layer, c.n_embd, c.n_head, c.head_dim());
+    log.print("\n");
+    if (const Preset* p = find_preset(o.preset)) {
+        std::string overridden;
+        for (const std::string& word : preset_words(*p))
+            if (word[0] == '-' && !isdigit((unsigned char)word[1]) && o.was_given(word)) overridden += " " + word;
+        log.print("preset   %s: %s\n         sets %s%s\n", p->name, p->row, p->flags,
+                  overridden.empty() ? "" : ("; the command line overrides" + overridden).c_str());
+    }
+    log.print("model    %s: %d layers, width %d, %d heads of %d", c.preset.c_str(), c.n_layer, c.n_embd, c.n_head, c.head_dim());
     if (c.n_kv_head != c.n_head) log.print(" (%d kv heads)", c.n_kv_head);
     log.print(", vocab %d (head padded to %d), sequence %d\n", c.vocab_size, c.padded_vocab(), c.seq_len);
     if (c.n_experts == 0) {
@@ -601,9 +676,20 @@ static void print_config(RunLog& log, const Options& o, const ModelConfig& c, co
     log.print("batch    %d x %d tokens per micro-step, %d micro-step%s: %d tokens per step\n", o.batch, o.seq_len,
               grad_accum, grad_accum == 1 ? "" : "s", o.total_batch);
     log.print("steps    %d (%.2f epochs; %zu steps per epoch)\n", steps, (double)steps / steps_per_epoch, steps_per_epoch);
-    const char* sched[] = {"cosine", "wsd"};
-    log.print("optim    AdamW lr %g, %s schedule, warm-up %d, final %g x peak, weight decay %g, clip %g\n", o.lr,
-           sched[o.schedule], lr_schedule(o, steps).warmup, o.final_lr_frac, o.weight_decay, o.grad_clip);
+    const char* sched[] = {"cosine", "wsd", "linear"};
+    const OptimizerConfig& opt = planned.optim;
+    log.print("optim    %s: %s schedule, warm-up %d steps (AdamW groups), final %g x peak, weight decay %g, clip %s; "
+              "AdamW betas %g/%g, eps %g", opt.kind == OptimizerKind::Muon ? "muon" : "adamw", sched[o.schedule],
+              lr_schedule(o, steps).warmup, o.final_lr_frac, opt.weight_decay,
+              o.grad_clip > 0 ? string_format("%g", o.grad_clip).c_str() : "off", opt.beta1, opt.beta2, opt.eps);
+    if (opt.kind == OptimizerKind::Muon)
+        log.print("; Muon momentum %g -> %g over %d steps, %d Newton-Schulz steps, muP factor %.4f on %s",
+                  opt.momentum_start, opt.momentum_end, opt.momentum_warmup, opt.ns_steps, mup_factor(c.n_embd),
+                  opt.mup == MupScope::All ? "every group" : "the AdamW groups");
+    log.print("\n");
+    for (const ParamGroup& g : planned.groups)
+        log.print("         %-10s %-6s peak lr %-9.4g %s params%s\n", g.name.c_str(), g.muon ? "Muon" : "AdamW", g.lr,
+                  human_count(g.params).c_str(), g.warmup ? "" : ", no warm-up");
     log.print("memory   %s\n", planned.memory.describe().c_str());
     if (c.n_experts > 0)
         log.print("routing  room for %d (token, expert) pairs per MoE layer and micro-batch in training, %d in "
@@ -622,8 +708,8 @@ static void print_config(RunLog& log, const Options& o, const ModelConfig& c, co
 // setting to change: the largest micro-batch -b whose plan fits (a valid one:
 // it divides -d, and gives EC and ET a whole k), or, when not even -b 1
 // fits, a smaller model.
-static void check_memory_fits(const Options& o, const ModelConfig& c, const MemoryPlan& plan, size_t capacity,
-                              const char* gpu) {
+static void check_memory_fits(const Options& o, const ModelConfig& c, const OptimizerConfig& optim,
+                              const MemoryPlan& plan, size_t capacity, const char* gpu) {
     if (plan.total() <= capacity) return;
     const double GiB = 1073741824.0;
     std::string advice = string_format("a smaller -m, or fewer experts (-e): even at -b 1 it does not fit (the "
@@ -633,7 +719,7 @@ static void check_memory_fits(const Options& o, const ModelConfig& c, const Memo
         const int64_t pool = routing_pool_tokens(c.router.ec_pool, b, o.seq_len);
         const bool whole_k = c.n_experts == 0 || c.router.kind == RouterKind::TC || pool * c.router.top_k % c.n_experts == 0;
         if (o.total_batch % ((int64_t)b * o.seq_len) != 0 || !whole_k) continue;
-        if (model_plan(c, b, o.seq_len).memory.total() > capacity) continue;
+        if (model_plan(c, optim, b, o.seq_len).memory.total() > capacity) continue;
         advice = string_format("-b %d, the largest micro-batch that fits (-d stays: more micro-steps), or a smaller -t, "
                                "-m or -e", b);
         break;
@@ -654,7 +740,8 @@ static void check_memory_fits(const Options& o, const ModelConfig& c, const Memo
 // settings differ from the checkpoint's (the schedule's may change).
 
 static const int64_t CHECKPOINT_MAGIC = 0x7472616E5F65745FLL;  // "train_et_"
-static const int64_t CHECKPOINT_VERSION = 3;  // 2: the router settings and state; 3: the training time so far
+static const int64_t CHECKPOINT_VERSION = 4;  // 2: the router settings and state; 3: the training time so far;
+                                              // 4: the optimizer settings
 enum CheckpointField {
     CK_MAGIC, CK_VERSION, CK_STEP, CK_NUM_PARAMS, CK_LAYERS, CK_EMBD, CK_HEADS, CK_KV_HEADS, CK_VOCAB, CK_EXPERTS,
     CK_BATCH, CK_SEQ_LEN, CK_TOTAL_BATCH, CK_WORLD, CK_SEED, CK_DATA, CK_STEPS, CK_WARMUP, CK_SCHEDULE,
@@ -665,8 +752,12 @@ enum CheckpointField {
     CK_LOSSFREE_RATE,
     // where the run is
     CK_EPOCH, CK_SHARD_POS, CK_ROUND, CK_RNG0, CK_RNG3 = CK_RNG0 + 3, CK_ROUTER_UPDATES, CK_ELAPSED_MS,
+    // the optimizer (the doubles bit for bit)
+    CK_OPTIMIZER, CK_ROUTER_OPTIMIZER, CK_MUP_SCOPE, CK_LR_EMBEDDING, CK_LR_HEAD, CK_LR_MATRIX, CK_BETA1, CK_BETA2,
+    CK_ADAM_EPS,
     CK_HEADER_FIELDS = 64  // room to grow
 };
+static_assert(CK_ADAM_EPS < CK_HEADER_FIELDS, "the checkpoint header has no room for its fields");
 
 static int64_t double_bits(double x) {
     int64_t bits;
@@ -694,6 +785,13 @@ static void checkpoint_settings(const Options& o, const ModelConfig& c, size_t n
     h[CK_LR] = double_bits(o.lr); h[CK_FINAL_LR] = double_bits(o.final_lr_frac);
     h[CK_WARMDOWN] = double_bits(o.warmdown_frac); h[CK_WEIGHT_DECAY] = double_bits(o.weight_decay);
     h[CK_GRAD_CLIP] = double_bits(o.grad_clip);
+    h[CK_OPTIMIZER] = o.optimizer; h[CK_BETA1] = double_bits(o.beta1); h[CK_BETA2] = double_bits(o.beta2);
+    h[CK_ADAM_EPS] = double_bits(o.adam_eps);
+    if (o.optimizer == (int)OptimizerKind::Muon) {  // the group settings change nothing under -opt adamw
+        h[CK_ROUTER_OPTIMIZER] = o.router_optimizer; h[CK_MUP_SCOPE] = o.mup_scope;
+        h[CK_LR_EMBEDDING] = double_bits(o.lr_embedding); h[CK_LR_HEAD] = double_bits(o.lr_head);
+        h[CK_LR_MATRIX] = double_bits(o.lr_matrix);
+    }
     if (c.n_experts == 0) return;  // a dense model has no router: its flags change nothing
     const RouterConfig& r = c.router;
     h[CK_ROUTER] = (int64_t)r.kind; h[CK_TOP_K] = r.top_k; h[CK_ET_WARMUP] = r.et_warmup_steps;
@@ -703,22 +801,23 @@ static void checkpoint_settings(const Options& o, const ModelConfig& c, size_t n
 }
 
 // A checkpoint's size on disk: the header, the fp32 master weights and both
-// AdamW moments, and the router state.
+// AdamW moments (Muon's momentum in the first), and the router state.
 static size_t checkpoint_bytes(const Model& model) {
     return CK_HEADER_FIELDS * sizeof(int64_t) + (3 * model.num_params + router_state_floats(model.router)) * sizeof(float);
 }
 
 // How a resumed run's settings are held to its checkpoint's. Most must match,
 // or the run would not be the one the checkpoint belongs to. The schedule's
-// (-l, -u, -q, -a, -wd, -gc) may change, with a warning: resuming from the
+// (-l, -le, -lh, -lm, -u, -q, -a, -wd, -gc) may change, with a warning: resuming from the
 // last good checkpoint with a lower -l is the usual remedy for a divergence,
 // and the one train_et advises.
-enum class SettingKind { Whole, Real, Schedule, Opaque };
+enum class SettingKind { Whole, Real, Choice, Opaque };
 static const struct {
     CheckpointField field;
     const char* what;
     SettingKind kind;
     bool may_change;
+    const char* choices = nullptr;  // SettingKind::Choice: the flag's choices, in the order of its values
 } CHECKPOINT_CHECKS[] = {
     {CK_LAYERS, "-m (layers)", SettingKind::Whole, false}, {CK_EMBD, "-m (width)", SettingKind::Whole, false},
     {CK_HEADS, "-m (heads)", SettingKind::Whole, false}, {CK_KV_HEADS, "-kv", SettingKind::Whole, false},
@@ -728,22 +827,31 @@ static const struct {
     {CK_WORLD, "the number of processes", SettingKind::Whole, false}, {CK_SEED, "-sd", SettingKind::Whole, false},
     {CK_DATA, "the training data (-i: shard count and sizes)", SettingKind::Opaque, false},
     {CK_STEPS, "the step count (-x)", SettingKind::Whole, false}, {CK_WARMUP, "-u", SettingKind::Whole, true},
-    {CK_SCHEDULE, "-a", SettingKind::Schedule, true}, {CK_LR, "-l", SettingKind::Real, true},
+    {CK_SCHEDULE, "-a", SettingKind::Choice, true, "cosine|wsd|linear"}, {CK_LR, "-l", SettingKind::Real, true},
     {CK_FINAL_LR, "-q", SettingKind::Real, true}, {CK_WARMDOWN, "-wd", SettingKind::Real, true},
     {CK_WEIGHT_DECAY, "-c", SettingKind::Real, false}, {CK_GRAD_CLIP, "-gc", SettingKind::Real, true},
     {CK_ROUTER, "-r", SettingKind::Whole, false}, {CK_TOP_K, "-k", SettingKind::Whole, false},
     {CK_ET_WARMUP, "ET warm-up (-ew, or 20% of -x)", SettingKind::Whole, false},
     {CK_TC_BALANCE, "-tb", SettingKind::Whole, false}, {CK_EC_POOL, "-ep", SettingKind::Whole, false},
     {CK_ET_BETA, "-eb", SettingKind::Real, false}, {CK_CAPACITY, "-ec", SettingKind::Real, false},
-    {CK_AUX_ALPHA, "-ta", SettingKind::Real, false}, {CK_LOSSFREE_RATE, "-tu", SettingKind::Real, false}};
+    {CK_AUX_ALPHA, "-ta", SettingKind::Real, false}, {CK_LOSSFREE_RATE, "-tu", SettingKind::Real, false},
+    {CK_OPTIMIZER, "-opt", SettingKind::Choice, false, "adamw|muon"},
+    {CK_ROUTER_OPTIMIZER, "-og", SettingKind::Choice, false, "adamw|muon"},
+    {CK_MUP_SCOPE, "-om", SettingKind::Choice, false, "adamw|all"}, {CK_LR_EMBEDDING, "-le", SettingKind::Real, true},
+    {CK_LR_HEAD, "-lh", SettingKind::Real, true}, {CK_LR_MATRIX, "-lm", SettingKind::Real, true},
+    {CK_BETA1, "-b1", SettingKind::Real, false}, {CK_BETA2, "-b2", SettingKind::Real, false},
+    {CK_ADAM_EPS, "-ae", SettingKind::Real, false}};
 
-static std::string setting_text(int64_t value, SettingKind kind) {
+static std::string setting_text(int64_t value, SettingKind kind, const char* choices) {
     double real;
     memcpy(&real, &value, sizeof(real));
     switch (kind) {
         case SettingKind::Whole: return std::to_string(value);
         case SettingKind::Real: return string_format("%g", real);
-        case SettingKind::Schedule: return value == (int64_t)LrSchedule::Wsd ? "wsd" : "cosine";
+        case SettingKind::Choice: {
+            const std::vector<std::string> names = split_choices(choices);
+            return value >= 0 && value < (int64_t)names.size() ? names[value] : std::to_string(value);
+        }
         case SettingKind::Opaque: break;
     }
     return "";
@@ -774,7 +882,8 @@ static std::string check_resume(const Options& o, const int64_t* settings, RunLo
     fclose(open_checkpoint(path, h));
     for (const auto& k : CHECKPOINT_CHECKS) {
         if (h[k.field] == settings[k.field]) continue;
-        const std::string was = setting_text(h[k.field], k.kind), now = setting_text(settings[k.field], k.kind);
+        const std::string was = setting_text(h[k.field], k.kind, k.choices),
+                          now = setting_text(settings[k.field], k.kind, k.choices);
         if (!k.may_change && was.empty())
             fail("%s: its run had other %s; resume with the settings of the run it belongs to", path.c_str(), k.what);
         if (!k.may_change)
@@ -917,6 +1026,12 @@ static std::string run_record(int argc, char** argv, const Options& o, const Mod
                        "\"vocab\": %d, \"padded_vocab\": %d, \"experts\": %d, \"moe_layers\": %zu}",
                        c.n_layer, c.n_embd, c.n_head, c.n_kv_head, c.head_dim(), c.vocab_size, c.padded_vocab(),
                        c.n_experts, planned.router.layers.size());
+    std::string groups;
+    for (const ParamGroup& g : planned.groups)
+        groups += string_format("%s{\"name\": %s, \"optimizer\": \"%s\", \"peak_lr\": %.9g, \"warmup\": %s, "
+                                "\"params\": %.0f}", groups.empty() ? "" : ", ", json_string(g.name).c_str(),
+                                g.muon ? "muon" : "adamw", g.lr, g.warmup ? "true" : "false", g.params);
+    r += ", \"optimizer_groups\": [" + groups + "]";
     r += string_format(", \"batch\": {\"tokens_per_step\": %d, \"micro_steps\": %d, \"steps\": %d}", o.total_batch,
                        grad_accum, steps);
     r += ", \"data\": {\"train\": " + shards(d.train.get(), d.train_files) + ", \"val\": " +
@@ -1087,7 +1202,8 @@ int main(int argc, char** argv) {
     const Schedule schedule = lr_schedule(o, steps);
 
     // The model as model_allocate will make it, worked out without the GPU.
-    const Model planned = model_plan(config, o.batch, o.seq_len);
+    const OptimizerConfig optim = optimizer_from_options(o);
+    const Model planned = model_plan(config, optim, o.batch, o.seq_len);
     print_config(log, o, config, data, grad_accum, steps, steps_per_epoch, planned, checkpoint_bytes(planned));
     for (const std::string& w : settings_warnings(o, config, data, steps, schedule.warmup, world)) log.warn(w);
     int64_t settings[CK_HEADER_FIELDS] = {};
@@ -1098,7 +1214,7 @@ int main(int argc, char** argv) {
     bool no_device = false;
     err = gpu_open(rank, &gpu, &no_device);
     // a setting too big for the GPU is named even where no GPU answers
-    check_memory_fits(o, config, planned.memory, err.empty() ? gpu.prop.totalGlobalMem : H200_MEMORY,
+    check_memory_fits(o, config, optim, planned.memory, err.empty() ? gpu.prop.totalGlobalMem : H200_MEMORY,
                       err.empty() ? gpu.prop.name : "an H200 (no GPU here to ask)");
     if (!err.empty() && no_device)
         fail("%s: train_et trains on an NVIDIA GPU; this machine has none (the CPU tests run with 'make test')",
@@ -1110,6 +1226,7 @@ int main(int argc, char** argv) {
               gpu.peak_bf16_flops / 1e12);
     Model model;
     model.config = config;
+    model.optim = optim;
     model_allocate(&model, o.batch, o.seq_len);
     if (model.memory.total() != planned.memory.total())
         fail("internal: model_allocate took %zu bytes, its plan (model_plan) said %zu", model.memory.total(),
@@ -1135,6 +1252,9 @@ int main(int argc, char** argv) {
                           checkpoint_bytes(planned), gpu.prop.name, start_time, o.resume ? st.step : -1));
 
     const double flops_per_token = training_flops_per_token(config);
+    size_t logged_group = 0;
+    for (size_t g = 1; g < model.groups.size(); g++)
+        if (model.groups[g].params > model.groups[logged_group].params) logged_group = g;
     const float dloss = 1.0f / ((float)o.total_batch);
     const double elapsed_before = st.elapsed;  // a resumed run's earlier processes
     double window_start = wall_seconds(), run_start = window_start;
@@ -1172,8 +1292,10 @@ int main(int argc, char** argv) {
             model_forward(&model, o.batch, o.seq_len, true, true, dloss);
             model_backward(&model, o.batch, o.seq_len);
         }
-        float lr = schedule.at(step);
-        model_update(&model, lr, (float)o.weight_decay, (float)o.grad_clip, step + 1);
+        model_update(&model, schedule, (float)o.grad_clip, step);
+        // the log's lr: the largest group's (-opt muon: the matrices')
+        const ParamGroup& logged = model.groups[logged_group];
+        const double lr = logged.lr * schedule.factor(step, logged.warmup);
         st.step++;
         st.data = train_loader.position();
         st.elapsed = elapsed_before + wall_seconds() - run_start;

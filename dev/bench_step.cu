@@ -14,7 +14,8 @@
 // first. Every number is the median of -r runs, each between two CUDA
 // events, all queued back to back with no host sync between them.
 //   - micro-step: model_forward + model_backward exactly as train_et runs
-//     them; update: model_update (grad_norm + AdamW); zero: the per-step
+//     them; update: model_update (grad_norm + AdamW, or -opt muon's Muon
+//     for the matrices); zero: the per-step
 //     gradient memset. From them: tokens/s and MFU for the micro-step alone,
 //     and for a train_et step of -d 524288 tokens (its default).
 //   - phases: each phase's launchers (the calls, buffers and shapes of
@@ -34,6 +35,7 @@
 //     work; nothing is freed in between, so the difference is the peak.
 #include <algorithm>
 #include <cerrno>
+#include <climits>
 #include <cstring>
 #include <functional>
 #include <string>
@@ -49,7 +51,7 @@ static const char* PRECISION_NAME = "bf16";
 
 static const int VOCAB = 50257;         // GPT-2's, as in the FineWeb-Edu shards
 static const int TOTAL_BATCH = 524288;  // train_et's -d default: tokens per optimizer step
-static const float LR = 1e-5f;          // small: the repeated updates must keep the weights sane
+static const float LR = 1e-5f;          // every group's: small, the repeated updates must keep the weights sane
 static const float WEIGHT_DECAY = 0.1f, GRAD_CLIP = 1.0f;  // train_et's defaults
 static const int WARMUP_STEPS = 2;
 static const int GEMM_WARMUP = 3;       // cuBLAS picks and loads its kernel on the first calls
@@ -62,17 +64,20 @@ struct Options {
     std::string model = "d12";
     int batch = 16, seq_len = 2048, repeats = 20, experts = 0, router = (int)RouterKind::ET;
     int gemm_size = 8192;  // the cuBLAS rate probe: M = N = K
+    OptimizerKind optimizer = OptimizerKind::AdamW;
 };
 
 static const char* USAGE =
     "usage: bench_step [-m preset] [-b batch] [-t seq_len] [-r repeats] [-e experts] [-rt tc|ec|et] [-g size]\n"
+    "                  [-opt adamw|muon]\n"
     "  -m  model preset (default d12; tiny, or dN with N even)\n"
     "  -b  sequences per micro-step (default 16)\n"
     "  -t  sequence length (default 2048)\n"
     "  -r  timed runs per measurement; each number is their median (default 20)\n"
     "  -e  routed experts per MoE layer (default 0: the dense model)\n"
     "  -rt router of the MoE layers: tc, ec or et (default et)\n"
-    "  -g  size of the cuBLAS rate probe, a g x g x g product (default 8192)\n";
+    "  -g  size of the cuBLAS rate probe, a g x g x g product (default 8192)\n"
+    "  -opt optimizer of the update: adamw, or muon for the matrices (default adamw)\n";
 
 static int int_flag(const char* flag, const char* text, int lo, int hi) {
     char* end = nullptr;
@@ -91,7 +96,7 @@ static Options parse_flags(int argc, char** argv) {
             fputs(USAGE, stdout);
             exit(0);
         }
-        if (f != "-m" && f != "-b" && f != "-t" && f != "-r" && f != "-e" && f != "-rt" && f != "-g")
+        if (f != "-m" && f != "-b" && f != "-t" && f != "-r" && f != "-e" && f != "-rt" && f != "-g" && f != "-opt")
             fail("unknown flag '%s'\n%s", argv[i], USAGE);
         if (i + 1 >= argc) fail("%s: missing value\n%s", argv[i], USAGE);
         const char* v = argv[++i];
@@ -101,6 +106,11 @@ static Options parse_flags(int argc, char** argv) {
         if (f == "-r") o.repeats = int_flag("-r", v, 1, 100000);
         if (f == "-g") o.gemm_size = int_flag("-g", v, 16, 65536);
         if (f == "-e") o.experts = int_flag("-e", v, 0, 1024);
+        if (f == "-opt") {
+            std::string opt = v;
+            if (opt != "adamw" && opt != "muon") fail("-opt: '%s' is not adamw or muon\n%s", v, USAGE);
+            o.optimizer = opt == "muon" ? OptimizerKind::Muon : OptimizerKind::AdamW;
+        }
         if (f == "-rt") {
             std::string r = v;
             if (r != "tc" && r != "ec" && r != "et") fail("-rt: '%s' is not a router (tc, ec or et)\n%s", v, USAGE);
@@ -250,6 +260,10 @@ int main(int argc, char** argv) {
     cudaCheck(cudaMemGetInfo(&free_before, &total_mem));
     Model model;
     model.config = c;
+    model.optim.kind = o.optimizer;
+    model.optim.lr = model.optim.lr_embedding = model.optim.lr_head = model.optim.lr_matrix = LR;
+    model.optim.weight_decay = WEIGHT_DECAY;
+    const Schedule schedule{LrSchedule::Wsd, 0.0, 0.0, 0, INT_MAX};  // constant
     size_t allocated = model_allocate(&model, B, T);
     Activations& a = model.acts;
     cublasHandle_t cublas = model.cublas;
@@ -284,7 +298,7 @@ int main(int argc, char** argv) {
     };
     // the router's per-step work (statistics reset, cutoff EMA) goes with the update
     auto update = [&] {
-        model_update(&model, LR, WEIGHT_DECAY, GRAD_CLIP, step + 1);
+        model_update(&model, schedule, GRAD_CLIP, step);
         router_step_end(model.router);
         router_step_begin(model.router, ++step);
     };
@@ -316,7 +330,8 @@ int main(int argc, char** argv) {
     Timing t_micro = timer.time(micro_step);
     print_timing("micro-step (forward + backward)", t_micro, o.repeats);
     Timing t_update = timer.time(update);
-    print_timing("update (grad_norm + adamw)", t_update, o.repeats);
+    const std::string update_name = std::string("update (grad_norm + ") + optimizer_name(o.optimizer) + ")";
+    print_timing(update_name.c_str(), t_update, o.repeats);
 
     // The phases. Per layer, the parameter tensors by name (robust to the
     // storage order); the calls below mirror model_forward / model_backward.
@@ -512,7 +527,7 @@ int main(int argc, char** argv) {
            t_micro.min, t_micro.max);
     printf("%-40s %12.3f %8.1f%%\n", "in no phase (measured - sum)", t_micro.median - phase_sum,
            100.0 * (t_micro.median - phase_sum) / t_micro.median);
-    printf("%-40s %12.3f ms per optimizer step\n", "optimizer (grad_norm + adamw)", t_update.median);
+    printf("%-40s %12.3f ms per optimizer step\n", ("optimizer " + update_name.substr(7)).c_str(), t_update.median);
     printf("%-40s %12.3f ms per optimizer step\n", "zero grads", t_zero.median);
 
     const double micro_tps = N / (t_micro.median * 1e-3);

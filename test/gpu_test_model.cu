@@ -651,8 +651,11 @@ static void check_model_step(Test& t, int n_kv_head) {
     c.n_kv_head = n_kv_head;
     c.vocab_size = 300;  // padded to 384
     c.seq_len = T;
+    const float lr = 1e-3f, weight_decay = 0.1f;  // of the update at the end
     Model model;
     model.config = c;
+    model.optim.lr = lr;  // the groups' rates are fixed when model_allocate forms them
+    model.optim.weight_decay = weight_decay;
     model_allocate(&model, B, T);
     const size_t P = model.num_params;
     const std::string cfg = string_format("n_kv_head %d", n_kv_head);
@@ -726,8 +729,8 @@ static void check_model_step(Test& t, int n_kv_head) {
     // One update on those gradients, clipping active, against the reference
     // AdamW (weight decay on the matrices only).
     const double norm = ref::global_norm(grads2.data(), P);
-    const float lr = 1e-3f, weight_decay = 0.1f, max_norm = (float)(0.5 * norm);
-    model_update(&model, lr, weight_decay, max_norm, 1);
+    const float max_norm = (float)(0.5 * norm);
+    model_update(&model, Schedule{LrSchedule::Wsd, 0.0, 0.0, 0, 1}, max_norm, 0);
     sync_after("model_update");
     const double scale = max_norm / norm;
     std::vector<double> ref_w = to_doubles(master), ref_m(P, 0.0), ref_v(P, 0.0);

@@ -127,6 +127,98 @@ static void test_muon_determinism(Test& t) {
     CHECK(t, same_bits(results[0], results[1]), "two runs of the same Muon step differ");
 }
 
+// model_update under -opt muon: every group at its rate (the muP factor, the
+// schedule's factor with or without the warm-up), AdamW tensor by tensor and
+// Muon matrix by matrix (q, k and v fused; EC's experts one by one, TC's
+// stacked), with the clip factor from the global norm, against the reference.
+struct GroupCase {
+    const char* name;
+    int experts;
+    RouterKind router;
+    RouterGroup router_group;
+    MupScope mup;
+};
+static void test_model_update_groups(Test& t) {
+    const GroupCase cases[] = {
+        {"dense", 0, RouterKind::ET, RouterGroup::AdamW, MupScope::AdamW},
+        {"ec, router under muon, mup on all", 4, RouterKind::EC, RouterGroup::Muon, MupScope::All},
+        {"tc, router under adamw", 4, RouterKind::TC, RouterGroup::AdamW, MupScope::AdamW},
+    };
+    Rng rng(903);
+    for (const GroupCase& k : cases) {
+        ModelConfig c;
+        c.preset = "gpu_test";
+        c.n_layer = 2;
+        c.n_embd = 64;
+        c.n_head = 2;
+        c.n_kv_head = 2;
+        c.vocab_size = 100;
+        c.seq_len = 16;
+        c.n_experts = k.experts;
+        c.router.kind = k.router;
+        c.router.et_warmup_steps = 0;
+        Model model;
+        model.config = c;
+        model.optim.kind = OptimizerKind::Muon;
+        model.optim.router = k.router_group;
+        model.optim.mup = k.mup;
+        model.optim.weight_decay = 0.1;
+        model_allocate(&model, 2, 16);
+        const size_t P = model.num_params;
+        const std::vector<float> master = random_float(rng, P, -0.5, 0.5), grads = random_float(rng, P, -1, 1);
+        upload_to(model.master, master);
+        upload_to(model.grads, grads);
+        const Schedule schedule{LrSchedule::Linear, 0.1, 0.0, 2, 10};  // step 0: AdamW at half its peak, Muon at its peak
+        const std::vector<double> g = to_doubles(grads);
+        const double norm = ref::global_norm(g.data(), P), max_norm = 0.5 * norm, clip = max_norm / norm;
+        model_update(&model, schedule, (float)max_norm, 0);
+        sync_after("model_update");
+
+        const OptimizerConfig& o = model.optim;
+        std::vector<double> w = to_doubles(master), m(P, 0.0), v(P, 0.0);
+        std::vector<int> muon_tensor(model.tensors.size(), 0);
+        for (const MuonMatrix& mm : model.muon_matrices) {
+            const size_t off = model.offsets[mm.first_tensor], per = (size_t)mm.rows * mm.cols;
+            for (int b = 0; b < mm.batch; b++)
+                ref::muon_update<double>(&w[off + b * per], &m[off + b * per], &g[off + b * per], (int)mm.rows,
+                                         (int)mm.cols, (double)(float)(o.lr_matrix * (k.mup == MupScope::All ? mup_factor(64) : 1.0)),
+                                         (double)(float)muon_momentum(o, 0), (double)(float)o.weight_decay, clip,
+                                         o.ns_steps, NS_A, NS_B, NS_C, NS_EPS);
+            for (int i = 0; i < mm.tensor_count; i++) muon_tensor[mm.first_tensor + i] = 1;
+        }
+        for (size_t i = 0; i < model.tensors.size(); i++) {
+            if (muon_tensor[i]) continue;
+            const ParamRole role = param_role(model.tensors[i]);
+            const double peak = (role == ParamRole::Embedding ? o.lr_embedding : o.lr_head) * mup_factor(64);
+            const size_t off = model.offsets[i];
+            const double wd = model.tensors[i].decays() ? (double)(float)o.weight_decay : 0.0;
+            ref::adamw_update(&w[off], &m[off], &v[off], &g[off], (size_t)model.tensors[i].numel(),
+                              (double)(float)(peak * 0.5), (double)(float)o.beta1, (double)(float)o.beta2,
+                              (double)(float)o.eps, wd, 1, clip);
+        }
+        int muon_count = 0, adamw_count = 0;
+        const std::vector<float> got = download_from(model.master, P);
+        for (size_t i = 0; i < model.tensors.size(); i++) {
+            const size_t off = model.offsets[i], n = (size_t)model.tensors[i].numel();
+            std::vector<double> step_gpu(n), step_ref(n);
+            for (size_t j = 0; j < n; j++) {
+                step_gpu[j] = (double)got[off + j] - master[off + j];
+                step_ref[j] = w[off + j] - master[off + j];
+            }
+            const std::string what = std::string(k.name) + ": " + model.tensors[i].name +
+                                     (muon_tensor[i] ? " (muon)" : " (adamw)") + " weight step";
+            check_close(t, what, step_gpu, step_ref, muon_tensor[i] ? TOL_MUON : TOL_FP32);
+            (muon_tensor[i] ? muon_count : adamw_count)++;
+        }
+        const bool router_adamw = k.experts > 0 && k.router_group == RouterGroup::AdamW;
+        const int want_adamw = 2 + (router_adamw ? c.n_layer - 1 : 0);
+        CHECK(t, adamw_count == want_adamw, "%s: %d tensors trained by AdamW, expected %d", k.name, adamw_count,
+              want_adamw);
+        CHECK(t, muon_count > 0, "%s: no tensor trained by Muon", k.name);
+        model_free(&model);
+    }
+}
+
 // --newton-schulz IN OUT BATCH ROWS COLS: X / ||X||_F, then five steps, as
 // muon_step computes them (a momentum of 0 makes its X the gradient itself),
 // read back from the workspace in the matrix's own orientation.
@@ -165,5 +257,6 @@ int main(int argc, char** argv) {
     return run_gpu_tests("gpu_optimizer", {
         GPU_TEST(muon_step),
         GPU_TEST(muon_determinism),
+        GPU_TEST(model_update_groups),
     });
 }

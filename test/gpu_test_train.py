@@ -2,9 +2,9 @@
 
 A tiny dense model must overfit one batch, the same seed must give
 bit-identical losses twice, a resumed run must continue bit-exactly where
-the uninterrupted one went (dense, and ET across its warm-up switch), and a
+the uninterrupted one went (dense, ET across its warm-up switch, and Muon), and a
 run on the synthetic corpus must learn, dense and with each router, with
-routing statistics that obey the router's rules. A run must describe itself
+routing statistics that obey the router's rules, and with -opt muon. A run must describe itself
 (train.log is the console, train.jsonl opens with the run record, every
 record carries tokens and seconds, a checkpoint is the size start-up said);
 a resume may change the schedule (with a warning) but nothing else; and on
@@ -274,6 +274,41 @@ def test_expert_threshold_resume_is_bit_exact():
         assert whole[30]["routing"] == "et", whole[30]["routing"]
         for step in range(9, 31):
             for key in ("loss", "grad_norm", "routing", "moe"):
+                assert parts[step][key] == whole[step][key], f"step {step} {key}: resumed {parts[step][key]} vs {whole[step][key]}"
+
+
+MUON = ["-e", "4", "-r", "et", "-opt", "muon"]
+
+
+def test_muon_learns():
+    """-opt muon (the paper's recipe: Muon for the matrices, AdamW for wte, lm_head and the
+    router) learns the synthetic corpus, and the run record lists its groups."""
+    with tempfile.TemporaryDirectory() as d:
+        train(f"{d}/out", "-i", "synthetic", "-sv", "2048", "-x", str(LEARN_STEPS), *MUON, "-v", str(LEARN_STEPS // 2),
+              "-vm", "4")
+        val = [rec["val_loss"] for rec in run_records(f"{d}/out") if "val_loss" in rec]
+        assert len(val) == 3 and val[2] < val[0] - 3.0, f"validation loss {val}"
+        groups = {g["name"]: g for g in run_records(f"{d}/out")[0]["run"]["optimizer_groups"]}
+        assert sorted(groups) == ["embedding", "head", "matrices", "router"], groups
+        assert groups["matrices"]["optimizer"] == "muon" and not groups["matrices"]["warmup"], groups
+        assert all(groups[g]["optimizer"] == "adamw" and groups[g]["warmup"] for g in ("embedding", "head", "router"))
+        assert abs(groups["matrices"]["peak_lr"] - 0.02) < 1e-12, groups  # the code's: no muP factor on Muon
+        assert abs(groups["head"]["peak_lr"] - 0.004 * (768 / 64) ** 0.5) < 1e-9, groups
+
+
+def test_muon_resume_is_bit_exact():
+    """Muon's momentum (and its warm-up, which the step drives) survives a checkpoint."""
+    with tempfile.TemporaryDirectory() as d:
+        shard = random_shard(d, 50000)
+        train(f"{d}/whole", "-i", shard, "-x", "30", *MUON, "-ew", "10")
+        train(f"{d}/parts", "-i", shard, "-x", "30", *MUON, "-ew", "10", "-n", "12", "-nk", "0")
+        for step in (24, 30):
+            os.remove(f"{d}/parts/ckpt_{step:010d}.bin")
+        out = train(f"{d}/parts", "-i", shard, "-x", "30", *MUON, "-ew", "10", "-y", "1")
+        assert "resumed" in out and "ckpt_0000000012.bin" in out, out
+        whole, parts = records(f"{d}/whole"), records(f"{d}/parts")
+        for step in range(13, 31):
+            for key in ("loss", "grad_norm", "moe"):
                 assert parts[step][key] == whole[step][key], f"step {step} {key}: resumed {parts[step][key]} vs {whole[step][key]}"
 
 

@@ -22,9 +22,11 @@ import tempfile
 from harness import REPO, main, shared_file
 
 TRAIN_ET = os.path.join(REPO, "train_et")
-FLAGS = ["-i", "-j", "-o", "-y", "-n", "-nk", "-sv", "-m", "-e", "-r", "-k", "-kv", "-eb", "-ew", "-ec", "-tb",
-         "-ta", "-tu", "-ep", "-er", "-b", "-t", "-d", "-x", "-l", "-u", "-q", "-a", "-wd", "-c", "-gc",
-         "-v", "-vm", "-s", "-g", "-li", "-sd", "-h"]
+FLAGS = ["-i", "-j", "-o", "-y", "-n", "-nk", "-sv", "-preset", "-m", "-e", "-r", "-k", "-kv", "-eb", "-ew", "-ec",
+         "-tb", "-ta", "-tu", "-ep", "-er", "-b", "-t", "-d", "-x", "-opt", "-l", "-le", "-lh", "-lm", "-og", "-om",
+         "-b1", "-b2", "-ae", "-u", "-q", "-a", "-wd", "-c", "-gc", "-v", "-vm", "-s", "-g", "-li", "-sd", "-h"]
+PRESETS = ["d12-dense", "d12-tc", "d12-tc-aux", "d12-tc-lossfree", "d12-ec-2k", "d12-ec-8k", "d12-ec-64k",
+           "d12-ec-512k", "d12-et", "d20-dense", "d20-tc-aux", "d20-ec-256k", "d20-et"]
 SMALL = ["-m", "tiny", "-t", "64", "-b", "4", "-d", "256"]
 # Runs start in an empty folder: no data/ there (so the synthetic fallback
 # is what the default gives) and whatever a run writes stays out of the repo.
@@ -211,6 +213,8 @@ WARNINGS = [
     (["-ep", "global"], "-ep global: with one process the global batch is this GPU's micro-batch: it routes as -ep "
                         "micro"),
     (["-sd", "1", "-sd", "2"], "-sd given 2 times: the last value, 2, is used"),
+    (["-lm", "0.01"], "-lm: ignored: it sets a group of -opt muon, and this run trains with -opt adamw"),
+    (["-opt", "muon", "-l", "1e-3"], "-l: ignored: -opt muon trains at its groups' rates (-le, -lh, -lm)"),
 ]
 
 
@@ -299,6 +303,49 @@ def test_startup_report_d12():
         assert want in r.stdout, f"missing '{want}' in:\n{r.stdout}"
     r = train_et("-i", "synthetic", "-e", "0", "-b", "1", "-t", "64", "-d", "64", "-x", "1", "-v", "0", "-s", "0")
     assert "ffn      dense, width 3072" in r.stdout and "params   162.13M total, 162.13M active" in r.stdout, r.stdout
+
+
+def test_muon_groups_in_the_report():
+    r = train_et("-i", "synthetic", "-e", "16", "-opt", "muon")
+    assert re.search(r"^optim    muon: cosine schedule, .*muP factor 1\.0000 on the AdamW groups$", r.stdout, re.M), r.stdout
+    groups = re.findall(r"^         (\w+) +(AdamW|Muon) +peak lr (\S+) +(\S+) params(, no warm-up)?$", r.stdout, re.M)
+    assert groups == [("embedding", "AdamW", "0.2", "38.60M", ""), ("matrices", "Muon", "0.02", "474.22M", ", no warm-up"),
+                      ("router", "AdamW", "0.004", "135.2K", ""), ("head", "AdamW", "0.004", "38.60M", "")], groups
+    assert re.search(r"Muon scratch [\d.]+", r.stdout), r.stdout
+    # the paper's text: the router under Muon, the muP factor on every group (d20: width 1280)
+    r = train_et("-i", "synthetic", "-m", "d20", "-e", "16", "-opt", "muon", "-og", "muon", "-om", "all")
+    groups = re.findall(r"^         (\w+) +(AdamW|Muon) +peak lr (\S+)", r.stdout, re.M)
+    assert groups == [("embedding", "AdamW", "0.1549"), ("matrices", "Muon", "0.01549"), ("head", "AdamW", "0.003098")], \
+        groups
+    assert_stopped_at_gpu(r)
+
+
+def test_presets():
+    r = train_et("-h")
+    assert re.findall(r"^  (d\d+-[\w-]+) +Table", r.stdout, re.M) == PRESETS, r.stdout
+    for name in PRESETS:  # each starts, fits an H200, and stops only for want of a GPU
+        r = train_et("-preset", name, "-i", "synthetic")
+        assert f"preset   {name}: Table" in r.stdout and "muon: wsd schedule, warm-up 0 steps" in r.stdout, r.stdout
+        assert "AdamW betas 0.8/0.95, eps 1e-10" in r.stdout and "weight decay 0, clip 1;" in r.stdout, r.stdout
+        assert_stopped_at_gpu(r)
+    r = train_et("-preset", "d12-et", "-i", "synthetic")
+    for want in ["steps    19073", "128 x 2048 tokens per micro-step, 2 micro-steps: 524288 tokens per step",
+                 "et, pool micro-batch, k = 16384.0 tokens per expert, EMA beta 0.999, EC warm-up 4000 steps, capacity 0.5",
+                 "warning: -preset d12-et: the paper's routing pool is 524288 tokens, more than one H200 holds in a "
+                 "micro-batch; this run pools 262144 (-b 128 -ep micro), the largest that fits. The paper's pool needs "
+                 "2 ranks of -b 128 with -ep global"]:
+        assert want in r.stdout, f"missing '{want}' in:\n{r.stdout}"
+    record = train_et("-preset", "d20-dense", "-i", "synthetic", "-x", "50", "-b", "8")
+    assert "the command line overrides -x -b" in record.stdout and "steps    50 " in record.stdout, record.stdout
+    assert "8 x 2048 tokens per micro-step" in record.stdout and "d20: 20 layers" in record.stdout, record.stdout
+    r = train_et("-preset", "d13-et")
+    assert r.returncode == 1 and r.stderr.startswith("error: -preset: unknown preset 'd13-et' (the presets: d12-dense, "), \
+        r.stderr
+    with tempfile.TemporaryDirectory() as d:  # GPT-2 shards: not the paper's tokenizer
+        write_shard(f"{d}/train_000001.bin", list(range(1000)) * 600)
+        r = train_et("-preset", "d12-dense", "-i", f"{d}/train_*.bin", "-x", "1")
+        assert "warning: -preset d12-dense: the paper's tokenizer is a 65536-token BPE and these shards have a vocab " \
+            "of 50257" in r.stdout, r.stdout
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
 // memory is taken).
 //
 //   EMU_DRY_RUN=1 build/emu/plain/dry_run -m d12 -e 16 -r et
+//   EMU_DRY_RUN=1 build/emu/plain/dry_run -preset d12-et        a row of the paper (presets.h)
 //
 // It runs the host side exactly as train_et does: model_allocate, then two
 // training steps of -d tokens each (gradient accumulation over micro-batches
@@ -15,6 +16,8 @@
 // model_allocate then took, and what the device reports in use after all of
 // it; test/emu/test_dry_run.py checks that the three agree with each other
 // and with the emulator's own report (at exit) of the peak memory.
+#include <algorithm>
+#include <climits>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -22,26 +25,56 @@
 #include <vector>
 
 #include "../../model.cuh"
+#include "../../presets.h"
 
-static const int VOCAB = 50257;  // GPT-2's, as in the FineWeb-Edu shards
+static const int VOCAB = 50257;  // GPT-2's, as in the FineWeb-Edu shards; a -preset: the paper's 65,536
 static const int STEPS = 2;
 static const int SAMPLE_TOKENS = 4;
 
+// The flags of a train_et preset that change nothing the dry run checks
+// (launches, shapes, memory): rates, schedule, decay, clipping, statistics.
+static const char* VALUES_ONLY[] = {"-om", "-lm", "-le", "-lh", "-b1", "-b2", "-ae", "-c", "-gc", "-a", "-u",
+                                    "-wd", "-q", "-x", "-eb", "-ew", "-ta", "-tu", "-v", "-vm"};
+
 int main(int argc, char** argv) {
-    std::string preset = "d12", router = "et";
-    int experts = 16, B = 16, T = 2048, total_batch = 524288;
-    for (int i = 1; i + 1 < argc; i += 2) {
-        const std::string f = argv[i];
-        const char* v = argv[i + 1];
+    std::string preset = "d12", router = "et", optimizer = "adamw", pool = "micro", router_group = "adamw";
+    std::string balance = "aux";
+    int experts = 16, B = 16, T = 2048, total_batch = 524288, top_k = 1, vocab = VOCAB;
+    double capacity = 0.5;
+    std::vector<std::string> args(argv + 1, argv + argc);
+    for (size_t i = 0; i + 1 < args.size(); i += 2) {  // -preset NAME: its flags first, the others win
+        if (args[i] != "-preset") continue;
+        const Preset* p = find_preset(args[i + 1]);
+        if (!p) fail("-preset: unknown preset '%s' (the presets: %s)", args[i + 1].c_str(), preset_names().c_str());
+        std::vector<std::string> words = preset_words(*p);
+        words.insert(words.end(), args.begin(), args.end());
+        args = words;
+        vocab = PAPER_VOCAB;  // the paper's tokenizer
+        break;
+    }
+    if (args.size() % 2 != 0) fail("%s: missing value", args.back().c_str());
+    for (size_t i = 0; i < args.size(); i += 2) {
+        const std::string& f = args[i];
+        const char* v = args[i + 1].c_str();
         if (f == "-m") preset = v;
         else if (f == "-e") experts = atoi(v);
         else if (f == "-r") router = v;
         else if (f == "-b") B = atoi(v);
         else if (f == "-t") T = atoi(v);
         else if (f == "-d") total_batch = atoi(v);
-        else fail("unknown flag '%s' (usage: dry_run [-m preset] [-e experts] [-r tc|ec|et] [-b B] [-t T] [-d tokens])", argv[i]);
+        else if (f == "-k") top_k = atoi(v);
+        else if (f == "-ec") capacity = atof(v);
+        else if (f == "-ep") pool = v;
+        else if (f == "-tb") balance = v;
+        else if (f == "-opt") optimizer = v;
+        else if (f == "-og") router_group = v;
+        else if (f == "-preset") continue;
+        else if (std::find_if(std::begin(VALUES_ONLY), std::end(VALUES_ONLY), [&](const char* x) { return f == x; }) ==
+                 std::end(VALUES_ONLY))
+            fail("unknown flag '%s' (usage: dry_run [-preset name] [-m model] [-e experts] [-r tc|ec|et] [-k K] "
+                 "[-b B] [-t T] [-d tokens] [-ec C] [-ep micro|seq] [-tb none|aux|lossfree] [-opt adamw|muon] "
+                 "[-og adamw|muon])", f.c_str());
     }
-    if (argc % 2 == 0) fail("%s: missing value", argv[argc - 1]);
     const char* dry = getenv("EMU_DRY_RUN");
     if (!dry || !*dry || strcmp(dry, "0") == 0)
         fail("dry_run needs EMU_DRY_RUN=1: without it the emulated device would run %s's kernels on the CPU",
@@ -49,24 +82,36 @@ int main(int argc, char** argv) {
     ModelConfig c;
     std::string err = model_preset(preset, &c);
     if (!err.empty()) fail("-m: %s", err.c_str());
-    c.vocab_size = VOCAB;
+    c.vocab_size = vocab;
     c.seq_len = T;
     c.n_experts = experts;
     if (router != "tc" && router != "ec" && router != "et") fail("-r: '%s' is not tc, ec or et", router.c_str());
     c.router.kind = router == "tc" ? RouterKind::TC : router == "ec" ? RouterKind::EC : RouterKind::ET;
     c.router.et_warmup_steps = 1;  // step 0 routes by EC, step 1 by the thresholds
+    c.router.top_k = top_k;
+    c.router.capacity = capacity;
+    if (pool != "micro" && pool != "seq") fail("-ep: '%s' is not micro or seq (one process)", pool.c_str());
+    c.router.ec_pool = pool == "seq" ? EcPool::Sequence : EcPool::MicroBatch;
+    if (balance != "none" && balance != "aux" && balance != "lossfree")
+        fail("-tb: '%s' is not none, aux or lossfree", balance.c_str());
+    c.router.tc_balance = balance == "none" ? TcBalance::None : balance == "aux" ? TcBalance::Aux : TcBalance::LossFree;
     if (total_batch % (B * T) != 0) fail("-d %d is not a multiple of -b x -t = %d", total_batch, B * T);
     const int grad_accum = total_batch / (B * T);
 
     GpuInfo gpu;
     err = gpu_open(0, &gpu);
     if (!err.empty()) fail("%s", err.c_str());
-    printf("dry run  %s, %s, B=%d x T=%d, %d micro-steps per step, %d steps, an eval and a generation pass, on %s\n",
+    printf("dry run  %s, %s, %s, B=%d x T=%d, %d micro-steps per step, %d steps, an eval and a generation pass, on %s\n",
            preset.c_str(), experts > 0 ? string_format("%d experts, %s router", experts, router.c_str()).c_str() : "dense",
-           B, T, grad_accum, STEPS, gpu.prop.name);
-    printf("memory   estimate %zu bytes (model_plan, before the GPU)\n", model_plan(c, B, T).memory.total());
+           optimizer.c_str(), B, T, grad_accum, STEPS, gpu.prop.name);
     Model model;
     model.config = c;
+    if (optimizer != "adamw" && optimizer != "muon") fail("-opt: '%s' is not adamw or muon", optimizer.c_str());
+    model.optim.kind = optimizer == "muon" ? OptimizerKind::Muon : OptimizerKind::AdamW;
+    if (router_group != "adamw" && router_group != "muon") fail("-og: '%s' is not adamw or muon", router_group.c_str());
+    model.optim.router = router_group == "muon" ? RouterGroup::Muon : RouterGroup::AdamW;
+    const Schedule schedule{LrSchedule::Wsd, 0.0, 0.0, 0, INT_MAX};  // constant, as train_et's wsd before its warm-down
+    printf("memory   estimate %zu bytes (model_plan, before the GPU)\n", model_plan(c, model.optim, B, T).memory.total());
     model_allocate(&model, B, T);
     printf("memory   plan %zu bytes: %s\n", model.memory.total(), model.memory.describe().c_str());
 
@@ -79,7 +124,7 @@ int main(int argc, char** argv) {
             model_forward(&model, B, T, true, true, dloss);
             model_backward(&model, B, T);
         }
-        model_update(&model, 1e-4f, 0.1f, 1.0f, step + 1);
+        model_update(&model, schedule, 1.0f, step);
         float loss = 0;
         cudaCheck(cudaMemcpy(&loss, model.loss_total, sizeof(float), cudaMemcpyDeviceToHost));
         router_read_stats(model.router);

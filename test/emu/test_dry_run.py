@@ -4,7 +4,8 @@
 build/emu/plain/dry_run runs the host side of two training steps with gradient
 accumulation, an evaluation and a generation pass (test/emu/dry_run.cu) under
 EMU_DRY_RUN=1: every launch configuration and cuBLAS call is checked as an H200
-checks it, and device memory is only counted. Each run must pass every check,
+checks it, and device memory is only counted. Every preset (a row of the paper's
+Tables 1 and 2, presets.h) is dry-run at its size too. Each run must pass every check,
 route as its router does (ET: its EC warm-up, then thresholds), and leave in use
 exactly the memory model_allocate counted, which is also the emulator's peak and
 the estimate train_et prints before it touches the GPU (model_plan).
@@ -26,8 +27,9 @@ def dry_run(*args):
     return subprocess.run([DRY_RUN, *args], capture_output=True, text=True, env=ENV, timeout=600)
 
 
-def check(preset, router):
-    args = ["-m", preset] + (["-e", "0"] if router == "dense" else ["-e", "16", "-r", router])
+def check(preset, router, args=None):
+    """Dry-runs -m preset with the router (or dense), or the given dry_run arguments; returns the plan's bytes."""
+    args = args or ["-m", preset] + (["-e", "0"] if router == "dense" else ["-e", "16", "-r", router])
     r = dry_run(*args)
     assert r.returncode == 0 and "emu: error" not in r.stderr, f"{preset} {router}: exit {r.returncode}: {r.stderr[-1500:]}"
     estimate = int(re.search(r"^memory   estimate (\d+) bytes", r.stdout, re.M).group(1))
@@ -54,6 +56,26 @@ def test_d12_every_router():
 def test_d20_every_router():
     plans = {router: check("d20", router) for router in ("dense", "tc", "ec", "et")}
     assert max(plans.values()) < 141e9, f"d20 should fit an H200: {plans}"
+
+
+def presets():
+    """name -> the -b its flags set, from presets.h (the table train_et and dry_run read)."""
+    text = open(os.path.join(REPO, "presets.h")).read()
+    return {name: int(re.findall(r"-b (\d+)", flags)[-1]) for name, flags in
+            re.findall(r'\{"(d\d+-[\w-]+)", "[^"]*",\s*(.*?),\s*\d+,\s*\d+\}', text, re.S)}
+
+
+def test_every_preset_fits_an_h200():
+    """Every row of the paper's tables, at its size, with Muon and the paper's 65,536-token vocab."""
+    found = presets()
+    assert len(found) == 13, f"presets.h has {sorted(found)}"
+    for name in found:
+        router = "dense" if name.endswith("dense") else name.split("-")[1]
+        plan = check(name, router, ["-preset", name])
+        assert plan < 141e9, f"{name}: {plan} bytes do not fit an H200"
+    r = dry_run("-preset", "d12-ec-512k")
+    assert "muon" in r.stdout and "B=128 x T=2048, 2 micro-steps" in r.stdout, r.stdout[:500]
+    assert re.search(r"Muon scratch [\d.]+", r.stdout), r.stdout[:800]
 
 
 def test_too_big_for_the_device_stops_with_advice():
