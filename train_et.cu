@@ -453,6 +453,7 @@ struct DataSources {
     std::unique_ptr<TokenSource> train, val;  // val is null when there is none
     std::vector<std::string> train_files, val_files;  // the shards the globs matched
     int vocab_size = GPT2_VOCAB;
+    int eot = GPT2_VOCAB - 1;  // the end-of-text id, where samples start
     std::string tokenizer_path;  // empty: samples print token ids
     bool is_synthetic = false;
     double check_seconds = 0;  // checking every token of every shard
@@ -491,20 +492,27 @@ static void open_data(const Options& o, DataSources* d, RunLog& log) {
         d->vocab_size = o.synthetic_vocab;
         std::string err = d->synthetic.init((uint64_t)o.seed, o.synthetic_vocab);
         if (!err.empty()) fail("-sv: %s", err.c_str());
+        d->eot = d->synthetic.eot();
         d->train = std::make_unique<SyntheticShards>(&d->synthetic, 1, SYNTHETIC_TRAIN_SHARDS, SYNTHETIC_SHARD_TOKENS);
         d->val = std::make_unique<SyntheticShards>(&d->synthetic, 0, 1, SYNTHETIC_SHARD_TOKENS);
         return;
     }
     // The data script writes the id-to-bytes table beside the shards; it
-    // fixes the vocab size. Without it the shards are taken as GPT-2's.
+    // fixes the vocab size and the EOT: tokenizer.bin for a tokenizer it
+    // trained, gpt2_tokenizer.bin for GPT-2. Without one the shards are taken
+    // as GPT-2's.
     std::string first = glob_sorted(o.train_glob)[0];
-    std::string table = std::string(dirname(&first[0])) + "/gpt2_tokenizer.bin";
-    if (file_exists(table)) {
+    std::string dir = dirname(&first[0]);
+    for (const char* name : {"tokenizer.bin", "gpt2_tokenizer.bin"}) {
+        std::string table = dir + "/" + name;
+        if (!file_exists(table)) continue;
         Tokenizer tok;
         std::string err = tok.load(table);
         if (!err.empty()) fail("%s (delete it, or rewrite it with data/prepare.py tokenizer)", err.c_str());
         d->vocab_size = tok.vocab_size();
+        d->eot = tok.eot();
         d->tokenizer_path = table;
+        break;
     }
     const double start = wall_seconds();
     d->train = open_shards(o.train_glob, d->vocab_size, "-i", &d->train_files);
@@ -672,7 +680,8 @@ static void print_config(RunLog& log, const Options& o, const ModelConfig& c, co
     else
         log.print("         tokenizer: %s; every token checked below vocab %d in %.2f s\n",
                   d.tokenizer_path.empty() ? "none beside the shards (GPT-2 ids assumed; samples print ids)"
-                                           : d.tokenizer_path.c_str(), d.vocab_size, d.check_seconds);
+                                           : (d.tokenizer_path + string_format(" (end-of-text id %d)", d.eot)).c_str(),
+                  d.vocab_size, d.check_seconds);
     log.print("batch    %d x %d tokens per micro-step, %d micro-step%s: %d tokens per step\n", o.batch, o.seq_len,
               grad_accum, grad_accum == 1 ? "" : "s", o.total_batch);
     log.print("steps    %d (%.2f epochs; %zu steps per epoch)\n", steps, (double)steps / steps_per_epoch, steps_per_epoch);
@@ -1276,7 +1285,7 @@ int main(int argc, char** argv) {
             window_steps = 0;
         }
         if (o.sample_every > 0 && step > 0 && step % o.sample_every == 0) {
-            std::vector<int> ids = sample(&model, o.sample_tokens, config.vocab_size - 1, st.sample_rng, logits_row);
+            std::vector<int> ids = sample(&model, o.sample_tokens, data.eot, st.sample_rng, logits_row);
             std::string text;
             for (int id : ids) text += tokenizer.vocab_size() > id ? tokenizer.decode(id) : " " + std::to_string(id);
             log.print("step %6d | sample:%s%s\n", step, tokenizer.vocab_size() ? "\n" : "", text.c_str());

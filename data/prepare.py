@@ -1,42 +1,70 @@
 #!/usr/bin/env python3
-"""Prepare training data for train_et: GPT-2 BPE tokens in llm.c's binary shard format.
+"""Prepare training data for train_et: BPE tokens in llm.c's binary shard format.
 
 The trainer never tokenizes: it reads shards of uint16 token ids written here,
-and a small id-to-bytes table it uses to print text samples.
+and a small id-to-bytes table beside them that gives it the vocab size and the
+text of each token (for samples).
+
+Two tokenizers: GPT-2's BPE (the default), or the paper's: a byte-level BPE of
+65,536 tokens trained on FineWeb-Edu text with rustbpe, as the authors' code
+and nanochat do (their GPT-4-style split pattern, digits in runs of at most 2),
+with one special token, <|endoftext|>, as the last id. train-tokenizer trains
+and saves it; --tokenizer FILE writes shards (and tables) with a saved one.
 
 Subcommands:
-  fineweb    FineWeb-Edu from Hugging Face, or a local .jsonl/.txt file fully
-             offline, into shards of --shard-size tokens with EOT (50256) in
-             front of every document. Shard 0 is validation, the rest training;
-             an input smaller than two shards is split instead: its first 1%
-             (at least 32,768 tokens or a tenth, whichever is fewer) to
-             validation, the rest to training. Tokenizes in parallel and
-             resumes after an interrupt with output byte-identical to an
-             uninterrupted run.
-  text       one text file the way llm.c prepared tiny shakespeare: split on
-             blank lines, EOT before each part, the first --val-tokens tokens
-             to <name>_val.bin and the rest to <name>_train.bin.
-  tokenizer  only the id-to-bytes table.
+  fineweb          FineWeb-Edu from Hugging Face, or a local .jsonl/.txt file
+                   fully offline, into shards of --shard-size tokens with EOT
+                   (50256, or the --tokenizer's end-of-text id) in front of
+                   every document. Shard 0 is validation, the rest training; an
+                   input smaller than two shards is split instead: its first 1%
+                   (at least 32,768 tokens or a tenth, whichever is fewer) to
+                   validation, the rest to training. Tokenizes in parallel and
+                   resumes after an interrupt with output byte-identical to an
+                   uninterrupted run.
+  text             one text file the way llm.c prepared tiny shakespeare: split
+                   on blank lines, EOT before each part, the first --val-tokens
+                   tokens to <name>_val.bin and the rest to <name>_train.bin.
+  train-tokenizer  train the paper's BPE on the first --max-chars characters of
+                   FineWeb-Edu (streamed) or a local file, and save it.
+  tokenizer        only the id-to-bytes table.
 
-File formats (llm.c's, byte for byte, all little-endian):
+File formats (all little-endian; shards and GPT-2's table are llm.c's, byte for byte):
   shard            256 x int32 header [20240520, 1, token count, 0, ...],
                    then the tokens as uint16.
-  tokenizer table  256 x int32 header [20240328, 1, vocab size, 0, ...],
+  tokenizer table  256 x int32 header [20240328, version, vocab size, EOT, 0, ...],
                    then for each id in order: uint8 length, that many bytes.
+                   gpt2_tokenizer.bin: version 1 (llm.c's; no EOT field, it is
+                   50256). tokenizer.bin, of a trained tokenizer: version 2,
+                   with its end-of-text id. train_et reads tokenizer.bin beside
+                   the train shards if it is there, else gpt2_tokenizer.bin.
+  trained tokenizer  (train-tokenizer's output; UTF-8 text, one item a line)
+                   train_et-bpe 1
+                   pattern <the pre-tokenization regex, as a JSON string>
+                   special <the end-of-text token, as a JSON string> <its id>
+                   ranks <N, the number of byte tokens>
+                   then N lines: the bytes of the token of rank 0, 1, ... N-1
+                   in base64 (ranks 0-255 are the single bytes). The id of a
+                   token is its rank; the special token's id is N.
 
-Each command ends by printing the ./train_et command that trains on what it
-wrote.
+Each command that writes shards ends by printing the ./train_et command that
+trains on what it wrote.
 
 Examples:
   python data/prepare.py fineweb                      # sample-10BT -> data/edu_fineweb10B
   python data/prepare.py fineweb --input docs.jsonl --encoder encoder.json --vocab vocab.bpe
   python data/prepare.py text tiny_shakespeare.txt    # -> data/tiny_shakespeare/
   python data/prepare.py tokenizer data/gpt2_tokenizer.bin
+  python data/prepare.py train-tokenizer              # -> data/bpe65536.tokenizer
+  python data/prepare.py fineweb --tokenizer data/bpe65536.tokenizer   # its ids, tokenizer.bin beside them
 """
 
 import argparse
 import array
+import base64
+import binascii
 import contextlib
+import dataclasses
+import hashlib
 import itertools
 import json
 import multiprocessing
@@ -45,6 +73,7 @@ import shlex
 import signal
 import struct
 import sys
+import time
 from pathlib import Path
 
 try:
@@ -59,9 +88,21 @@ GPT2_VOCAB_SIZE = 50257
 # GPT-2's pre-tokenization pattern, in the equivalent faster form tiktoken's own gpt2 encoding uses.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 
+# The paper's tokenizer: the split pattern of the authors' code (src/tokenizer.py), which is nanochat's:
+# GPT-4's, but digits in runs of at most 2 (where GPT-4 takes 3).
+BPE_PATTERN = (r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|"
+               r"\s*[\r\n]|\s+(?!\S)|\s+")
+BPE_END_OF_TEXT = "<|endoftext|>"
+# 65,536 ids, the end-of-text one included: the paper's vocab, and as many as uint16 shards can hold
+BPE_VOCAB_SIZE = 65536
+# the authors' code trains its tokenizer on the first 2 billion characters
+BPE_MAX_CHARS = 2_000_000_000
+BPE_FILE_MAGIC = "train_et-bpe 1"
+
 HEADER_INTS = 256
 SHARD_MAGIC, SHARD_VERSION = 20240520, 1
-TOKENIZER_MAGIC, TOKENIZER_VERSION = 20240328, 1
+# version 1: llm.c's GPT-2 table, no EOT field; version 2 adds the end-of-text id
+TOKENIZER_MAGIC = 20240328
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FINEWEB_DATASET = "HuggingFaceFW/fineweb-edu"
@@ -71,7 +112,8 @@ FINEWEB_CONFIGS = {
     "sample-100BT": ("edu_fineweb100B", 100 * 10**9),
 }
 STATE_FILE_NAME = "prepare_state.json"
-TOKENIZER_TABLE_NAME = "gpt2_tokenizer.bin"
+GPT2_TABLE_NAME = "gpt2_tokenizer.bin"
+BPE_TABLE_NAME = "tokenizer.bin"
 DOC_SPLITS = ("blank-line", "line", "none")
 # llm.c's tiny-Shakespeare split: the validation tokens of a small input, at least
 LLMC_VAL_TOKENS = 32768
@@ -174,6 +216,161 @@ def load_gpt2(encoder_path, vocab_path):
     return load_gpt2_from_files(encoder_path, vocab_path)
 
 
+# ---------------------------------------------------------------------------
+# The tokenizer the shards are written with: GPT-2's, or a trained one (the paper's)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tokenizer:
+    """A tiktoken encoding, the id written before every document, and the id-to-bytes
+    table that goes beside the shards: GPT-2's is llm.c's gpt2_tokenizer.bin, version 1
+    (its EOT, 50256, is implied); a trained one's is tokenizer.bin, version 2, which
+    records the end-of-text id."""
+    encoding: object
+    eot: int
+    table_name: str
+    table_version: int
+
+
+def gpt2_tokenizer(encoder_path, vocab_path):
+    return Tokenizer(load_gpt2(encoder_path, vocab_path), EOT, GPT2_TABLE_NAME, 1)
+
+
+def bpe_tokenizer(pattern, tokens, name):
+    """A trained byte-level BPE from its tokens in rank order: a token's id is its
+    rank, and the end-of-text token comes after them all."""
+    longest = max(range(len(tokens)), key=lambda rank: len(tokens[rank]))
+    if len(tokens[longest]) > 255:
+        # a table entry's length is one byte (llm.c's format), so train_et could not read the table
+        raise PrepareError(f"{name}: token {longest} is {len(tokens[longest])} bytes, more than the 255 a tokenizer "
+                           f"table entry holds; train it on other text or with a smaller --vocab-size")
+    eot = len(tokens)
+    encoding = tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks={token: rank for rank, token in
+                                                                             enumerate(tokens)},
+                                 special_tokens={BPE_END_OF_TEXT: eot}, explicit_n_vocab=eot + 1)
+    return Tokenizer(encoding, eot, BPE_TABLE_NAME, 2)
+
+
+def load_tokenizer(args):
+    """--tokenizer FILE, else GPT-2 (from --encoder and --vocab, or tiktoken's)."""
+    if args.tokenizer is None:
+        return gpt2_tokenizer(args.encoder, args.vocab)
+    if args.encoder is not None or args.vocab is not None:
+        raise PrepareError("--tokenizer and --encoder/--vocab exclude each other (they name two tokenizers); "
+                           "drop --tokenizer for GPT-2, or --encoder and --vocab for the trained tokenizer")
+    return load_bpe(args.tokenizer)
+
+
+def save_bpe(pattern, tokens, path):
+    """Writes a trained tokenizer in our text format (the module docstring): JSON
+    strings for the pattern and the special token, base64 for the token bytes."""
+    lines = [BPE_FILE_MAGIC, f"pattern {json.dumps(pattern)}",
+             f"special {json.dumps(BPE_END_OF_TEXT)} {len(tokens)}", f"ranks {len(tokens)}"]
+    lines += [base64.b64encode(token).decode("ascii") for token in tokens]
+    write_atomically(path, ("\n".join(lines) + "\n").encode("ascii"))
+
+
+def load_bpe(path):
+    """Reads a tokenizer saved by save_bpe, checking every line: a bad one is named with the fix."""
+    if Path(path).is_file() and Path(path).read_bytes()[:4] == struct.pack("<i", TOKENIZER_MAGIC):
+        raise PrepareError(f"{path} is a tokenizer table, which only train_et reads; pass the tokenizer file "
+                           f"prepare.py train-tokenizer saved")
+    lines = read_local_file(path, "--tokenizer file").split("\n")
+    if lines[-1] == "":
+        lines.pop()
+
+    def bad(line_number, what):
+        return PrepareError(f"{path}:{line_number}: {what}; pass a file that prepare.py train-tokenizer wrote")
+
+    def json_string(value):
+        parsed = json.loads(value)
+        if not isinstance(parsed, str):
+            raise ValueError("not a JSON string")
+        return parsed
+
+    def special_token(value):
+        name, _, token_id = value.rpartition(" ")
+        return json_string(name), int(token_id)
+
+    def field(line_number, key, parse):
+        line = lines[line_number - 1] if line_number <= len(lines) else ""
+        name, _, value = line.partition(" ")
+        if name != key:
+            raise bad(line_number, f"expected the {key!r} line, found {line[:40]!r}")
+        try:
+            return parse(value)
+        except ValueError:
+            raise bad(line_number, f"cannot read the {key!r} line {line[:60]!r}") from None
+
+    first = lines[0] if lines else ""
+    if first != BPE_FILE_MAGIC:
+        raise bad(1, f"not a train_et tokenizer (the first line is {first[:40]!r}, not {BPE_FILE_MAGIC!r})")
+    pattern = field(2, "pattern", json_string)
+    special, special_id = field(3, "special", special_token)
+    count = field(4, "ranks", int)
+    if not 256 <= count < BPE_VOCAB_SIZE:
+        raise bad(4, f"{count:,} ranks: a byte-level BPE has 256 to {BPE_VOCAB_SIZE - 1:,} (the end-of-text id "
+                     f"comes after them and must fit uint16)")
+    if special != BPE_END_OF_TEXT or special_id != count:
+        raise bad(3, f"the special token must be {BPE_END_OF_TEXT!r} with id {count} (after the ranks), "
+                     f"found {special!r} with id {special_id}")
+    if len(lines) != 4 + count:
+        raise bad(len(lines), f"{len(lines) - 4:,} token lines, the 'ranks' line says {count:,}")
+    tokens, seen = [], {}
+    for rank, line in enumerate(lines[4:]):
+        try:
+            token = base64.b64decode(line, validate=True)
+        except binascii.Error:
+            raise bad(5 + rank, f"token {rank} is not base64: {line[:40]!r}") from None
+        if rank < 256 and token != bytes([rank]):
+            raise bad(5 + rank, f"token {rank} is {token!r}; ranks 0-255 must be the single bytes in order")
+        if not token:
+            raise bad(5 + rank, f"token {rank} is empty")
+        if token in seen:
+            raise bad(5 + rank, f"token {rank} repeats token {seen[token]} ({token!r})")
+        seen[token] = rank
+        tokens.append(token)
+    try:
+        return bpe_tokenizer(pattern, tokens, str(path))
+    except ValueError as e:  # tiktoken's regex engine refused the pattern
+        raise bad(2, f"tiktoken cannot use the pattern ({first_line(e)})") from None
+
+
+def train_bpe(documents, vocab_size, max_chars):
+    """Trains rustbpe on the documents' first max_chars characters (the last one cut
+    short) for vocab_size ids, the end-of-text one included. Returns the tokens in
+    rank order; fewer than asked for when the text runs out of pairs to merge."""
+    try:
+        import rustbpe  # only training needs it
+    except ImportError:
+        raise PrepareError(f"training a tokenizer needs the 'rustbpe' package: pip install -r "
+                           f"{Path(__file__).resolve().parent / 'requirements.txt'}") from None
+    read = {"chars": 0, "documents": 0}
+
+    def texts():
+        with tqdm(total=max_chars, unit="char", unit_scale=True, dynamic_ncols=True, desc="text") as progress:
+            for text, _ in documents:
+                text = text[:max_chars - read["chars"]]
+                read["chars"] += len(text)
+                read["documents"] += 1
+                progress.update(len(text))
+                yield text
+                if read["chars"] == max_chars:
+                    break
+            progress.total = progress.n
+        if read["chars"] == 0:
+            raise PrepareError("the input holds no text to train on; check the file and --doc-split / --text-field")
+        # rustbpe has read everything: the merges come next, with no progress to show
+        print(f"learning the merges from {counted(read['chars'], 'character')} "
+              f"({counted(read['documents'], 'document')})", flush=True)
+
+    bpe = rustbpe.Tokenizer()
+    bpe.train_from_iterator(texts(), vocab_size - 1, pattern=BPE_PATTERN)
+    ranked = sorted(bpe.get_mergeable_ranks(), key=lambda token_rank: token_rank[1])
+    assert [rank for _, rank in ranked] == list(range(len(ranked))), "rustbpe's ranks are not 0, 1, 2, ..."
+    return [bytes(token) for token, _ in ranked]
+
+
 def first_line(error):
     text = str(error).strip()
     return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
@@ -183,12 +380,12 @@ def first_line(error):
 # Writing files
 
 
-def file_header(magic, version, count):
-    return struct.pack("<3i", magic, version, count) + bytes(4 * (HEADER_INTS - 3))
+def file_header(magic, version, *fields):
+    return struct.pack(f"<{2 + len(fields)}i", magic, version, *fields) + bytes(4 * (HEADER_INTS - 2 - len(fields)))
 
 
 def tokens_to_bytes(tokens):
-    """Token ids as uint16 little-endian bytes (every GPT-2 id fits in 16 bits)."""
+    """Token ids as uint16 little-endian bytes (every id fits: vocabs have at most 65,536)."""
     packed = array.array("H", tokens)
     if sys.byteorder == "big":
         packed.byteswap()
@@ -219,12 +416,27 @@ def write_atomically(path, *parts):
                            f"of {path.parent}, or choose another output location") from None
 
 
+def check_writable(path, option):
+    """Fails now if write_atomically(path) would fail later for want of a place to write."""
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        partial.open("wb").close()
+        partial.unlink()
+    except OSError as e:
+        raise PrepareError(f"cannot write {path}: {e.strerror}; choose another {option}") from None
+    if path.is_dir():
+        raise PrepareError(f"{path} is a directory; choose another {option}")
+
+
 def write_shard(path, token_bytes):
     write_atomically(path, file_header(SHARD_MAGIC, SHARD_VERSION, len(token_bytes) // 2), token_bytes)
 
 
-def write_tokenizer_table(encoding, path):
-    table = bytearray(file_header(TOKENIZER_MAGIC, TOKENIZER_VERSION, encoding.n_vocab))
+def write_tokenizer_table(tokenizer, path):
+    encoding = tokenizer.encoding
+    # version 2 records the end-of-text id; llm.c's version 1 (GPT-2's) has none
+    eot = (tokenizer.eot,) if tokenizer.table_version == 2 else ()
+    table = bytearray(file_header(TOKENIZER_MAGIC, tokenizer.table_version, encoding.n_vocab, *eot))
     for token_id in range(encoding.n_vocab):
         token = encoding.decode_single_token_bytes(token_id)
         table.append(len(token))
@@ -404,15 +616,15 @@ def dataset_rows(dataset):
 # ---------------------------------------------------------------------------
 # Tokenizing in parallel
 #
-# Workers get the encoding once, when they start; each task is then just text,
+# Workers get the tokenizer once, when they start; each task is then just text,
 # and each result the document's tokens (EOT first) as uint16 bytes, in order.
 
-worker_encoding = None
+worker_tokenizer = None
 
 
-def start_worker(encoding):
-    global worker_encoding
-    worker_encoding = encoding
+def start_worker(tokenizer):
+    global worker_tokenizer
+    worker_tokenizer = tokenizer
     # Ctrl-C reaches the whole process group; only the main process should react to it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # The pool stops its workers with SIGTERM: they must just die, not run the main process's handler.
@@ -421,19 +633,19 @@ def start_worker(encoding):
 
 def tokenize_document(document):
     text, fraction = document
-    return tokens_to_bytes([EOT, *worker_encoding.encode_ordinary(text)]), fraction
+    return tokens_to_bytes([worker_tokenizer.eot, *worker_tokenizer.encoding.encode_ordinary(text)]), fraction
 
 
 @contextlib.contextmanager
-def tokenized(documents, encoding, workers):
-    global worker_encoding
+def tokenized(documents, tokenizer, workers):
+    global worker_tokenizer
     if workers == 1:
-        worker_encoding = encoding
+        worker_tokenizer = tokenizer
         yield map(tokenize_document, documents)
         return
     # imap keeps document order; its feeder blocks once the task pipe is full, so a
     # huge dataset is never read into memory ahead of the workers.
-    with multiprocessing.Pool(workers, initializer=start_worker, initargs=(encoding,)) as pool:
+    with multiprocessing.Pool(workers, initializer=start_worker, initargs=(tokenizer,)) as pool:
         yield pool.imap(tokenize_document, documents, chunksize=16)
 
 
@@ -580,6 +792,8 @@ class ShardWriter:
 def run_settings(args):
     """What defines a run's output: a resumed run must match it exactly."""
     settings = {"shard_size": args.shard_size}
+    if args.tokenizer is not None:
+        settings["tokenizer_sha256"] = file_sha256(args.tokenizer, "--tokenizer file")
     if args.input is None:
         settings.update(dataset=FINEWEB_DATASET, config=args.config, text_field=args.text_field, stream=args.stream)
         return settings
@@ -590,6 +804,25 @@ def run_settings(args):
     else:
         settings["doc_split"] = args.doc_split
     return settings
+
+
+def file_sha256(path, what):
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except FileNotFoundError:
+        raise PrepareError(f"{what} not found: {path}; check the path") from None
+    except OSError as e:
+        raise PrepareError(f"cannot read {what} {path}: {e.strerror}") from None
+
+
+def check_table_name(out_dir, tokenizer):
+    """train_et takes tokenizer.bin over gpt2_tokenizer.bin: shards of one tokenizer must
+    not go where the other's table is, or it would read their ids with the wrong one."""
+    other = out_dir / (GPT2_TABLE_NAME if tokenizer.table_name == BPE_TABLE_NAME else BPE_TABLE_NAME)
+    if other.exists():
+        raise PrepareError(f"{out_dir} holds {other.name}, the table of shards made with another tokenizer, and "
+                           f"train_et would read these shards with it; choose another --out, or delete {other} "
+                           f"and the shards it belongs to")
 
 
 def shard_tokens(path):
@@ -615,14 +848,15 @@ def prepare_fineweb(args):
                   f"to prepare them again)")
             print_fineweb_train_command(out_dir, state)
             return
-        encoding = load_gpt2(args.encoder, args.vocab)
-        write_fineweb_shards(args, out_dir, state, encoding)
+        tokenizer = load_tokenizer(args)
+        check_table_name(out_dir, tokenizer)
+        write_fineweb_shards(args, out_dir, state, tokenizer)
         # last, so that a run stopped by a bad input leaves nothing behind
-        write_tokenizer_table(encoding, out_dir / TOKENIZER_TABLE_NAME)
+        write_tokenizer_table(tokenizer, out_dir / tokenizer.table_name)
     print_fineweb_train_command(out_dir, state)
 
 
-def write_fineweb_shards(args, out_dir, state, encoding):
+def write_fineweb_shards(args, out_dir, state, tokenizer):
     skip = state["documents_consumed"]
     if args.input is not None:
         documents = itertools.islice(input_file_documents(args.input, args.text_field, args.doc_split), skip, None)
@@ -637,7 +871,7 @@ def write_fineweb_shards(args, out_dir, state, encoding):
 
     writer = ShardWriter(out_dir, args.shard_size, state, args.stop_after_shards)
     tokens_so_far = state["tokens_written"] + len(state["spill_tokens"])
-    with tokenized(documents, encoding, args.workers) as results, \
+    with tokenized(documents, tokenizer, args.workers) as results, \
             tqdm(total=nominal_tokens, initial=tokens_so_far, unit="tok", unit_scale=True,
                  dynamic_ncols=True, desc="tokens") as progress:
         # The tail of the document the last run stopped in; it may fill whole shards by itself.
@@ -665,31 +899,62 @@ def prepare_text(args):
     name = args.name or args.file.stem
     out_dir = args.out or REPO_ROOT / "data" / name
     with output_dir(out_dir, "--out"):
-        encoding = load_gpt2(args.encoder, args.vocab)
+        tokenizer = load_tokenizer(args)
+        check_table_name(out_dir, tokenizer)
         with open_utf8(args.file) as f:
             parts = f.read().split("\n\n")
         tokens = []
         for index, part in enumerate(parts):
-            tokens.append(EOT)
+            tokens.append(tokenizer.eot)
             # llm.c's recipe: every part but the last gets its separating blank line back
-            tokens.extend(encoding.encode_ordinary(part if index == len(parts) - 1 else part + "\n\n"))
+            tokens.extend(tokenizer.encoding.encode_ordinary(part if index == len(parts) - 1 else part + "\n\n"))
         if len(tokens) <= args.val_tokens:
             raise PrepareError(f"{args.file} gives only {counted(len(tokens), 'token')}, not more than --val-tokens "
                                f"{args.val_tokens:,}; lower --val-tokens")
         val_path, train_path = out_dir / f"{name}_val.bin", out_dir / f"{name}_train.bin"
         write_shard(val_path, tokens_to_bytes(tokens[:args.val_tokens]))
         write_shard(train_path, tokens_to_bytes(tokens[args.val_tokens:]))
-        write_tokenizer_table(encoding, out_dir / TOKENIZER_TABLE_NAME)
+        write_tokenizer_table(tokenizer, out_dir / tokenizer.table_name)
     train_tokens = len(tokens) - args.val_tokens
     print(f"wrote {val_path} ({counted(args.val_tokens, 'token')}) and {train_path} ({counted(train_tokens, 'token')})")
     print_train_command(train_path, val_path, train_tokens, args.val_tokens)
 
 
 def prepare_tokenizer(args):
-    with output_dir(args.path.parent, "PATH"):
-        encoding = load_gpt2(args.encoder, args.vocab)
-        write_tokenizer_table(encoding, args.path)
-    print(f"wrote {args.path} ({counted(encoding.n_vocab, 'token')})")
+    tokenizer = load_tokenizer(args)
+    path = args.path or REPO_ROOT / "data" / tokenizer.table_name
+    with output_dir(path.parent, "PATH"):
+        write_tokenizer_table(tokenizer, path)
+    if tokenizer.table_version == 1:
+        print(f"wrote {path} ({counted(tokenizer.encoding.n_vocab, 'token')})")
+    else:
+        print(f"wrote {path} ({counted(tokenizer.encoding.n_vocab, 'token')}, end-of-text id {tokenizer.eot}); "
+              f"train_et reads it as {BPE_TABLE_NAME} beside the train shards")
+
+
+def prepare_train_tokenizer(args):
+    path = args.path or REPO_ROOT / "data" / f"bpe{args.vocab_size}.tokenizer"
+    if args.input is not None:
+        check_input_file(args.input)
+        documents, source = input_file_documents(args.input, args.text_field, args.doc_split), args.input
+    else:
+        # streamed: the first --max-chars characters are all it reads, no need to keep the rest
+        documents = open_fineweb(args.config, args.text_field, True, 0)
+        source = f"{FINEWEB_DATASET} ({args.config}, streamed)"
+    with output_dir(path.parent, "PATH"):
+        check_writable(path, "PATH")  # now, not after hours of training
+        print(f"training a BPE of {args.vocab_size:,} tokens on the first {args.max_chars:,} characters of {source}")
+        start = time.monotonic()
+        tokens = train_bpe(documents, args.vocab_size, args.max_chars)
+        tokenizer = bpe_tokenizer(BPE_PATTERN, tokens, str(path))
+        save_bpe(BPE_PATTERN, tokens, path)
+    vocab = tokenizer.encoding.n_vocab
+    if vocab < args.vocab_size:
+        print(f"warning: the text ran out of pairs to merge: the vocab is {vocab:,}, not --vocab-size "
+              f"{args.vocab_size:,}; train on more text (--max-chars, a larger --input) for the full size")
+    print(f"wrote {path} in {time.monotonic() - start:.0f} s: {counted(vocab, 'token')} ({len(tokens) - 256:,} "
+          f"merges, {BPE_END_OF_TEXT} = {tokenizer.eot})")
+    print(f"write shards with it:\n  python3 data/prepare.py fineweb --tokenizer {shlex.quote(str(path))}")
 
 
 # ---------------------------------------------------------------------------
@@ -713,6 +978,14 @@ def positive_int(text):
     return value
 
 
+def vocab_size(text):
+    value = positive_int(text)
+    if not 257 <= value <= BPE_VOCAB_SIZE:
+        raise argparse.ArgumentTypeError(f"must be in [257, {BPE_VOCAB_SIZE}] (the 256 bytes and the end-of-text "
+                                         f"token at least; token ids must fit uint16), got {value}")
+    return value
+
+
 def default_workers():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -723,15 +996,36 @@ def parse_args(argv):
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    bpe_files = ArgumentParser(add_help=False)
-    bpe = bpe_files.add_argument_group(
+    tokenizer_files = ArgumentParser(add_help=False)
+    trained = tokenizer_files.add_argument_group(
+        "trained tokenizer", "The paper's BPE instead of GPT-2's: a tokenizer saved by train-tokenizer.")
+    trained.add_argument("--tokenizer", type=Path, metavar="FILE",
+                         help=f"tokenize with this saved tokenizer: its ids, its end-of-text id before every "
+                              f"document, and its table as {BPE_TABLE_NAME} (version 2) instead of "
+                              f"{GPT2_TABLE_NAME}")
+    bpe = tokenizer_files.add_argument_group(
         "GPT-2 BPE", "Local GPT-2 tokenizer files, for working with no network; without them "
                      "tiktoken's gpt2 encoding is used (downloaded once, then cached).")
     bpe.add_argument("--encoder", type=Path, metavar="ENCODER_JSON", help="GPT-2's encoder.json")
     bpe.add_argument("--vocab", type=Path, metavar="VOCAB_BPE", help="GPT-2's vocab.bpe (the merges)")
 
+    # where the documents come from: fineweb and train-tokenizer
+    document_source = ArgumentParser(add_help=False)
+    document_source.add_argument("--config", choices=FINEWEB_CONFIGS, default="sample-10BT",
+                                 help="FineWeb-Edu sample to read from Hugging Face (default: %(default)s)")
+    document_source.add_argument("--input", type=Path, metavar="FILE",
+                                 help="read this local file instead of FineWeb-Edu, fully offline: .jsonl (one "
+                                      "JSON object per line) or .txt")
+    document_source.add_argument("--text-field", default="text", metavar="NAME",
+                                 help="field holding the document text, in --input .jsonl lines or the dataset's "
+                                      "rows (default: %(default)s)")
+    document_source.add_argument("--doc-split", choices=DOC_SPLITS, default="blank-line",
+                                 help="how a --input .txt file splits into documents: blank-line (paragraphs "
+                                      "separated by blank lines), line (every non-blank line), none (the whole "
+                                      "file is one document) (default: %(default)s)")
+
     fineweb = commands.add_parser(
-        "fineweb", parents=[bpe_files], help="FineWeb-Edu (or a local file) -> token shards",
+        "fineweb", parents=[document_source, tokenizer_files], help="FineWeb-Edu (or a local file) -> token shards",
         description="Tokenize FineWeb-Edu (downloaded from Hugging Face, or a local --input file) into "
                     "shards <out>/edu_fineweb_{val|train}_NNNNNN.bin, EOT before every document; shard 0 is "
                     "validation. An input smaller than two shards is split instead: its first 1% (at least "
@@ -739,8 +1033,6 @@ def parse_args(argv):
                     "may straddle shards. Interrupted runs (Ctrl-C, kill) continue "
                     f"where they stopped when the same command is run again (state in <out>/{STATE_FILE_NAME}); "
                     "the result is byte-identical to an uninterrupted run.")
-    fineweb.add_argument("--config", choices=FINEWEB_CONFIGS, default="sample-10BT",
-                         help="FineWeb-Edu sample to download (default: %(default)s)")
     fineweb.add_argument("--out", type=Path, metavar="DIR",
                          help="output directory (default: data/edu_fineweb10B or data/edu_fineweb100B in the "
                               "repository, by --config)")
@@ -748,16 +1040,6 @@ def parse_args(argv):
                          help="tokens per shard; the last shard holds the remainder (default: %(default)s)")
     fineweb.add_argument("--workers", type=positive_int, default=default_workers(), metavar="N",
                          help="tokenizer processes (default: the CPUs available, here %(default)s)")
-    fineweb.add_argument("--input", type=Path, metavar="FILE",
-                         help="prepare this local file instead of downloading, fully offline: .jsonl (one JSON "
-                              "object per line) or .txt")
-    fineweb.add_argument("--text-field", default="text", metavar="NAME",
-                         help="field holding the document text, in --input .jsonl lines or the dataset's rows "
-                              "(default: %(default)s)")
-    fineweb.add_argument("--doc-split", choices=DOC_SPLITS, default="blank-line",
-                         help="how a --input .txt file splits into documents: blank-line (paragraphs separated "
-                              "by blank lines), line (every non-blank line), none (the whole file is one "
-                              "document) (default: %(default)s)")
     fineweb.add_argument("--stream", action="store_true",
                          help="stream the download instead of keeping a local copy in the Hugging Face cache; "
                               "uses no disk for the raw data, but resuming re-reads the skipped documents")
@@ -768,7 +1050,7 @@ def parse_args(argv):
     fineweb.set_defaults(run=prepare_fineweb)
 
     text = commands.add_parser(
-        "text", parents=[bpe_files], help="one text file -> <name>_val.bin and <name>_train.bin (llm.c style)",
+        "text", parents=[tokenizer_files], help="one text file -> <name>_val.bin and <name>_train.bin (llm.c style)",
         description="Tokenize one text file the way llm.c prepared tiny shakespeare: split on \"\\n\\n\", EOT "
                     "before each part, each part but the last followed by \"\\n\\n\"; the first --val-tokens "
                     "tokens go to <out>/<name>_val.bin, the rest to <out>/<name>_train.bin. The whole file is "
@@ -781,12 +1063,30 @@ def parse_args(argv):
                       help="tokens for the validation shard (default: %(default)s)")
     text.set_defaults(run=prepare_text)
 
+    train_tokenizer = commands.add_parser(
+        "train-tokenizer", parents=[document_source], help="train the paper's BPE (rustbpe) and save it",
+        description="Train a byte-level BPE the way the paper's code does (rustbpe, nanochat's split pattern) "
+                    "on the first --max-chars characters of FineWeb-Edu, streamed from Hugging Face, or of a "
+                    "local --input file, and save it (the format is in prepare.py -h). The vocab counts one "
+                    "special token, <|endoftext|>, whose id is the last. Write shards with it with "
+                    "`fineweb --tokenizer PATH` or `text --tokenizer PATH`.")
+    train_tokenizer.add_argument("path", type=Path, nargs="?", metavar="PATH",
+                                 help="where to save it (default: data/bpe<vocab size>.tokenizer in the repository)")
+    train_tokenizer.add_argument("--vocab-size", type=vocab_size, default=BPE_VOCAB_SIZE, metavar="N",
+                                 help="token ids, the end-of-text one included, at most 65,536 (uint16 shards) "
+                                      "(default: %(default)s, the paper's)")
+    train_tokenizer.add_argument("--max-chars", type=positive_int, default=BPE_MAX_CHARS, metavar="N",
+                                 help="train on the first N characters of the text (default: %(default)s, as the "
+                                      "paper's code)")
+    train_tokenizer.set_defaults(run=prepare_train_tokenizer)
+
     tokenizer = commands.add_parser(
-        "tokenizer", parents=[bpe_files], help="only the id-to-bytes table the trainer uses to print samples",
-        description="Write GPT-2's id-to-bytes table (llm.c's gpt2_tokenizer.bin format).")
-    tokenizer.add_argument("path", type=Path, nargs="?", default=REPO_ROOT / "data" / TOKENIZER_TABLE_NAME,
-                           metavar="PATH",
-                           help="where to write it (default: data/gpt2_tokenizer.bin in the repository)")
+        "tokenizer", parents=[tokenizer_files], help="only the id-to-bytes table the trainer uses to print samples",
+        description=f"Write the id-to-bytes table: GPT-2's (llm.c's {GPT2_TABLE_NAME} format), or with --tokenizer "
+                    f"that of a trained tokenizer (version 2, to go beside its shards as {BPE_TABLE_NAME}).")
+    tokenizer.add_argument("path", type=Path, nargs="?", metavar="PATH",
+                           help=f"where to write it (default: data/{GPT2_TABLE_NAME}, or data/{BPE_TABLE_NAME} with "
+                                f"--tokenizer, in the repository)")
     tokenizer.set_defaults(run=prepare_tokenizer)
 
     return parser.parse_args(argv)
@@ -806,7 +1106,10 @@ def main(argv=None):
         return 1
     except (Interrupted, KeyboardInterrupt) as e:
         reason = str(e) if isinstance(e, Interrupted) else "interrupted (Ctrl-C)"
-        print(f"{reason}; finished files are kept, run the same command again to continue", file=sys.stderr)
+        if args.command == "train-tokenizer":
+            print(f"{reason}; nothing was saved", file=sys.stderr)
+        else:
+            print(f"{reason}; finished files are kept, run the same command again to continue", file=sys.stderr)
         return 130
     return 0
 

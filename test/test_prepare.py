@@ -4,9 +4,11 @@
 Each test runs prepare.py as a user would (a subprocess, local GPT-2 tokenizer
 files, no network) and checks its files byte for byte: against real llm.c
 outputs where they exist, otherwise against tokens computed here with
-tiktoken's own loader for the same files. Real data comes from the shared data
-directory (env TRAIN_ET_SHARED_DATA, else ../shared/data next to the checkout);
-tests that need it, or tiktoken, are skipped when it is absent.
+tiktoken's own loader for the same files. The paper's tokenizer, trained by
+prepare.py with rustbpe, is checked against rustbpe trained here on the same
+text. Real data comes from the shared data directory (env TRAIN_ET_SHARED_DATA,
+else ../shared/data next to the checkout); tests that need it, tiktoken or
+rustbpe, are skipped when it is absent.
 
 No pytest: run `python3 test/test_prepare.py`. It prints one line per test
 (`ok - name`, `FAIL - name: reason`, `skip - name: reason`) and exits 1 if any
@@ -14,12 +16,15 @@ test failed.
 """
 
 import array
+import atexit
+import base64
 import functools
 import importlib.util
 import json
 import os
 import random
 import shlex
+import shutil
 import signal
 import struct
 import subprocess
@@ -36,8 +41,17 @@ SHARED_DATA = Path(shared_data_dir())
 
 EOT = 50256
 SHARD_MAGIC = 20240520
+TOKENIZER_MAGIC = 20240328
 HEADER_BYTES = 256 * 4
 SMALL_SHARD = 5000
+# The paper's tokenizer in small: this vocab (the end-of-text id is its last), trained on this many
+# characters of the FineWeb-Edu sample, with the split pattern of the paper's code (nanochat's)
+BPE_VOCAB, BPE_TRAIN_CHARS = 1024, 200_000
+BPE_PATTERN = (r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|"
+               r"\s*[\r\n]|\s+(?!\S)|\s+")
+# files that outlive one test: the trained tokenizer
+WORK = Path(tempfile.mkdtemp(prefix="test_prepare_"))
+atexit.register(shutil.rmtree, WORK, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------
@@ -502,12 +516,234 @@ def test_readme_quick_start_works_as_written():
         assert "train: 1 shard, 298.0K tokens" in report and "val:   1 shard, 32.8K tokens" in report, report
 
 
+# ---------------------------------------------------------------------------
+# The paper's tokenizer: trained with rustbpe, saved, loaded, and written into shards
+
+
+def need_rustbpe():
+    need_tiktoken()
+    if importlib.util.find_spec("rustbpe") is None:
+        raise Skip("rustbpe is not installed", "pip install -r data/requirements.txt")
+
+
+@functools.cache
+def trained_tokenizer():
+    """prepare.py train-tokenizer on the start of the FineWeb-Edu sample (one document), saved once for the tests."""
+    need_rustbpe()
+    path = WORK / "bpe.tokenizer"
+    result = prepare_ok("train-tokenizer", path, "--input", shared("fineweb_edu_sample.txt"), "--doc-split", "none",
+                        "--vocab-size", BPE_VOCAB, "--max-chars", BPE_TRAIN_CHARS)
+    assert f"wrote {path} in " in result.stdout and f"{BPE_VOCAB:,} tokens ({BPE_VOCAB - 257} merges, " \
+        f"<|endoftext|> = {BPE_VOCAB - 1})" in result.stdout, result.stdout
+    return path
+
+
+@functools.cache
+def rustbpe_oracle():
+    """rustbpe itself, trained here on the same text the same way: what prepare.py must have saved."""
+    import rustbpe
+
+    text = shared("fineweb_edu_sample.txt").read_text(encoding="utf-8")
+    bpe = rustbpe.Tokenizer()
+    bpe.train_from_iterator([text[:BPE_TRAIN_CHARS]], BPE_VOCAB - 1, pattern=BPE_PATTERN)
+    return bpe
+
+
+def read_tokenizer_file(path):
+    """Parses the saved format (prepare.py's docstring) on its own: (pattern, special, special id, tokens by rank)."""
+    lines = path.read_text(encoding="ascii").split("\n")
+    assert lines[0] == "train_et-bpe 1" and lines[-1] == "", f"{path}: starts {lines[0]!r}, ends {lines[-1]!r}"
+    key, pattern = lines[1].split(" ", 1)
+    assert key == "pattern", lines[1]
+    key, special, special_id = lines[2].split(" ")
+    assert key == "special", lines[2]
+    key, count = lines[3].split(" ")
+    assert key == "ranks" and len(lines) == 4 + int(count) + 1, f"{lines[3]!r}, {len(lines) - 5} token lines"
+    tokens = [base64.b64decode(line, validate=True) for line in lines[4:-1]]
+    return json.loads(pattern), json.loads(special), int(special_id), tokens
+
+
+def oracle_bpe_encoding(path):
+    """tiktoken's Encoding of a saved tokenizer, built from the file by the parser above, not by prepare.py."""
+    import tiktoken
+
+    pattern, special, special_id, tokens = read_tokenizer_file(path)
+    return tiktoken.Encoding(name="bpe-test-oracle", pat_str=pattern,
+                             mergeable_ranks={token: rank for rank, token in enumerate(tokens)},
+                             special_tokens={special: special_id}, explicit_n_vocab=special_id + 1)
+
+
+def read_table(path):
+    """A tokenizer table: (header version, vocab, EOT field, the bytes of each id)."""
+    data = path.read_bytes()
+    magic, version, vocab, eot = struct.unpack("<4i", data[:16])
+    assert magic == TOKENIZER_MAGIC and data[16:HEADER_BYTES] == bytes(HEADER_BYTES - 16), f"{path}: bad header"
+    tokens, at = [], HEADER_BYTES
+    for _ in range(vocab):
+        tokens.append(data[at + 1:at + 1 + data[at]])
+        at += 1 + data[at]
+    assert at == len(data), f"{path}: {len(data) - at} bytes after the last token"
+    return version, vocab, eot, tokens
+
+
+def decode_documents(tokens, table, eot):
+    """The texts between the EOTs, through the id-to-bytes table alone."""
+    assert tokens[0] == eot, f"the first token is {tokens[0]}, not the end-of-text id {eot}"
+    joined = b"".join(table[token] if token != eot else b"\0" for token in tokens)
+    return [part.decode("utf-8") for part in joined.split(b"\0")[1:]]
+
+
+def test_trained_tokenizer_is_rustbpes():
+    """The saved file holds exactly what rustbpe learned: its pattern (the paper's code's), its tokens in rank
+    order, the single bytes first; <|endoftext|> after them, so the vocab is --vocab-size."""
+    pattern, special, special_id, tokens = read_tokenizer_file(trained_tokenizer())
+    oracle = rustbpe_oracle()
+    assert pattern == BPE_PATTERN == oracle.get_pattern(), pattern
+    assert tokens == [bytes(token) for token, _ in sorted(oracle.get_mergeable_ranks(), key=lambda tr: tr[1])], \
+        "saved tokens differ from rustbpe's ranks"
+    assert tokens[:256] == [bytes([b]) for b in range(256)], "ranks 0-255 are not the single bytes"
+    assert (special, special_id, len(tokens)) == ("<|endoftext|>", BPE_VOCAB - 1, BPE_VOCAB - 1), \
+        (special, special_id, len(tokens))
+
+
+def test_train_tokenizer_streams_fineweb():
+    """From Hugging Face (a stand-in answering with local rows), it stops reading at --max-chars: the same
+    text as the local file gives the same file, byte for byte, though a second row would change it."""
+    text = shared("fineweb_edu_sample.txt").read_text(encoding="utf-8")
+    local = trained_tokenizer()
+    with tempfile.TemporaryDirectory() as tmp:
+        hub = offline_hub_environment(Path(tmp), [text[:BPE_TRAIN_CHARS], "qqqq " * 10_000])
+        path = Path(tmp) / "streamed.tokenizer"
+        result = prepare_ok("train-tokenizer", path, "--vocab-size", BPE_VOCAB, "--max-chars", BPE_TRAIN_CHARS,
+                            env=hub)
+        assert "HuggingFaceFW/fineweb-edu (sample-10BT, streamed)" in result.stdout, result.stdout
+        assert path.read_bytes() == local.read_bytes(), "differs from the tokenizer trained on the local file"
+
+
+def test_trained_tokenizer_round_trips_real_text():
+    """Text it was not trained on (the rest of the sample, and awkward strings) encodes as rustbpe encodes it,
+    decodes back to itself, and the end-of-text string stays plain text."""
+    encoding = oracle_bpe_encoding(trained_tokenizer())
+    text = shared("fineweb_edu_sample.txt").read_text(encoding="utf-8")
+    samples = [text[BPE_TRAIN_CHARS:BPE_TRAIN_CHARS + 300_000], "naïve café 😀 — 東京 1234567 \t\n\n  x",
+               "<|endoftext|> is plain text here"]
+    for sample in samples:
+        tokens = encoding.encode_ordinary(sample)
+        assert tokens == rustbpe_oracle().encode(sample), f"differs from rustbpe's encoding: {sample[:40]!r}"
+        assert encoding.decode(tokens) == sample, f"does not decode back: {sample[:40]!r}"
+        assert max(tokens) < BPE_VOCAB - 1, "the end-of-text id came out of ordinary text"
+    assert len(tokens) > 5, tokens  # the end-of-text string as ordinary pieces, not the special token
+    # 1,024 tokens give about 2.5 bytes a token on FineWeb-Edu text; single bytes would give 1
+    assert len(samples[0].encode()) / len(encoding.encode_ordinary(samples[0])) > 2, "compresses hardly at all"
+
+
+def test_shards_with_trained_tokenizer():
+    """fineweb and text --tokenizer: the ids rustbpe gives, its end-of-text id before every document,
+    tokenizer.bin (version 2, with that id) instead of gpt2_tokenizer.bin; the table alone decodes the shards
+    back to the documents, and the tokenizer command writes the same table."""
+    path = trained_tokenizer()
+    encoding = oracle_bpe_encoding(path)
+    eot = BPE_VOCAB - 1
+    documents = sample_documents(100, seed=8)
+    with tempfile.TemporaryDirectory() as tmp:
+        source, out = Path(tmp) / "docs.jsonl", Path(tmp) / "out"
+        write_jsonl(source, documents)
+        prepare_ok("fineweb", "--input", source, "--out", out, "--shard-size", SMALL_SHARD, "--workers", 2,
+                   "--tokenizer", path)
+        tokens = read_fineweb_shards(out, SMALL_SHARD)
+        want = array.array("H")
+        for document in documents:
+            want.append(eot)
+            want.extend(encoding.encode_ordinary(document))
+        assert tokens == want, "shard tokens != end-of-text id + tokens of each document"
+        expect_one_line_error(run_prepare("fineweb", "--input", source, "--out", out, "--shard-size", SMALL_SHARD,
+                                          *bpe_args()), "prepare_state.json", "tokenizer_sha256")
+        assert max(tokens) < BPE_VOCAB, max(tokens)
+        assert not (out / "gpt2_tokenizer.bin").exists(), "a GPT-2 table beside the trained tokenizer's shards"
+        version, vocab, table_eot, table = read_table(out / "tokenizer.bin")
+        assert (version, vocab, table_eot) == (2, BPE_VOCAB, eot), (version, vocab, table_eot)
+        assert table == [encoding.decode_single_token_bytes(i) for i in range(BPE_VOCAB)], "table != the tokens"
+        assert decode_documents(tokens, table, eot) == documents, "the table does not decode the shards"
+
+        prepare_ok("tokenizer", Path(tmp) / "table.bin", "--tokenizer", path)
+        assert (Path(tmp) / "table.bin").read_bytes() == (out / "tokenizer.bin").read_bytes(), "tables differ"
+
+        text = Path(tmp) / "story.txt"
+        text.write_text("\n\n".join(documents[:40]), encoding="utf-8")
+        prepare_ok("text", text, "--out", Path(tmp) / "story", "--val-tokens", 1000, "--tokenizer", path)
+        val, train = read_shard(Path(tmp) / "story" / "story_val.bin"), read_shard(Path(tmp) / "story" /
+                                                                                 "story_train.bin")
+        assert len(val) == 1000 and val[0] == eot, (len(val), val[0])
+        parts = text.read_text(encoding="utf-8").split("\n\n")
+        want = [part + "\n\n" for part in parts[:-1]] + parts[-1:]
+        table = read_table(Path(tmp) / "story" / "tokenizer.bin")[3]
+        assert decode_documents(val + train, table, eot) == want, "text shards do not decode to the parts"
+
+
+def test_train_et_reads_the_trained_tokenizer():
+    """The printed train_et command starts on those shards with the trained tokenizer's vocab and end-of-text
+    id, from tokenizer.bin, which it prefers to a gpt2_tokenizer.bin beside it."""
+    path = trained_tokenizer()
+    documents = sample_documents(40, seed=9)
+    with tempfile.TemporaryDirectory() as tmp:
+        source, out = Path(tmp) / "docs.jsonl", Path(tmp) / "out"
+        write_jsonl(source, documents)
+        result = prepare_ok("fineweb", "--input", source, "--out", out, "--workers", 1, "--tokenizer", path)
+        command = result.stdout.splitlines()[-1].strip()
+        want = (f"tokenizer: {out}/tokenizer.bin (end-of-text id {BPE_VOCAB - 1}); every token checked below "
+                f"vocab {BPE_VOCAB} in ")
+        report = train_et_start_up(command, tmp)
+        assert want in report and f", vocab {BPE_VOCAB} (head padded to " in report, report
+        shutil.copy(shared("gpt2_tokenizer.bin"), out)
+        assert want in train_et_start_up(command, tmp), "train_et took gpt2_tokenizer.bin over tokenizer.bin"
+
+
+def test_train_tokenizer_on_too_little_text_says_so():
+    """Text that runs out of pairs gives a smaller vocab: saved, and said in a warning."""
+    need_rustbpe()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "new" / "small.tokenizer"
+        result = prepare_ok("train-tokenizer", path, "--input", shared("fineweb_edu_sample.txt"), "--max-chars",
+                            20_000)
+        _, _, special_id, tokens = read_tokenizer_file(path)
+        assert 256 < len(tokens) == special_id < 65535, (len(tokens), special_id)
+        assert f"warning: the text ran out of pairs to merge: the vocab is {special_id + 1:,}, not --vocab-size " \
+               f"65,536" in result.stdout, result.stdout
+
+
+def test_trained_tokenizer_errors_are_one_line():
+    """A broken tokenizer file is named with its line; --tokenizer with GPT-2's files, or shards of another
+    tokenizer's folder, name the fix; nothing is left behind."""
+    path = trained_tokenizer()
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "docs.txt"
+        source.write_text("hello\n")
+        broken = Path(tmp) / "broken.tokenizer"
+        lines = path.read_text().split("\n")
+        broken.write_text("\n".join(lines[:300] + ["not base64!"] + lines[301:]))
+        expect_one_line_error(run_prepare("fineweb", "--input", source, "--out", Path(tmp) / "out", "--tokenizer",
+                                          broken), f"{broken}:301", "base64", "train-tokenizer")
+        broken.write_text("\n".join(lines[:-10]))
+        expect_one_line_error(run_prepare("tokenizer", Path(tmp) / "out" / "t.bin", "--tokenizer", broken),
+                              str(broken), "ranks")
+        expect_one_line_error(run_prepare("text", source, "--out", Path(tmp) / "out", "--tokenizer", path,
+                                          *bpe_args()), "--tokenizer", "--encoder")
+        gpt2_dir = Path(tmp) / "gpt2"
+        prepare_ok("text", source, "--out", gpt2_dir, "--val-tokens", 1, *bpe_args())
+        expect_one_line_error(run_prepare("text", source, "--out", gpt2_dir, "--val-tokens", 1, "--tokenizer", path),
+                              f"{gpt2_dir}/gpt2_tokenizer.bin", "--out")
+        assert sorted(p.name for p in Path(tmp).iterdir()) == ["broken.tokenizer", "docs.txt", "gpt2"], \
+            sorted(p.name for p in Path(tmp).iterdir())
+
+
 def test_every_command_and_option_has_help():
     need_tiktoken()
     options = {"fineweb": ["--config", "--out", "--shard-size", "--workers", "--input", "--text-field",
-                           "--doc-split", "--stream", "--stop-after-shards", "--encoder", "--vocab"],
-               "text": ["--out", "--name", "--val-tokens", "--encoder", "--vocab"],
-               "tokenizer": ["--encoder", "--vocab"]}
+                           "--doc-split", "--stream", "--stop-after-shards", "--tokenizer", "--encoder", "--vocab"],
+               "text": ["--out", "--name", "--val-tokens", "--tokenizer", "--encoder", "--vocab"],
+               "train-tokenizer": ["--config", "--input", "--text-field", "--doc-split", "--vocab-size",
+                                   "--max-chars"],
+               "tokenizer": ["--tokenizer", "--encoder", "--vocab"]}
     top = prepare_ok("-h")
     for command, names in options.items():
         assert command in top.stdout, f"-h does not list {command}"

@@ -158,6 +158,30 @@ static void test_tokenizer_rejects_bad_files(Test& t) {
           err.c_str());
 }
 
+// Version 2 records the end-of-text id (prepare.py's tokenizer.bin); in
+// version 1, llm.c's GPT-2 table, it is the last id.
+static void test_tokenizer_end_of_text(Test& t) {
+    Tokenizer tok;
+    std::string path = dir + "/tok_eot.bin";
+    auto table = [&](int version, int32_t eot) {
+        std::vector<char> b = shard_bytes(TOKENIZER_MAGIC, version, 3, {});
+        memcpy(b.data() + 3 * sizeof(int32_t), &eot, sizeof(eot));
+        for (std::string token : {"a", "<|endoftext|>", "b"}) {
+            b.push_back((char)token.size());
+            b.insert(b.end(), token.begin(), token.end());
+        }
+        write_bytes(path, b);
+        return tok.load(path);
+    };
+    std::string err = table(2, 1);
+    CHECK(t, err.empty() && tok.eot() == 1 && tok.decode(tok.eot()) == "<|endoftext|>", "version 2: eot %d '%s'",
+          tok.eot(), err.c_str());
+    err = table(1, 0);
+    CHECK(t, err.empty() && tok.eot() == 2, "version 1: eot %d '%s'", tok.eot(), err.c_str());
+    err = table(2, 3);
+    CHECK(t, err == path + ": end-of-text id 3 is outside the vocab [0, 3)", "'%s'", err.c_str());
+}
+
 int main() {
     dir = scratch_dir("shard");
     return run_tests({
@@ -168,5 +192,6 @@ int main() {
         {"shard_reads_real_llmc_shards", test_real_llmc_shards},
         {"tokenizer_decodes_real_text", test_tokenizer_decodes_real_text},
         {"tokenizer_rejects_bad_files", test_tokenizer_rejects_bad_files},
+        {"tokenizer_end_of_text", test_tokenizer_end_of_text},
     });
 }
