@@ -558,6 +558,41 @@ __global__ void softcap_cross_entropy_kernel(float* losses, floatX* logits, cons
     }
 }
 
+// The greedy prediction of each row: out[n] = argmax_j softcap(z[n][j]) over
+// the real vocab, the first index on ties (as torch.argmax; the soft-cap is
+// monotonic, but it can make near-equal large logits equal). One block per
+// row: each thread keeps its best of a strided slice, then a warp shuffle
+// tree and thread 0 over the warps merge (value, index) pairs. Reads the
+// row once, writes one int.
+__device__ __forceinline__ bool argmax_better(float v, int i, float best_v, int best_i) {
+    return v > best_v || (v == best_v && i < best_i);
+}
+__global__ void logits_argmax_kernel(int* out, const floatX* logits, int V, int Vp) {
+    __shared__ float warp_v[CE_THREADS / WARP];
+    __shared__ int warp_i[CE_THREADS / WARP];
+    const floatX* z = logits + (size_t)blockIdx.x * Vp;
+    float best_v = -INFINITY;
+    int best_i = V;
+    for (int j = threadIdx.x; j < V; j += blockDim.x) {
+        const float c = SOFTCAP * tanhf(to_float(z[j]) / SOFTCAP);
+        if (argmax_better(c, j, best_v, best_i)) { best_v = c; best_i = j; }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        const float v = __shfl_xor_sync(0xffffffff, best_v, o);
+        const int i = __shfl_xor_sync(0xffffffff, best_i, o);
+        if (argmax_better(v, i, best_v, best_i)) { best_v = v; best_i = i; }
+    }
+    if (threadIdx.x % WARP == 0) {
+        warp_v[threadIdx.x / WARP] = best_v;
+        warp_i[threadIdx.x / WARP] = best_i;
+    }
+    __syncthreads();
+    if (threadIdx.x != 0) return;
+    for (int w = 1; w < (int)blockDim.x / WARP; w++)
+        if (argmax_better(warp_v[w], warp_i[w], best_v, best_i)) { best_v = warp_v[w]; best_i = warp_i[w]; }
+    out[blockIdx.x] = best_i < V ? best_i : 0;  // a row of NaNs predicts token 0
+}
+
 // Sums losses[0..N) into *total (+=), in one block, in a fixed order.
 __global__ void loss_sum_kernel(float* total, const float* losses, int N) {
     __shared__ float partial[CE_THREADS / WARP];
@@ -863,6 +898,11 @@ inline void softcap_cross_entropy(float* losses, floatX* logits, const int* targ
     launchCheck();
 }
 
+inline void logits_argmax(int* out, const floatX* logits, int N, int V, int Vp) {
+    logits_argmax_kernel<<<N, CE_THREADS>>>(out, logits, V, Vp);
+    launchCheck();
+}
+
 inline void loss_sum(float* total, const float* losses, int N) {
     loss_sum_kernel<<<1, CE_THREADS>>>(total, losses, N);
     launchCheck();
@@ -909,6 +949,7 @@ struct Activations {
     int *tokens = nullptr, *targets = nullptr;
     floatX *x0 = nullptr, *residual = nullptr, *lnf = nullptr, *logits = nullptr;
     float *x0_rstd = nullptr, *lnf_rstd = nullptr, *losses = nullptr;
+    int* predicted = nullptr;  // an evaluation's greedy predictions (CORE's language-modelling tasks)
     struct Layer {
         floatX *ln1, *qkv, *atty, *ln2, *fc_pre;
         float *ln1_rstd, *qk_rstd, *lse, *ln2_rstd;
@@ -1038,6 +1079,7 @@ inline size_t model_allocate(Model* model, int B, int T) {
     a.lnf_rstd = device_alloc<float>(N, &bytes);
     a.logits = device_alloc<floatX>(N * Vp, &bytes);
     a.losses = device_alloc<float>(N, &bytes);
+    a.predicted = device_alloc<int>(N, &bytes);
     a.dresidual = device_alloc<floatX>(N * C, &bytes);
     a.scratch_wide = device_alloc<floatX>(N * std::max(ffn, qkv_width), &bytes);
     a.scratch_narrow = device_alloc<floatX>(N * C, &bytes);
@@ -1232,7 +1274,7 @@ inline void model_free(Model* model) {
                         (void*)L.ln2, (void*)L.ln2_rstd, (void*)L.fc_pre})
             cudaCheck(cudaFree(p));
     for (void* p : {(void*)a.tokens, (void*)a.targets, (void*)a.x0, (void*)a.x0_rstd, (void*)a.residual, (void*)a.lnf,
-                    (void*)a.lnf_rstd, (void*)a.logits, (void*)a.losses, (void*)a.dresidual, (void*)a.scratch_wide,
+                    (void*)a.lnf_rstd, (void*)a.logits, (void*)a.losses, (void*)a.predicted, (void*)a.dresidual, (void*)a.scratch_wide,
                     (void*)a.scratch_narrow, (void*)a.ffn_act, (void*)a.att_delta, (void*)model->master, (void*)model->grads,
                     (void*)model->adam_m, (void*)model->adam_v, (void*)model->loss_total, (void*)model->grad_norm_value,
                     (void*)model->clip_scale, (void*)model->norm_partial})

@@ -683,6 +683,11 @@ struct Router {
     float* stats_float = nullptr;    // per layer: kth_sum[E], aux_sum
     // scratch shared by the layers
     uint8_t* mask = nullptr;         // (N, E)
+    // the routes of one sequence, layer by layer, for the routing pictures
+    // (train_et -rf): (layers, T, E), filled by an eval or generation pass of
+    // one sequence while record_routes is set
+    uint8_t* route_record = nullptr;
+    bool record_routes = false;
     int* counts = nullptr;           // (E)
     float *kth = nullptr, *gate_mean = nullptr, *dr = nullptr, *h32 = nullptr;  // (pools, E), (E), (N, E), (N, C)
     floatX *grad_pre = nullptr, *grad_x = nullptr;  // (train capacity, 2C), (train capacity, C)
@@ -798,6 +803,7 @@ inline void router_allocate(Router* r, const ModelConfig& c, int B, int T) {
     device_zero(r->stats_float, L * r->stats_float_stride() * sizeof(float));
     device_zero(r->dropped, sizeof(int));
     r->mask = device_alloc<uint8_t>(N * E, &bytes);
+    r->route_record = device_alloc<uint8_t>(L * T * E, &bytes);
     r->counts = device_alloc<int>(E, &bytes);
     r->kth = device_alloc<float>((int64_t)B * E, &bytes);  // (pools, E): at most one pool per sequence
     r->gate_mean = device_alloc<float>(E, &bytes);
@@ -815,7 +821,7 @@ inline void router_free(Router* r) {
     if (r->eval_owned) moe_buffers_free(r->eval);
     r->train.clear();
     for (void* p : {(void*)r->raw_cutoff, (void*)r->tc_bias, (void*)r->stats_int, (void*)r->stats_float,
-                    (void*)r->dropped, (void*)r->mask, (void*)r->counts, (void*)r->kth, (void*)r->gate_mean,
+                    (void*)r->dropped, (void*)r->mask, (void*)r->route_record, (void*)r->counts, (void*)r->kth, (void*)r->gate_mean,
                     (void*)r->dr, (void*)r->h32, (void*)r->grad_pre, (void*)r->grad_x})
         cudaCheck(cudaFree(p));
 }
@@ -999,6 +1005,11 @@ inline void moe_dispatch(Router& r, int layer, int N, RoutingPass pass) {
                                                     buf.tile_expert, buf.tile_row, buf.num_tiles, r.dropped, r.counts,
                                                     r.mask, buf.logits, N, E, buf.capacity);
     launchCheck();
+    if (!train && r.record_routes) {
+        if (N > r.T) fail("internal: recording the routes of %d tokens, more than one sequence (%d)", N, r.T);
+        cudaCheck(cudaMemcpyAsync(r.route_record + (size_t)layer * r.T * E, r.mask, (size_t)N * E,
+                                  cudaMemcpyDeviceToDevice));
+    }
     if (!train) return;
     fanout_kernel<<<ceil_div(N, THREADS), THREADS>>>(stats_int + E, r.mask, N, E);
     launchCheck();

@@ -42,6 +42,7 @@
 #include "data/tokenizer.h"
 #include "model.cuh"  // and router.cuh, which builds on its kernels
 #include "model_config.h"
+#include "core_eval.cuh"
 #include "presets.h"
 #include "schedule.h"
 
@@ -94,6 +95,8 @@ struct Options {
     int schedule = (int)LrSchedule::Cosine;
     double warmdown_frac = 0.2, weight_decay = 0.1, grad_clip = 1.0;
     int val_every = 250, val_batches = 20, sample_every = 1000, sample_tokens = 64, log_every = 10;
+    std::string core_path = "none", routes_path = "none";
+    int core_every = 0, routes_offset = 0, eval_only = 0;
     int seed = 1337, synthetic_vocab = GPT2_VOCAB;
     std::vector<std::string> given;  // the flags on the command line, in order (twice if given twice)
 
@@ -116,6 +119,7 @@ static std::vector<Flag> flag_table(Options& o) {
          "train shards (glob), or 'synthetic' for the built-in corpus; the default falls back to it when empty"},
         {"-j", "data", Flag::Text, &o.val_glob, 0, 0, nullptr, "validation shards (glob)"},
         {"-o", "data", Flag::Text, &o.out_dir, 0, 0, nullptr, "output dir: logs, checkpoints"},
+        {"-eo", "data", Flag::Int, &o.eval_only, 0, 1, nullptr, "1: evaluate the latest checkpoint in -o (validation, -ce, -rf) and exit without training"},
         {"-y", "data", Flag::Int, &o.resume, 0, 1, nullptr, "1: resume from the latest checkpoint in -o (-l, -le, -lh, -lm, -u, -q, -a, -wd, -gc may change)"},
         {"-n", "data", Flag::Int, &o.checkpoint_every, 0, 1e9, nullptr, "checkpoint every N steps (0: only at the end)"},
         {"-nk", "data", Flag::Int, &o.checkpoints_kept, 0, 1e6, nullptr, "keep the last N checkpoints (0: all)"},
@@ -158,6 +162,10 @@ static std::vector<Flag> flag_table(Options& o) {
         {"-vm", "eval", Flag::Int, &o.val_batches, 1, 1e9, nullptr, "validation micro-batches per evaluation"},
         {"-s", "eval", Flag::Int, &o.sample_every, 0, 1e9, nullptr, "print a sample every N steps (0: off)"},
         {"-g", "eval", Flag::Int, &o.sample_tokens, 1, 65536, nullptr, "tokens per sample"},
+        {"-ce", "eval", Flag::Text, &o.core_path, 0, 0, nullptr, "CORE eval file (data/core.py writes it): score it at the end (none: off)"},
+        {"-cv", "eval", Flag::Int, &o.core_every, 0, 1e9, nullptr, "-ce: score CORE every N steps too (0: only at the end)"},
+        {"-rf", "eval", Flag::Text, &o.routes_path, 0, 0, nullptr, "at the end, write each token's experts in every MoE layer for a text: a shard file, or 'synthetic' (none: off)"},
+        {"-ro", "eval", Flag::Int, &o.routes_offset, 0, 2147483647, nullptr, "-rf: the text's first token in the shard (it takes up to -t tokens)"},
         {"-li", "eval", Flag::Int, &o.log_every, 1, 1e9, nullptr, "log the loss, speed and gradient norm every N steps"},
         {"-sd", "eval", Flag::Int, &o.seed, 0, 2147483647, nullptr, "random seed (weights, data order, sampling)"},
     };
@@ -440,9 +448,13 @@ static void prepare_output_dir(const Options& o) {
     std::string err = make_dirs(o.out_dir);
     if (!err.empty()) fail("-o: %s", err.c_str());
     bool has_checkpoints = !glob_sorted(o.out_dir + "/ckpt_*.bin").empty();
-    if (!o.resume && has_checkpoints)
-        fail("-o: %s holds checkpoints of an earlier run: resume it with -y 1, or choose another -o", o.out_dir.c_str());
-    if (o.resume && !has_checkpoints) fail("-y 1: no checkpoint (ckpt_*.bin) in %s to resume from", o.out_dir.c_str());
+    const bool from_checkpoint = o.resume || o.eval_only;
+    if (!from_checkpoint && has_checkpoints)
+        fail("-o: %s holds checkpoints of an earlier run: resume it with -y 1 (or evaluate it with -eo 1), or choose "
+             "another -o", o.out_dir.c_str());
+    if (from_checkpoint && !has_checkpoints)
+        fail("%s: no checkpoint (ckpt_*.bin) in %s to %s", o.eval_only ? "-eo 1" : "-y 1", o.out_dir.c_str(),
+             o.eval_only ? "evaluate" : "resume from");
 }
 
 // ----------------------------------------------------------------------------
@@ -1130,6 +1142,118 @@ static std::vector<int> sample(Model* model, int length, int eot, Rng& rng, std:
     return std::vector<int>(seq.begin() + 1, seq.end());
 }
 
+// ----------------------------------------------------------------------------
+// Evaluation beyond the validation loss: CORE (core_eval.cuh) and the routes
+// of one text for the routing pictures.
+
+// CORE on the model, into train.log and train.jsonl (README: Evaluation).
+static void log_core(RunLog& log, Model* model, CoreRunner& runner, const CoreData& core, int step,
+                     const std::string& progress) {
+    const double start = wall_seconds();
+    const CoreScore score = core_evaluate(model, runner, core);
+    const double seconds = wall_seconds() - start, value = score.core(core);
+    const std::vector<std::string> missing = core.missing();
+    std::string tasks, line;
+    for (size_t i = 0; i < core.tasks.size(); i++) {
+        if (score.tasks[i].total == 0) continue;
+        const double acc = score.tasks[i].accuracy(), centered = score.centered(core, (int)i);
+        tasks += string_format("%s%s: {\"accuracy\": %.6f, \"centered\": %.6f, \"examples\": %d}",
+                               tasks.empty() ? "" : ", ", json_string(core.tasks[i].label).c_str(), acc, centered,
+                               score.tasks[i].total);
+        line += string_format("%s%s %.3f", line.empty() ? "" : " | ", core.tasks[i].label.c_str(), acc);
+    }
+    log.print("step %6d | CORE %.4f%s (%zu tasks, %.1f s)\n", step, value,
+              missing.empty() ? "" : string_format(", partial: missing %zu", missing.size()).c_str(),
+              core.tasks.size() - missing.size(), seconds);
+    log.print("         accuracy: %s\n", line.c_str());
+    if (!missing.empty()) {
+        std::string names;
+        for (const std::string& m : missing) names += (names.empty() ? "" : ", ") + m;
+        log.print("         missing from the eval file (CORE is their mean without them): %s\n", names.c_str());
+    }
+    log.record(string_format("{\"step\": %d, \"core\": %s, \"core_partial\": %s, \"core_missing\": %s, "
+                             "\"core_tasks\": {%s}, \"core_seconds\": %.3f, %s}", step,
+                             json_number(value, "%.6f").c_str(), missing.empty() ? "false" : "true",
+                             json_array(missing).c_str(), tasks.c_str(), seconds, progress.c_str()));
+}
+
+// The text of -rf: up to T tokens of a shard from -ro, or of the synthetic
+// corpus's validation text (with each token's domain).
+struct RouteText {
+    std::vector<int> tokens, domains;  // domains: the synthetic corpus's only
+};
+static RouteText route_text(const Options& o, const DataSources& d, const ModelConfig& c) {
+    RouteText text;
+    if (c.n_experts == 0) fail("-rf: a dense model (-e 0) routes nothing; use -e with an MoE model");
+    std::vector<uint16_t> shard;
+    if (o.routes_path == "synthetic") {
+        if (!d.is_synthetic) fail("-rf synthetic: the synthetic corpus's text needs -i synthetic; give a shard file");
+        d.val->load(0, &shard);
+    } else {
+        ShardFiles file;
+        const std::string err = file.open(o.routes_path, d.vocab_size);
+        if (!err.empty()) fail("-rf: %s", err.c_str());
+        file.load(0, &shard);
+    }
+    if ((size_t)o.routes_offset >= shard.size())
+        fail("-ro %d: %s has %zu tokens", o.routes_offset, o.routes_path.c_str(), shard.size());
+    const size_t n = std::min<size_t>(c.seq_len, shard.size() - o.routes_offset);
+    for (size_t i = 0; i < n; i++) {
+        const int id = shard[o.routes_offset + i];
+        text.tokens.push_back(id);
+        if (d.is_synthetic) text.domains.push_back(d.synthetic.domain_of(id));
+    }
+    return text;
+}
+
+// Writes <out>/routes_<step>.bin (the format dev/plot_routing.py reads,
+// README: Evaluation): a 256 x int32 header (magic 20261204, version 1,
+// tokens, MoE layers, experts, domains, vocab, step, router, K), the domain
+// names (char[32] each), the token ids, their domains (if any), the MoE
+// layers' numbers, then (layers, tokens, experts) bytes, 1 = routed.
+static void log_routes(RunLog& log, Model* model, const DataSources& d, const RouteText& text,
+                       const std::string& out_dir, int step, const std::string& progress) {
+    const Router& r = model->router;
+    const std::vector<uint8_t> routes = route_sequence(model, text.tokens);
+    const int n = (int)text.tokens.size(), L = (int)r.layers.size(), E = r.E;
+    const int domains = text.domains.empty() ? 0 : (int)d.synthetic.domains().size();
+    std::vector<int32_t> header(256, 0);
+    header[0] = 20261204; header[1] = 1; header[2] = n; header[3] = L; header[4] = E; header[5] = domains;
+    header[6] = model->config.vocab_size; header[7] = step; header[8] = (int)r.config.kind; header[9] = r.config.top_k;
+    const std::string path = string_format("%s/routes_%06d.bin", out_dir.c_str(), step), tmp = path + ".tmp";
+    FILE* f = fopen(tmp.c_str(), "wb");
+    if (!f) fail("%s: cannot create (%s)", tmp.c_str(), strerror(errno));
+    write_all(f, header.data(), header.size() * sizeof(int32_t), tmp);
+    for (int i = 0; i < domains; i++) {
+        char name[32] = {};
+        strncpy(name, d.synthetic.domains()[i].spec.name, sizeof(name) - 1);
+        write_all(f, name, sizeof(name), tmp);
+    }
+    const std::vector<int32_t> ids(text.tokens.begin(), text.tokens.end());
+    write_all(f, ids.data(), ids.size() * sizeof(int32_t), tmp);
+    if (domains > 0) {
+        const std::vector<int32_t> dom(text.domains.begin(), text.domains.end());
+        write_all(f, dom.data(), dom.size() * sizeof(int32_t), tmp);
+    }
+    const std::vector<int32_t> layers(r.layers.begin(), r.layers.end());
+    write_all(f, layers.data(), layers.size() * sizeof(int32_t), tmp);
+    write_all(f, routes.data(), routes.size(), tmp);
+    if (fclose(f) != 0) fail("%s: write failed (disk full?)", tmp.c_str());
+    if (rename(tmp.c_str(), path.c_str()) != 0) fail("%s: rename failed (%s)", path.c_str(), strerror(errno));
+    std::vector<double> fanout(L, 0.0);
+    for (int l = 0; l < L; l++) {
+        size_t routed = 0;
+        for (size_t i = (size_t)l * n * E; i < (size_t)(l + 1) * n * E; i++) routed += routes[i];
+        fanout[l] = (double)routed / n;
+    }
+    std::string means;
+    for (double f_l : fanout) means += string_format("%s%.3f", means.empty() ? "" : " ", f_l);
+    log.print("step %6d | routes of %d tokens in %s: experts per token by MoE layer %s\n", step, n, path.c_str(),
+              means.c_str());
+    log.record(string_format("{\"step\": %d, \"routes\": %s, \"routes_tokens\": %d, \"routes_fanout\": %s, %s}",
+                             step, json_string(path).c_str(), n, json_array(fanout).c_str(), progress.c_str()));
+}
+
 // The "moe" value of a logged step: one object per MoE layer with its
 // routing statistics (SPEC: Observability); "cutoff" and "batch_cutoff" only
 // when the router tracks them.
@@ -1214,10 +1338,32 @@ int main(int argc, char** argv) {
     const OptimizerConfig optim = optimizer_from_options(o);
     const Model planned = model_plan(config, optim, o.batch, o.seq_len);
     print_config(log, o, config, data, grad_accum, steps, steps_per_epoch, planned, checkpoint_bytes(planned));
+    CoreData core;  // -ce: CORE's examples, read before the GPU
+    if (o.core_path != "none") {
+        err = core.load(o.core_path);
+        if (!err.empty()) fail("-ce: %s", err.c_str());
+        if (core.vocab != data.vocab_size)
+            fail("-ce: %s was tokenized for a vocab of %d and the training data has %d: write it with the data's "
+                 "tokenizer (data/core.py --tokenizer, or GPT-2's by default)", o.core_path.c_str(), core.vocab,
+                 data.vocab_size);
+        const CoreWorkload w = core_workload(core, o.batch, o.seq_len);
+        const double flops = w.tokens * training_flops_per_token(config) / 3;  // a forward is a third of training
+        const std::vector<std::string> missing = core.missing();
+        log.print("core     %s: %zu of %zu tasks%s, %zu examples in %lld rows; %lld forwards of %d x %d tokens "
+                  "(%.1fM with filler): %.1f TFLOP, %.0f s at 40%% of an H200's peak\n", o.core_path.c_str(),
+                  core.tasks.size() - missing.size(), core.tasks.size(), missing.empty() ? "" : " (partial)",
+                  core.examples.size(), (long long)w.rows, (long long)w.forwards, o.batch, o.seq_len,
+                  w.tokens / 1e6, flops / 1e12, flops / (0.4 * 989e12));
+    }
+    const RouteText route = o.routes_path != "none" ? route_text(o, data, config) : RouteText{};
+    if (!route.tokens.empty())
+        log.print("routes   %zu tokens of %s from token %d, through %zu MoE layers, written at the end\n",
+                  route.tokens.size(), o.routes_path.c_str(), o.routes_offset, planned.router.layers.size());
     for (const std::string& w : settings_warnings(o, config, data, steps, schedule.warmup, world)) log.warn(w);
     int64_t settings[CK_HEADER_FIELDS] = {};
     checkpoint_settings(o, config, planned.num_params, world, steps, data_fingerprint(*data.train), settings);
-    const std::string resume_from = o.resume ? check_resume(o, settings, log) : "";
+    const bool from_checkpoint = o.resume || o.eval_only;
+    const std::string resume_from = from_checkpoint ? check_resume(o, settings, log) : "";
 
     GpuInfo gpu;
     bool no_device = false;
@@ -1229,7 +1375,7 @@ int main(int argc, char** argv) {
         fail("%s: train_et trains on an NVIDIA GPU; this machine has none (the CPU tests run with 'make test')",
              err.c_str());
     if (!err.empty()) fail("%s", err.c_str());
-    log.open(o.out_dir, o.resume);
+    log.open(o.out_dir, from_checkpoint);
     log.print("gpu      %s, %d SMs, %.0f GiB, compute capability %d.%d, peak bf16 %.0f TFLOP/s\n", gpu.prop.name,
               gpu.prop.multiProcessorCount, gpu.prop.totalGlobalMem / 1073741824.0, gpu.prop.major, gpu.prop.minor,
               gpu.peak_bf16_flops / 1e12);
@@ -1251,14 +1397,16 @@ int main(int argc, char** argv) {
 
     TrainState st;
     st.sample_rng = Rng(seed_mix((uint64_t)o.seed, 0x5A3E));
-    if (o.resume) {
+    CoreRunner core_runner;
+    core_runner.allocate(o.batch, o.seq_len);
+    if (from_checkpoint) {
         st = load_checkpoint(log, resume_from, &model, host_buffer);
         train_loader.restore(st.data);
     } else {
         model_init_parameters(&model, (uint64_t)o.seed);
     }
     log.record(run_record(argc, argv, o, config, data, steps, schedule.warmup, grad_accum, planned,
-                          checkpoint_bytes(planned), gpu.prop.name, start_time, o.resume ? st.step : -1));
+                          checkpoint_bytes(planned), gpu.prop.name, start_time, from_checkpoint ? st.step : -1));
 
     const double flops_per_token = training_flops_per_token(config);
     size_t logged_group = 0;
@@ -1273,14 +1421,30 @@ int main(int argc, char** argv) {
         return string_format("\"tokens\": %lld, \"elapsed_s\": %.3f", (long long)s * o.total_batch,
                              elapsed_before + wall_seconds() - run_start);
     };
+    // everything an evaluation of the weights at step s writes: validation, CORE, routes
+    auto evaluate_all = [&](int s, bool final, bool validate, bool with_core, bool with_routes) {
+        if (data.val && validate) {
+            float val_loss = evaluate(&model, val_loader, feeder, val_batches);
+            log.print("step %6d | val loss %.4f%s\n", s, val_loss, final ? " (final)" : "");
+            log.record(string_format("{\"step\": %d, \"val_loss\": %s, %s}", s, json_number(val_loss, "%.6f").c_str(),
+                                     progress(s).c_str()));
+        }
+        if (with_core && !core.examples.empty()) log_core(log, &model, core_runner, core, s, progress(s));
+        if (with_routes && !route.tokens.empty()) log_routes(log, &model, data, route, o.out_dir, s, progress(s));
+    };
+    if (o.eval_only) {
+        evaluate_all(st.step, false, true, true, true);
+        log.print("done: evaluated %s (step %d)\n", resume_from.c_str(), st.step);
+        model_free(&model);
+        return 0;
+    }
     for (; st.step < steps; ) {
         int step = st.step;
         bool last = step == steps - 1;
-        if (data.val && o.val_every > 0 && step % o.val_every == 0) {
-            float val_loss = evaluate(&model, val_loader, feeder, val_batches);
-            log.print("step %6d | val loss %.4f\n", step, val_loss);
-            log.record(string_format("{\"step\": %d, \"val_loss\": %s, %s}", step, json_number(val_loss, "%.6f").c_str(),
-                                     progress(step).c_str()));
+        const bool validate = data.val && o.val_every > 0 && step % o.val_every == 0;
+        const bool score_core = !core.examples.empty() && o.core_every > 0 && step > 0 && step % o.core_every == 0;
+        if (validate || score_core) {
+            evaluate_all(step, false, validate, score_core, false);
             window_start = wall_seconds();
             window_steps = 0;
         }
@@ -1350,12 +1514,7 @@ int main(int argc, char** argv) {
             window_steps = 0;
         }
     }
-    if (data.val && o.val_every > 0) {
-        float val_loss = evaluate(&model, val_loader, feeder, val_batches);
-        log.print("step %6d | val loss %.4f (final)\n", steps, val_loss);
-        log.record(string_format("{\"step\": %d, \"val_loss\": %s, %s}", steps, json_number(val_loss, "%.6f").c_str(),
-                                 progress(steps).c_str()));
-    }
+    evaluate_all(steps, true, o.val_every > 0, true, true);
     log.print("done: %d steps in %s\n", steps, format_duration(wall_seconds() - run_start).c_str());
     model_free(&model);
     return 0;

@@ -451,6 +451,41 @@ struct LossShape {
 // (|z| up to 300, where tanh saturates); the padding columns hold 1e4 (capped
 // to 15, far above every real logit), which would dominate the loss if any
 // of them were counted.
+// Greedy predictions: random rows, and rows whose best value is tied (equal
+// logits, and distinct logits the soft-cap saturates to the same float),
+// one row of NaNs; the padding columns are larger than any real logit.
+static void test_logits_argmax(Test& t) {
+    Rng rng(602);
+    for (const LossShape& s : {LossShape{1, 50, 128}, LossShape{37, 300, 384}, LossShape{12, 1000, 1024}}) {
+        std::vector<double> z((size_t)s.N * s.Vp);
+        for (int n = 0; n < s.N; n++) {
+            double* row = &z[(size_t)n * s.Vp];
+            for (int j = 0; j < s.V; j++) row[j] = uniform(rng, -8, 8);
+            for (int j = s.V; j < s.Vp; j++) row[j] = 1e4;
+            const int a = (int)rng.below(s.V), b = (int)rng.below(s.V);
+            if (n % 4 == 1) row[a] = row[b] = 9;      // an exact tie: the lower index wins
+            if (n % 4 == 2) row[a] = 200, row[b] = 300;  // both soft-cap to 15 exactly
+            if (n % 4 == 3 && n == s.N - 1)
+                for (int j = 0; j < s.V; j++) row[j] = NAN;
+        }
+        const std::vector<floatX> logits = to_floatXs(z);
+        DeviceBuffer<floatX> d_logits(logits);
+        DeviceBuffer<int> d_out(s.N);
+        d_out.poison(INT_POISON);
+        logits_argmax(d_out.ptr, d_logits.ptr, s.N, s.V, s.Vp);
+        sync_after("logits_argmax");
+        const std::vector<int> got = d_out.download();
+        std::vector<float> rounded(logits.size());
+        for (size_t i = 0; i < logits.size(); i++) rounded[i] = (float)to_double(logits[i]);
+        int wrong = 0, first_wrong = -1;
+        for (int n = 0; n < s.N; n++)
+            if (got[n] != ref::softcap_argmax(&rounded[(size_t)n * s.Vp], s.V) && wrong++ == 0) first_wrong = n;
+        CHECK(t, wrong == 0, "%s: %d rows predict another token than the reference (first: row %d, %d vs %d)",
+              s.name().c_str(), wrong, first_wrong, first_wrong < 0 ? 0 : got[first_wrong],
+              first_wrong < 0 ? 0 : ref::softcap_argmax(&rounded[(size_t)first_wrong * s.Vp], s.V));
+    }
+}
+
 static void test_softcap_cross_entropy(Test& t) {
     Rng rng(601);
     for (const LossShape& s : {LossShape{1, 50, 128}, LossShape{37, 300, 384}, LossShape{2 * 33, 1000, 1024},
@@ -780,6 +815,7 @@ int main() {
         GPU_TEST(relu2_forward), GPU_TEST(relu2_backward),
         GPU_TEST(residual_forward),
         GPU_TEST(softcap_cross_entropy),
+        GPU_TEST(logits_argmax),
         GPU_TEST(loss_sum),
         GPU_TEST(grad_norm),
         GPU_TEST(adamw_update),

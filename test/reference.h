@@ -254,6 +254,22 @@ F softcap(F z) {
     return softcap_limit<F>() * std::tanh(z / softcap_limit<F>());
 }
 
+// The greedy prediction of a row: argmax_{j<V} softcap(logits[j]), the first
+// index on ties; 0 when no value compares (a row of NaNs).
+template <typename F>
+int softcap_argmax(const F* logits, int V) {
+    int best = -1;
+    F best_c = 0;
+    for (int j = 0; j < V; j++) {
+        const F c = softcap(logits[j]);
+        if (best < 0 ? c == c : c > best_c) {
+            best = j;
+            best_c = c;
+        }
+    }
+    return best < 0 ? 0 : best;
+}
+
 // losses[n] = logsumexp_{j<V}(c_j) - c_target with c = softcap(logits[n]);
 // dlogits[n][j] = dloss * (softmax(c)_j - [j == target]) * (1 - tanh(z_j/15)^2)
 // for j < V, 0 for the padding V <= j < Vp (overwrites dlogits).
