@@ -1247,7 +1247,7 @@ inline void model_update(Model* model, const Schedule& schedule, float max_grad_
               max_grad_norm);
     for (const ParamGroup& g : model->groups) {
         const float lr = (float)(g.lr * schedule.factor(step, g.warmup));
-        if (g.muon) {
+        if (g.muon) {  // optimizer_groups puts every Muon tensor in this one group
             for (const MuonMatrix& mm : model->muon_matrices) {
                 const size_t off = model->offsets[mm.first_tensor];
                 const float wd = model->tensors[mm.first_tensor].decays() ? (float)o.weight_decay : 0.0f;

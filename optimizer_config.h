@@ -12,7 +12,7 @@
 // router trains with AdamW at the head's rate (code: src/optimizers/
 // factory.py treats it as an unembedding) or with Muon at the matrices'
 // (paper Table 7); the muP factor scales the AdamW groups only (code) or
-// every group (paper).
+// every group (paper). docs/settings.md has every such setting side by side.
 //
 // Plain C++, so the start-up report, the CPU tests and optimizer.cuh share
 // one source of truth.

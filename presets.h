@@ -55,18 +55,19 @@ static const Preset PRESETS[] = {
     {"d12-tc-aux", "Table 1, d12: TC, aux loss 0.001", D12 MOE " -r tc -tb aux -ta 0.001 -b 32 -vm 160", 0, 0},
     {"d12-tc-lossfree", "Table 1, d12: TC, loss-free balancing (u 0.001 as the code; the text says 0.005)",
      D12 MOE " -r tc -tb lossfree -tu 0.001 -b 32 -vm 160", 0, 0},
-    {"d12-ec-2k", "Table 1, d12: EC, pool 2k tokens (one sequence)", D12 MOE " -r ec -ep seq -b 32 -vm 160", 2048,
-     2048},
-    {"d12-ec-8k", "Table 1, d12: EC, pool 8k tokens", D12 MOE " -r ec -ep micro -b 4 -vm 1280", 8192, 8192},
-    {"d12-ec-64k", "Table 1, d12: EC, pool 64k tokens", D12 MOE " -r ec -ep micro -b 32 -vm 160", 65536, 65536},
+    {"d12-ec-2k", "Table 1, d12: EC, pool 2k tokens (one sequence)",
+     D12 MOE " -r ec -eb 0.999 -ep seq -b 32 -vm 160", 2048, 2048},
+    {"d12-ec-8k", "Table 1, d12: EC, pool 8k tokens", D12 MOE " -r ec -eb 0.999 -ep micro -b 4 -vm 1280", 8192, 8192},
+    {"d12-ec-64k", "Table 1, d12: EC, pool 64k tokens", D12 MOE " -r ec -eb 0.999 -ep micro -b 32 -vm 160", 65536,
+     65536},
     {"d12-ec-512k", "Table 1, d12: EC, pool 512k tokens (the global batch)",
-     D12 MOE " -r ec -ep micro -b 128 -vm 40", 524288, 262144},
+     D12 MOE " -r ec -eb 0.999 -ep micro -b 128 -vm 40", 524288, 262144},
     {"d12-et", "Table 1, d12: ET (EMA 0.999, EC warm-up 4000 steps, clamp 0.5)",
      D12 MOE " -r et -eb 0.999 -ew 4000 -ec 0.5 -ep micro -b 128 -vm 40", 524288, 262144},
     {"d20-dense", "Table 2, d20: dense", D20 " -e 0 -b 16 -vm 320", 0, 0},
     {"d20-tc-aux", "Table 2, d20: TC, aux loss 0.001", D20 MOE " -r tc -tb aux -ta 0.001 -b 16 -vm 320", 0, 0},
     {"d20-ec-256k", "Table 2, d20: EC, pool 256k tokens (the global batch)",
-     D20 MOE " -r ec -ep micro -b 32 -vm 160", 262144, 65536},
+     D20 MOE " -r ec -eb 0.999 -ep micro -b 32 -vm 160", 262144, 65536},
     {"d20-et", "Table 2, d20: ET (EMA 0.999, EC warm-up 4000 steps, clamp 0.5)",
      D20 MOE " -r et -eb 0.999 -ew 4000 -ec 0.5 -ep micro -b 32 -vm 160", 262144, 65536},
 };
@@ -103,8 +104,3 @@ inline std::vector<std::string> preset_words(const Preset& p) {
     }
 }
 
-// What the paper's pool needs where the preset forms a smaller one: how many
-// ranks of the preset's micro-batch, pooled over the global batch.
-inline long long preset_pool_ranks(const Preset& p) {
-    return p.pool_tokens > 0 ? p.paper_pool_tokens / p.pool_tokens : 0;
-}

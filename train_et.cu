@@ -93,7 +93,7 @@ struct Options {
     int warmup = -1;
     double final_lr_frac = 0.0;
     int schedule = (int)LrSchedule::Cosine;
-    double warmdown_frac = 0.2, weight_decay = 0.1, grad_clip = 1.0;
+    double warmdown_frac = 0.2, weight_decay = -1, grad_clip = 1.0;
     int val_every = 250, val_batches = 20, sample_every = 1000, sample_tokens = 64, log_every = 10;
     std::string core_path = "none", routes_path = "none";
     int core_every = 0, routes_offset = 0, eval_only = 0;
@@ -120,7 +120,7 @@ static std::vector<Flag> flag_table(Options& o) {
         {"-j", "data", Flag::Text, &o.val_glob, 0, 0, nullptr, "validation shards (glob)"},
         {"-o", "data", Flag::Text, &o.out_dir, 0, 0, nullptr, "output dir: logs, checkpoints"},
         {"-eo", "data", Flag::Int, &o.eval_only, 0, 1, nullptr, "1: evaluate the latest checkpoint in -o (validation, -ce, -rf) and exit without training"},
-        {"-y", "data", Flag::Int, &o.resume, 0, 1, nullptr, "1: resume from the latest checkpoint in -o (-l, -le, -lh, -lm, -u, -q, -a, -wd, -gc may change)"},
+        {"-y", "data", Flag::Int, &o.resume, 0, 1, nullptr, "1: resume from the latest checkpoint in -o (-l, -le, -lh, -lm, -om, -u, -q, -a, -wd, -gc may change)"},
         {"-n", "data", Flag::Int, &o.checkpoint_every, 0, 1e9, nullptr, "checkpoint every N steps (0: only at the end)"},
         {"-nk", "data", Flag::Int, &o.checkpoints_kept, 0, 1e6, nullptr, "keep the last N checkpoints (0: all)"},
         {"-sv", "data", Flag::Int, &o.synthetic_vocab, 1024, 65536, nullptr, "vocab size of the synthetic corpus (-i synthetic only)"},
@@ -156,7 +156,7 @@ static std::vector<Flag> flag_table(Options& o) {
         {"-q", "optim", Flag::Real, &o.final_lr_frac, 0, 1, nullptr, "final learning rate, as a fraction of the peak"},
         {"-a", "optim", Flag::Choice, &o.schedule, 0, 0, "cosine|wsd|linear", "schedule after warm-up: cosine, constant then linear warm-down (the code's), or linear decay (the paper's)"},
         {"-wd", "optim", Flag::Real, &o.warmdown_frac, 0, 1, nullptr, "wsd: fraction of the run spent in the warm-down"},
-        {"-c", "optim", Flag::Real, &o.weight_decay, 0, 10, nullptr, "weight decay of the matrices (AdamW: decoupled; Muon: w *= 1 - lr c)"},
+        {"-c", "optim", Flag::Real, &o.weight_decay, -1, 10, nullptr, "weight decay of the matrices (AdamW: decoupled; Muon: w *= 1 - lr c; -1: 0.1 with -opt adamw, 0 with -opt muon as the paper)"},
         {"-gc", "optim", Flag::Real, &o.grad_clip, 0, 1e6, nullptr, "clip the global gradient norm to this (0: off)"},
         {"-v", "eval", Flag::Int, &o.val_every, 0, 1e9, nullptr, "validate every N steps (0: off)"},
         {"-vm", "eval", Flag::Int, &o.val_batches, 1, 1e9, nullptr, "validation micro-batches per evaluation"},
@@ -342,6 +342,12 @@ static ModelConfig model_from_options(const Options& o) {
     return c;
 }
 
+// -c -1: llm.c's 0.1 for AdamW everywhere; none for the paper's recipe,
+// whose text and code both train without weight decay.
+static double weight_decay(const Options& o) {
+    return o.weight_decay >= 0 ? o.weight_decay : o.optimizer == (int)OptimizerKind::Muon ? 0.0 : 0.1;
+}
+
 static OptimizerConfig optimizer_from_options(const Options& o) {
     OptimizerConfig opt;
     opt.kind = (OptimizerKind)o.optimizer;
@@ -354,7 +360,7 @@ static OptimizerConfig optimizer_from_options(const Options& o) {
     opt.beta1 = o.beta1;
     opt.beta2 = o.beta2;
     opt.eps = o.adam_eps;
-    opt.weight_decay = o.weight_decay;
+    opt.weight_decay = weight_decay(o);
     return opt;
 }
 
@@ -543,7 +549,7 @@ static void open_data(const Options& o, DataSources* d, RunLog& log) {
 
 // The router flags, and the routers that read them.
 static const struct { const char* flag; bool tc, ec, et; } ROUTER_FLAGS[] = {
-    {"-r", true, true, true},     {"-k", true, true, true},     {"-eb", false, false, true},
+    {"-r", true, true, true},     {"-k", true, true, true},     {"-eb", false, true, true},
     {"-ew", false, false, true},  {"-ec", false, false, true},  {"-tb", true, false, false},
     {"-ta", true, false, false},  {"-tu", true, false, false},  {"-ep", false, true, true},
     {"-er", false, true, true},
@@ -591,12 +597,14 @@ static std::vector<std::string> settings_warnings(const Options& o, const ModelC
         out.push_back(string_format("-u %d: the learning-rate warm-up does not end before the run does (%d steps), "
                                     "so the schedule never decays; use -u below %d", lr_warmup, steps, steps));
     if (const Preset* p = find_preset(o.preset)) {
-        if (p->paper_pool_tokens != p->pool_tokens && !o.was_given("-b") && !o.was_given("-ep"))
+        const long long pool = routing_pool_tokens(r.ec_pool, o.batch, o.seq_len);
+        if (c.n_experts > 0 && r.kind != RouterKind::TC && p->paper_pool_tokens > pool)
             out.push_back(string_format(
-                "-preset %s: the paper's routing pool is %lld tokens, more than one H200 holds in a micro-batch; this run "
-                "pools %lld (-b %d -ep micro), the largest that fits. The paper's pool needs %lld ranks of -b %d with "
-                "-ep global (multi-GPU training is not in train_et yet)", p->name, p->paper_pool_tokens,
-                p->pool_tokens, o.batch, preset_pool_ranks(*p), o.batch));
+                "-preset %s: the paper's routing pool is %lld tokens and this run pools %lld (-b %d -ep %s)%s. The "
+                "paper's pool needs %lld ranks of -b %d with -ep global (multi-GPU training is not in train_et yet)",
+                p->name, p->paper_pool_tokens, pool, o.batch, r.ec_pool == EcPool::Sequence ? "seq" : "micro",
+                pool == p->pool_tokens ? ", the most one H200 holds in a micro-batch" : "",
+                (p->paper_pool_tokens + pool - 1) / pool, o.batch));
         if (!d.is_synthetic && d.vocab_size != PAPER_VOCAB)
             out.push_back(string_format(
                 "-preset %s: the paper's tokenizer is a %d-token BPE and these shards have a vocab of %d; "
@@ -804,7 +812,7 @@ static void checkpoint_settings(const Options& o, const ModelConfig& c, size_t n
     h[CK_TOTAL_BATCH] = o.total_batch; h[CK_WORLD] = world; h[CK_SEED] = o.seed; h[CK_DATA] = data;
     h[CK_STEPS] = steps; h[CK_WARMUP] = lr_schedule(o, steps).warmup; h[CK_SCHEDULE] = o.schedule;
     h[CK_LR] = double_bits(o.lr); h[CK_FINAL_LR] = double_bits(o.final_lr_frac);
-    h[CK_WARMDOWN] = double_bits(o.warmdown_frac); h[CK_WEIGHT_DECAY] = double_bits(o.weight_decay);
+    h[CK_WARMDOWN] = double_bits(o.warmdown_frac); h[CK_WEIGHT_DECAY] = double_bits(weight_decay(o));
     h[CK_GRAD_CLIP] = double_bits(o.grad_clip);
     h[CK_OPTIMIZER] = o.optimizer; h[CK_BETA1] = double_bits(o.beta1); h[CK_BETA2] = double_bits(o.beta2);
     h[CK_ADAM_EPS] = double_bits(o.adam_eps);
@@ -829,7 +837,7 @@ static size_t checkpoint_bytes(const Model& model) {
 
 // How a resumed run's settings are held to its checkpoint's. Most must match,
 // or the run would not be the one the checkpoint belongs to. The schedule's
-// (-l, -le, -lh, -lm, -u, -q, -a, -wd, -gc) may change, with a warning: resuming from the
+// (-l, -le, -lh, -lm, -om, -u, -q, -a, -wd, -gc) may change, with a warning: resuming from the
 // last good checkpoint with a lower -l is the usual remedy for a divergence,
 // and the one train_et advises.
 enum class SettingKind { Whole, Real, Choice, Opaque };
@@ -858,7 +866,7 @@ static const struct {
     {CK_AUX_ALPHA, "-ta", SettingKind::Real, false}, {CK_LOSSFREE_RATE, "-tu", SettingKind::Real, false},
     {CK_OPTIMIZER, "-opt", SettingKind::Choice, false, "adamw|muon"},
     {CK_ROUTER_OPTIMIZER, "-og", SettingKind::Choice, false, "adamw|muon"},
-    {CK_MUP_SCOPE, "-om", SettingKind::Choice, false, "adamw|all"}, {CK_LR_EMBEDDING, "-le", SettingKind::Real, true},
+    {CK_MUP_SCOPE, "-om", SettingKind::Choice, true, "adamw|all"}, {CK_LR_EMBEDDING, "-le", SettingKind::Real, true},
     {CK_LR_HEAD, "-lh", SettingKind::Real, true}, {CK_LR_MATRIX, "-lm", SettingKind::Real, true},
     {CK_BETA1, "-b1", SettingKind::Real, false}, {CK_BETA2, "-b2", SettingKind::Real, false},
     {CK_ADAM_EPS, "-ae", SettingKind::Real, false}};
@@ -1020,6 +1028,7 @@ static std::string run_record(int argc, char** argv, const Options& o, const Mod
     Options resolved = o;
     resolved.max_steps = steps;
     resolved.warmup = lr_warmup;
+    resolved.weight_decay = weight_decay(o);
     resolved.et_warmup = c.router.et_warmup_steps;
     std::string settings;
     for (const Flag& f : flag_table(resolved)) {
