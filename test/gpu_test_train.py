@@ -4,7 +4,8 @@ A tiny dense model must overfit one batch, the same seed must give
 bit-identical losses twice, a resumed run must continue bit-exactly where
 the uninterrupted one went (dense, ET across its warm-up switch, and Muon), and a
 run on the synthetic corpus must learn, dense and with each router, with
-routing statistics that obey the router's rules, and with -opt muon. A run must describe itself
+routing statistics that obey the router's rules, and with -opt muon; the routes
+of a text (-rf) must draw into pictures whose fanout is the logged one. A run must describe itself
 (train.log is the console, train.jsonl opens with the run record, every
 record carries tokens and seconds, a checkpoint is the size start-up said);
 a resume may change the schedule (with a warning) but nothing else; and on
@@ -310,6 +311,30 @@ def test_muon_resume_is_bit_exact():
         for step in range(13, 31):
             for key in ("loss", "grad_norm", "moe"):
                 assert parts[step][key] == whole[step][key], f"step {step} {key}: resumed {parts[step][key]} vs {whole[step][key]}"
+
+
+def test_routing_pictures_match_the_log():
+    """-rf writes the routes of a text at the end; dev/plot_routing.py draws them, and the
+    fanout in its pictures is the fanout train_et logged for the same tokens."""
+    with tempfile.TemporaryDirectory() as d:
+        train(f"{d}/out", "-i", "synthetic", "-sv", "1024", "-x", "20", "-e", "4", "-r", "et", "-ew", "5",
+              "-rf", "synthetic", "-ro", "100")
+        logged = [rec for rec in run_records(f"{d}/out") if "routes" in rec]
+        assert len(logged) == 1 and logged[0]["step"] == 20 and logged[0]["routes_tokens"] == T, logged
+        r = subprocess.run(["python3", os.path.join(REPO, "dev/plot_routing.py"), logged[0]["routes"], "-o",
+                            f"{d}/plots"], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        with open(f"{d}/plots/routes_summary.json") as f:
+            summary = json.load(f)
+        text = summary["texts"][0]
+        assert text["n_tokens"] == T and text["router"] == "et" and text["layers"] == [1], text
+        assert all(abs(a - b) < 1e-5 for a, b in zip(text["layer_fanout_mean"], logged[0]["routes_fanout"])), \
+            (text["layer_fanout_mean"], logged[0]["routes_fanout"])
+        assert abs(sum(text["fanout"]) / T - logged[0]["routes_fanout"][0]) < 1e-5, text["fanout"]
+        names = [dom["name"] for dom in summary["domains"]["by_domain"]]
+        assert set(names) <= {"steady", "syntax", "lexicon", "branching", "noise"} and names, names
+        for picture in ("experts_by_domain.png", "routes_000020_fanout.png", "routes_000020_fanout.html"):
+            assert os.path.getsize(f"{d}/plots/{picture}") > 1000, picture
 
 
 if __name__ == "__main__":
