@@ -1253,7 +1253,9 @@ inline void model_update(Model* model, const Schedule& schedule, float max_grad_
                 const float wd = model->tensors[mm.first_tensor].decays() ? (float)o.weight_decay : 0.0f;
                 muon_step(model->cublas, model->muon, model->master + off, model->params + off, model->adam_m + off,
                           model->grads + off, (int)mm.rows, (int)mm.cols, mm.batch, lr,
-                          (float)muon_momentum(o, step), wd, o.ns_steps, model->clip_scale);
+                          (float)(mm.routed_experts && !o.expert_momentum_warmup ? o.momentum_end
+                                                                                 : muon_momentum(o, step)),
+                          wd, o.ns_steps, model->clip_scale);
             }
             continue;
         }

@@ -43,6 +43,11 @@ struct OptimizerConfig {
     // first momentum_warmup steps, then ns_steps of the Newton-Schulz map
     double momentum_start = 0.85, momentum_end = 0.95;
     int momentum_warmup = 300, ns_steps = 5;
+    // whether EC's and ET's routed experts warm their momentum up too: the
+    // authors' expert-parallel runs (their EC 512k/256k and ET rows) train
+    // them with a Muon of its own that the warm-up never touches (constant
+    // end momentum: src/optimizers/factory.py, train.py)
+    bool expert_momentum_warmup = true;
 };
 
 // The quintic Newton-Schulz map of Muon (the public Muon's coefficients):
@@ -57,7 +62,8 @@ inline double mup_factor(int n_embd) { return std::sqrt(768.0 / n_embd); }
 
 // Muon's momentum at a 0-based step: start -> end linearly over the warm-up.
 inline double muon_momentum(const OptimizerConfig& o, int step) {
-    const double f = o.momentum_warmup > 0 ? std::min(1.0, (double)step / o.momentum_warmup) : 1.0;
+    if (o.momentum_warmup <= 0) return o.momentum_end;
+    const double f = std::min(1.0, (double)step / o.momentum_warmup);
     return (1 - f) * o.momentum_start + f * o.momentum_end;
 }
 
@@ -137,6 +143,7 @@ struct MuonMatrix {
     int first_tensor = 0, tensor_count = 1;  // consecutive tensors that form it (q, k, v: 3)
     int64_t rows = 0, cols = 0;              // one matrix, stored (out, in) row-major
     int batch = 1;                           // matrices of this shape, one after the other
+    bool routed_experts = false;             // EC's or ET's experts, one matrix each
 };
 
 inline std::vector<MuonMatrix> muon_matrices(const ModelConfig& c, const std::vector<ParamTensor>& tensors,
@@ -154,7 +161,7 @@ inline std::vector<MuonMatrix> muon_matrices(const ModelConfig& c, const std::ve
                            t.rows + tensors[i + 1].rows + tensors[i + 2].rows, t.cols, 1});
             i += 2;
         } else if (per_expert && (name_ends_with(t.name, "experts.fc") || name_ends_with(t.name, "experts.proj"))) {
-            out.push_back({t.name, i, 1, t.rows / c.n_experts, t.cols, c.n_experts});
+            out.push_back({t.name, i, 1, t.rows / c.n_experts, t.cols, c.n_experts, true});
         } else {
             out.push_back({t.name, i, 1, t.rows, t.cols, 1});
         }

@@ -90,6 +90,7 @@ struct Options {
     double lr = 6e-4, lr_embedding = 0.2, lr_head = 0.004, lr_matrix = 0.02;
     int router_optimizer = (int)RouterGroup::AdamW, mup_scope = (int)MupScope::AdamW;
     double beta1 = 0.9, beta2 = 0.95, adam_eps = 1e-8;
+    int expert_momentum_warmup = 1;
     int warmup = -1;
     double final_lr_frac = 0.0;
     int schedule = (int)LrSchedule::Cosine;
@@ -149,6 +150,7 @@ static std::vector<Flag> flag_table(Options& o) {
         {"-lm", "optim", Flag::Real, &o.lr_matrix, 0, 10, nullptr, "-opt muon: peak learning rate of the matrices (Muon)"},
         {"-og", "optim", Flag::Choice, &o.router_optimizer, 0, 0, "adamw|muon", "-opt muon: the router's optimizer (adamw at -lh: the authors' code; muon at -lm: the paper's Table 7)"},
         {"-om", "optim", Flag::Choice, &o.mup_scope, 0, 0, "adamw|all", "-opt muon: groups the muP factor (n_embd/768)^-1/2 scales (adamw: the code; all: the paper)"},
+        {"-me", "optim", Flag::Int, &o.expert_momentum_warmup, 0, 1, nullptr, "-opt muon: 1: EC's and ET's routed experts warm their Muon momentum up too; 0: constant 0.95 (the authors' expert-parallel runs)"},
         {"-b1", "optim", Flag::Real, &o.beta1, 0, 0.999999, nullptr, "AdamW beta1"},
         {"-b2", "optim", Flag::Real, &o.beta2, 0, 0.999999, nullptr, "AdamW beta2"},
         {"-ae", "optim", Flag::Real, &o.adam_eps, 1e-30, 1, nullptr, "AdamW epsilon"},
@@ -360,6 +362,7 @@ static OptimizerConfig optimizer_from_options(const Options& o) {
     opt.beta1 = o.beta1;
     opt.beta2 = o.beta2;
     opt.eps = o.adam_eps;
+    opt.expert_momentum_warmup = o.expert_momentum_warmup != 0;
     opt.weight_decay = weight_decay(o);
     return opt;
 }
@@ -611,7 +614,7 @@ static std::vector<std::string> settings_warnings(const Options& o, const ModelC
                 "data/prepare.py trains the paper's (README: Data)", p->name, PAPER_VOCAB, d.vocab_size));
     }
     const bool muon = o.optimizer == (int)OptimizerKind::Muon;
-    for (const char* flag : {"-le", "-lh", "-lm", "-og", "-om"})
+    for (const char* flag : {"-le", "-lh", "-lm", "-og", "-om", "-me"})
         if (o.was_given(flag) && !muon)
             out.push_back(string_format("%s: ignored: it sets a group of -opt muon, and this run trains with -opt adamw",
                                         flag));
@@ -783,10 +786,10 @@ enum CheckpointField {
     CK_EPOCH, CK_SHARD_POS, CK_ROUND, CK_RNG0, CK_RNG3 = CK_RNG0 + 3, CK_ROUTER_UPDATES, CK_ELAPSED_MS,
     // the optimizer (the doubles bit for bit)
     CK_OPTIMIZER, CK_ROUTER_OPTIMIZER, CK_MUP_SCOPE, CK_LR_EMBEDDING, CK_LR_HEAD, CK_LR_MATRIX, CK_BETA1, CK_BETA2,
-    CK_ADAM_EPS,
+    CK_ADAM_EPS, CK_EXPERT_MOMENTUM_WARMUP,
     CK_HEADER_FIELDS = 64  // room to grow
 };
-static_assert(CK_ADAM_EPS < CK_HEADER_FIELDS, "the checkpoint header has no room for its fields");
+static_assert(CK_EXPERT_MOMENTUM_WARMUP < CK_HEADER_FIELDS, "the checkpoint header has no room for its fields");
 
 static int64_t double_bits(double x) {
     int64_t bits;
@@ -819,7 +822,7 @@ static void checkpoint_settings(const Options& o, const ModelConfig& c, size_t n
     if (o.optimizer == (int)OptimizerKind::Muon) {  // the group settings change nothing under -opt adamw
         h[CK_ROUTER_OPTIMIZER] = o.router_optimizer; h[CK_MUP_SCOPE] = o.mup_scope;
         h[CK_LR_EMBEDDING] = double_bits(o.lr_embedding); h[CK_LR_HEAD] = double_bits(o.lr_head);
-        h[CK_LR_MATRIX] = double_bits(o.lr_matrix);
+        h[CK_LR_MATRIX] = double_bits(o.lr_matrix); h[CK_EXPERT_MOMENTUM_WARMUP] = o.expert_momentum_warmup;
     }
     if (c.n_experts == 0) return;  // a dense model has no router: its flags change nothing
     const RouterConfig& r = c.router;
@@ -869,7 +872,7 @@ static const struct {
     {CK_MUP_SCOPE, "-om", SettingKind::Choice, true, "adamw|all"}, {CK_LR_EMBEDDING, "-le", SettingKind::Real, true},
     {CK_LR_HEAD, "-lh", SettingKind::Real, true}, {CK_LR_MATRIX, "-lm", SettingKind::Real, true},
     {CK_BETA1, "-b1", SettingKind::Real, false}, {CK_BETA2, "-b2", SettingKind::Real, false},
-    {CK_ADAM_EPS, "-ae", SettingKind::Real, false}};
+    {CK_ADAM_EPS, "-ae", SettingKind::Real, false}, {CK_EXPERT_MOMENTUM_WARMUP, "-me", SettingKind::Whole, true}};
 
 static std::string setting_text(int64_t value, SettingKind kind, const char* choices) {
     double real;

@@ -137,12 +137,14 @@ struct GroupCase {
     RouterKind router;
     RouterGroup router_group;
     MupScope mup;
+    bool expert_momentum_warmup;
 };
 static void test_model_update_groups(Test& t) {
     const GroupCase cases[] = {
-        {"dense", 0, RouterKind::ET, RouterGroup::AdamW, MupScope::AdamW},
-        {"ec, router under muon, mup on all", 4, RouterKind::EC, RouterGroup::Muon, MupScope::All},
-        {"tc, router under adamw", 4, RouterKind::TC, RouterGroup::AdamW, MupScope::AdamW},
+        {"dense", 0, RouterKind::ET, RouterGroup::AdamW, MupScope::AdamW, true},
+        {"ec, router under muon, mup on all", 4, RouterKind::EC, RouterGroup::Muon, MupScope::All, true},
+        {"tc, router under adamw", 4, RouterKind::TC, RouterGroup::AdamW, MupScope::AdamW, true},
+        {"et, experts at constant momentum", 4, RouterKind::ET, RouterGroup::AdamW, MupScope::AdamW, false},
     };
     Rng rng(903);
     for (const GroupCase& k : cases) {
@@ -162,6 +164,7 @@ static void test_model_update_groups(Test& t) {
         model.optim.kind = OptimizerKind::Muon;
         model.optim.router = k.router_group;
         model.optim.mup = k.mup;
+        model.optim.expert_momentum_warmup = k.expert_momentum_warmup;
         model.optim.weight_decay = 0.1;
         model_allocate(&model, 2, 16);
         const size_t P = model.num_params;
@@ -182,7 +185,9 @@ static void test_model_update_groups(Test& t) {
             for (int b = 0; b < mm.batch; b++)
                 ref::muon_update<double>(&w[off + b * per], &m[off + b * per], &g[off + b * per], (int)mm.rows,
                                          (int)mm.cols, (double)(float)(o.lr_matrix * (k.mup == MupScope::All ? mup_factor(64) : 1.0)),
-                                         (double)(float)muon_momentum(o, 0), (double)(float)o.weight_decay, clip,
+                                         (double)(float)(mm.routed_experts && !k.expert_momentum_warmup
+                                                             ? o.momentum_end : muon_momentum(o, 0)),
+                                         (double)(float)o.weight_decay, clip,
                                          o.ns_steps, NS_A, NS_B, NS_C, NS_EPS);
             for (int i = 0; i < mm.tensor_count; i++) muon_tensor[mm.first_tensor + i] = 1;
         }

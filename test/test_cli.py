@@ -24,7 +24,7 @@ from harness import REPO, main, shared_file
 TRAIN_ET = os.path.join(REPO, "train_et")
 FLAGS = ["-i", "-j", "-o", "-eo", "-y", "-n", "-nk", "-sv", "-preset", "-m", "-e", "-r", "-k", "-kv", "-eb", "-ew", "-ec",
          "-tb", "-ta", "-tu", "-ep", "-er", "-b", "-t", "-d", "-x", "-opt", "-l", "-le", "-lh", "-lm", "-og", "-om",
-         "-b1", "-b2", "-ae", "-u", "-q", "-a", "-wd", "-c", "-gc", "-v", "-vm", "-s", "-g", "-ce", "-cv", "-rf",
+         "-me", "-b1", "-b2", "-ae", "-u", "-q", "-a", "-wd", "-c", "-gc", "-v", "-vm", "-s", "-g", "-ce", "-cv", "-rf",
          "-ro", "-li", "-sd", "-h"]
 PRESETS = ["d12-dense", "d12-tc", "d12-tc-aux", "d12-tc-lossfree", "d12-ec-2k", "d12-ec-8k", "d12-ec-64k",
            "d12-ec-512k", "d12-et", "d20-dense", "d20-tc-aux", "d20-ec-256k", "d20-et"]

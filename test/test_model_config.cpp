@@ -1,9 +1,12 @@
 // test_model_config: presets, parameter counts (checked against sums done
-// by hand for the paper's d12), FLOPs per token, and the router sizes
-// derived from the settings.
+// by hand for the paper's d12), FLOPs per token, the router sizes derived
+// from the settings, and which tensors Muon orthogonalises as one matrix and
+// which optimizer group trains each tensor (optimizer_config.h).
 #include <cmath>
+#include <map>
 
 #include "../model_config.h"
+#include "../optimizer_config.h"
 #include "check.h"
 
 static ModelConfig d12(int experts) {
@@ -74,6 +77,76 @@ static void test_router_sizes(Test& t) {
     CHECK(t, et_warmup_steps(r, 19073) == 4000, "explicit warm-up");
 }
 
+// Muon's matrices of d12, written out by hand: (rows, cols, batch) by name.
+static void test_muon_matrices(Test& t) {
+    struct Want {
+        int64_t rows, cols;
+        int batch;
+    };
+    auto matrices = [](const ModelConfig& c, const OptimizerConfig& o) {
+        std::map<std::string, Want> out;
+        for (const MuonMatrix& m : muon_matrices(c, parameter_tensors(c), o)) out[m.name] = {m.rows, m.cols, m.batch};
+        return out;
+    };
+    auto same = [](const Want& a, const Want& b) { return a.rows == b.rows && a.cols == b.cols && a.batch == b.batch; };
+    OptimizerConfig muon;
+    muon.kind = OptimizerKind::Muon;
+    ModelConfig et = d12(16);
+    std::map<std::string, Want> m = matrices(et, muon);
+    CHECK(t, same(m["h1.attn.qkv"], {2304, 768, 1}), "ET qkv %lld x %lld x %d", (long long)m["h1.attn.qkv"].rows,
+          (long long)m["h1.attn.qkv"].cols, m["h1.attn.qkv"].batch);
+    CHECK(t, same(m["h1.attn.wo"], {768, 768, 1}) && same(m["h0.mlp.fc"], {3072, 768, 1}), "wo or the dense fc");
+    CHECK(t, same(m["h1.moe.experts.fc"], {1536, 768, 16}) && same(m["h1.moe.experts.proj"], {768, 1536, 16}),
+          "ET's experts one by one");
+    CHECK(t, same(m["h1.moe.shared.fc"], {1536, 768, 1}), "the shared expert");
+    CHECK(t, m.count("h1.moe.router") == 0 && m.count("wte") == 0 && m.count("lm_head") == 0,
+          "the router, wte or lm_head under Muon by default");
+    // 12 qkv + 12 wo + layer 0's fc and proj + 11 MoE layers' shared fc, proj and experts' fc, proj
+    CHECK(t, m.size() == 12 + 12 + 2 + 11 * 4, "%zu matrices", m.size());
+    ModelConfig tc = et;
+    tc.router.kind = RouterKind::TC;
+    m = matrices(tc, muon);
+    CHECK(t, same(m["h1.moe.experts.fc"], {24576, 768, 1}) && same(m["h1.moe.experts.proj"], {12288, 1536, 1}),
+          "TC's experts stacked");
+    ModelConfig gqa = et;
+    gqa.n_kv_head = 2;
+    CHECK(t, same(matrices(gqa, muon)["h1.attn.qkv"], {768 + 2 * 256, 768, 1}), "qkv with 2 KV heads");
+    OptimizerConfig paper = muon;
+    paper.router = RouterGroup::Muon;
+    CHECK(t, same(matrices(et, paper)["h1.moe.router"], {16, 768, 1}), "the router under Muon (-og muon)");
+    OptimizerConfig adamw;
+    CHECK(t, matrices(et, adamw).empty(), "-opt adamw has Muon matrices");
+}
+
+// The groups and their rates: d20 (muP factor sqrt(768/1280)) under both
+// readings of the paper, and -opt adamw's single group.
+static void test_optimizer_groups(Test& t) {
+    ModelConfig c = d12(16);
+    model_preset("d20", &c);
+    const std::vector<ParamTensor> tensors = parameter_tensors(c);
+    OptimizerConfig o;
+    o.kind = OptimizerKind::Muon;
+    const double s = std::sqrt(768.0 / 1280);
+    std::map<std::string, ParamGroup> g;
+    for (const ParamGroup& x : optimizer_groups(c, tensors, o)) g[x.name] = x;
+    CHECK(t, g.size() == 4 && g["matrices"].muon && !g["matrices"].warmup && g["matrices"].lr == 0.02,
+          "the code's reading: Muon at 0.02 unscaled");
+    CHECK(t, std::fabs(g["embedding"].lr - 0.2 * s) < 1e-12 && std::fabs(g["router"].lr - 0.004 * s) < 1e-12 &&
+                 !g["router"].muon && g["embedding"].warmup,
+          "AdamW groups at the muP-scaled rates");
+    double total = 0;
+    for (const auto& [name, x] : g) total += x.params;
+    CHECK(t, std::fabs(total - count_parameters(c).total) < 0.5, "groups hold %.0f of %.0f parameters", total,
+          count_parameters(c).total);
+    o.router = RouterGroup::Muon;
+    o.mup = MupScope::All;
+    g.clear();
+    for (const ParamGroup& x : optimizer_groups(c, tensors, o)) g[x.name] = x;
+    CHECK(t, g.size() == 3 && std::fabs(g["matrices"].lr - 0.02 * s) < 1e-12, "the paper's reading");
+    const std::vector<ParamGroup> one = optimizer_groups(c, tensors, OptimizerConfig{});
+    CHECK(t, one.size() == 1 && one[0].name == "all" && one[0].lr == 6e-4 && !one[0].muon, "-opt adamw");
+}
+
 int main() {
     return run_tests({
         {"model_presets", test_presets},
@@ -81,5 +154,7 @@ int main() {
         {"model_tensor_layout", test_tensor_layout},
         {"model_flops_per_token", test_flops_per_token},
         {"router_sizes", test_router_sizes},
+        {"muon_matrices", test_muon_matrices},
+        {"optimizer_groups", test_optimizer_groups},
     });
 }

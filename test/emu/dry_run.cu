@@ -34,7 +34,7 @@ static const int SAMPLE_TOKENS = 4;
 // The flags of a train_et preset that change nothing the dry run checks
 // (launches, shapes, memory): rates, schedule, decay, clipping, statistics.
 static const char* VALUES_ONLY[] = {"-om", "-lm", "-le", "-lh", "-b1", "-b2", "-ae", "-c", "-gc", "-a", "-u",
-                                    "-wd", "-q", "-x", "-eb", "-ew", "-ta", "-tu", "-v", "-vm"};
+                                    "-wd", "-q", "-x", "-eb", "-ew", "-ta", "-tu", "-v", "-vm", "-me"};
 
 int main(int argc, char** argv) {
     std::string preset = "d12", router = "et", optimizer = "adamw", pool = "micro", router_group = "adamw";
