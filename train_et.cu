@@ -1362,10 +1362,10 @@ int main(int argc, char** argv) {
         const double flops = w.tokens * training_flops_per_token(config) / 3;  // a forward is a third of training
         const std::vector<std::string> missing = core.missing();
         log.print("core     %s: %zu of %zu tasks%s, %zu examples in %lld rows; %lld forwards of %d x %d tokens "
-                  "(%.1fM with filler): %.1f TFLOP, %.0f s at 40%% of an H200's peak\n", o.core_path.c_str(),
+                  "(%s tokens with the filler): %.3g TFLOP, %.2g s at 40%% of an H200's peak\n", o.core_path.c_str(),
                   core.tasks.size() - missing.size(), core.tasks.size(), missing.empty() ? "" : " (partial)",
                   core.examples.size(), (long long)w.rows, (long long)w.forwards, o.batch, o.seq_len,
-                  w.tokens / 1e6, flops / 1e12, flops / (0.4 * 989e12));
+                  human_count((double)w.tokens).c_str(), flops / 1e12, flops / (0.4 * 989e12));
     }
     const RouteText route = o.routes_path != "none" ? route_text(o, data, config) : RouteText{};
     if (!route.tokens.empty())
