@@ -8,9 +8,11 @@
 //           warmdown_frac of the run (the authors' code: no warm-up, the
 //           last 20%, to 0),
 //   linear  a linear decay (the paper's text: to 0.1 x the peak),
-// each ending exactly at final_frac x the peak on the last step. A group that
-// never warms up (Muon's, in the paper and its code) follows the same shape
-// from step 0. Plain C++ so it is unit-tested alone.
+// each ending exactly at final_frac x the peak on the last step, given at
+// least one step after the warm-up to decay over (a warm-down of two steps or
+// more, for wsd). A group that never warms up (Muon's, in the paper and its
+// code) follows the same shape from step 0. Plain C++ so it is unit-tested
+// alone.
 #pragma once
 
 #include <algorithm>

@@ -59,10 +59,9 @@ def test_d20_every_router():
 
 
 def presets():
-    """name -> the -b its flags set, from presets.h (the table train_et and dry_run read)."""
-    text = open(os.path.join(REPO, "presets.h")).read()
-    return {name: int(re.findall(r"-b (\d+)", flags)[-1]) for name, flags in
-            re.findall(r'\{"(d\d+-[\w-]+)", "[^"]*",\s*(.*?),\s*\d+,\s*\d+\}', text, re.S)}
+    """The preset names in presets.h (the table train_et and dry_run read)."""
+    with open(os.path.join(REPO, "presets.h")) as f:
+        return re.findall(r'^\s*\{"(d\d+-[\w-]+)", "Table', f.read(), re.M)
 
 
 def test_every_preset_fits_an_h200():
