@@ -11,7 +11,10 @@
 // of -b x -t), the first routed by ET's EC warm-up and the second by its
 // thresholds, each ending with model_update and the routing statistics of a
 // logging step; then an evaluation pass and a generation pass as
-// train_et's evaluate() and sample() make them. What it prints: the
+// train_et's evaluate() and sample() make them, a forward of every batch
+// shape CORE uses (core_eval.cuh: rows of 64, 128, ... tokens up to T, B x T
+// tokens each, with the greedy predictions) and the routes of one sequence
+// (-rf). What it prints: the
 // estimate train_et prints before it touches the GPU (model_plan), the memory
 // model_allocate then took, and what the device reports in use after all of
 // it; test/emu/test_dry_run.py checks that the three agree with each other
@@ -24,7 +27,7 @@
 #include <string>
 #include <vector>
 
-#include "../../model.cuh"
+#include "../../core_eval.cuh"
 #include "../../presets.h"
 
 static const int VOCAB = 50257;  // GPT-2's, as in the FineWeb-Edu shards; a -preset: the paper's 65,536
@@ -134,6 +137,16 @@ int main(int argc, char** argv) {
     }
     model_forward(&model, B, T, true, false, 0.0f);  // evaluate()
     for (int t = 1; t <= SAMPLE_TOKENS; t++) model_forward(&model, 1, t, false, false, 0.0f);  // sample()
+    int shapes = 0;
+    for (int Tb = core_bucket_length(1, T);; Tb = core_bucket_length(Tb + 1, T)) {  // core_run's batches
+        model_forward(&model, B * T / Tb, Tb, true, false, 0.0f);
+        logits_argmax(model.acts.predicted, model.acts.logits, B * T, c.vocab_size, c.padded_vocab());
+        shapes++;
+        if (Tb == T) break;
+    }
+    if (c.n_experts > 0) route_sequence(&model, std::vector<int>(T, 0));  // -rf
+    printf("core     %d batch shapes, from %d rows of %d tokens to %d of %d\n", shapes, B * T / core_bucket_length(1, T),
+           core_bucket_length(1, T), B, T);
     cudaCheck(cudaDeviceSynchronize());
     size_t free_bytes = 0, total_bytes = 0;
     cudaCheck(cudaMemGetInfo(&free_bytes, &total_bytes));

@@ -2,7 +2,8 @@
 16 experts; dense and each router), checked on the emulated device without running them.
 
 build/emu/plain/dry_run runs the host side of two training steps with gradient
-accumulation, an evaluation and a generation pass (test/emu/dry_run.cu) under
+accumulation, an evaluation and a generation pass, CORE's batch shapes and the
+routes of a sequence (test/emu/dry_run.cu) under
 EMU_DRY_RUN=1: every launch configuration and cuBLAS call is checked as an H200
 checks it, and device memory is only counted. Every preset (a row of the paper's
 Tables 1 and 2, presets.h) is dry-run at its size too. Each run must pass every check,
@@ -42,6 +43,8 @@ def check(preset, router, args=None):
     assert estimate == plan == in_use == peak, \
         f"{preset} {router}: estimate {estimate}, plan {plan}, in use {in_use}, emulator's peak {peak} bytes"
     assert launches > 1000 and kernels >= 15 and gemms > 1000, f"{preset} {router}: {report.group(0)}"
+    assert re.search(r"^core     6 batch shapes, from \d+ rows of 64 tokens to \d+ of 2048$", r.stdout, re.M), \
+        f"{args}: CORE's batch shapes were not all run: {r.stdout[-600:]}"
     routed = re.findall(r"routed by (.+)$", r.stdout, re.M)
     want = {"dense": ["dense", "dense"], "tc": ["tc", "tc"], "ec": ["ec", "ec"], "et": ["ec (et warm-up)", "et"]}[router]
     assert routed == want, f"{preset} {router}: the steps were routed by {routed}, expected {want}"
