@@ -131,27 +131,34 @@ def append(records, rec):
     records.append(rec)
 
 
-def read_log(path, label):
-    """Reads the train.jsonl at PATH, or in the output dir PATH, into a Run."""
-    file = os.path.join(path, "train.jsonl") if os.path.isdir(path) else path
-    if not os.path.exists(file):
-        raise LogError(f"{file}: no such file" + (" (not a train_et output dir?)" if file != path else ""))
+def json_lines(file):
+    """(line number, record) for each line of a train.jsonl (dev/sweep.py reads them too).
+    A last line without a newline is one the run is still writing: skipped, with a warning."""
     try:
         with open(file, encoding="utf-8") as f:
             lines = f.read().split("\n")
     except (OSError, UnicodeDecodeError) as e:
         raise LogError(f"{file}: cannot read: {e}") from None
-    train, val, shape, record = [], [], None, None
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            if n == len(lines):  # no newline after it: a line the run is still writing
+            if n == len(lines):
                 print(f"warning: {file}:{n}: incomplete last line skipped", file=sys.stderr)
                 continue
             raise LogError(f"{file}:{n}: bad JSON: {e.msg} (column {e.colno})") from None
+        yield n, rec
+
+
+def read_log(path, label):
+    """Reads the train.jsonl at PATH, or in the output dir PATH, into a Run."""
+    file = os.path.join(path, "train.jsonl") if os.path.isdir(path) else path
+    if not os.path.exists(file):
+        raise LogError(f"{file}: no such file" + (" (not a train_et output dir?)" if file != path else ""))
+    train, val, shape, record = [], [], None, None
+    for n, rec in json_lines(file):
         problem = check_record(rec)
         if problem:
             raise LogError(f"{file}:{n}: {problem}")
