@@ -98,6 +98,8 @@ def check_record(rec):
         return "no \"step\" (a whole number >= 0)"
     if "val_loss" in rec:
         return None if is_number(rec["val_loss"]) else "\"val_loss\" is not a number"
+    if "core" in rec or "routes" in rec:  # CORE and routing-picture records: dev/sweep.py, dev/plot_routing.py
+        return None
     if "loss" not in rec:
         return "neither \"loss\" nor \"val_loss\""
     if not is_number(rec["loss"]):
@@ -167,6 +169,8 @@ def read_log(path, label):
             continue
         if "val_loss" in rec:
             append(val, rec)
+            continue
+        if "core" in rec or "routes" in rec:
             continue
         if rec.get("moe"):  # every step of a run has the same layers and experts
             this = [(m["layer"], len(m["counts"])) for m in rec["moe"]]

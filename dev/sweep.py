@@ -26,8 +26,9 @@ timing run of each config (--timing-steps steps, under SWEEP_DIR/timing/)
 measures what a run costs: start-up, seconds per step (the mean step_ms
 past step 1), one validation (and CORE evaluation), one checkpoint. A run of
 S steps costs start-up + S x step + its validations (every -v steps and at
-the end; CORE counted as often) + its checkpoints (every -n steps and at the
-end), -v and -n as the run record resolved them; the sweep takes the largest
+the end) + its CORE evaluations (every -cv steps and at the end) + its
+checkpoints (every -n steps and at the end), -v, -cv and -n as the run
+record resolved them; the sweep takes the largest
 S whose runs fit in the budget left after the timing runs, less a 5% margin,
 and prints the sums.
 
@@ -289,7 +290,8 @@ def measure(log, wall):
         last = max(r["elapsed_s"] for r in log.train + log.val + log.core)
         settings = log.record["settings"]
         timing = {"startup_s": max(0.0, wall - last), "step_s": sum(steps) / len(steps), "val_s": val_s,
-                  "core_s": core_s, "val_every": settings["-v"], "ckpt_every": settings["-n"],
+                  "core_s": core_s, "val_every": settings["-v"], "core_every": settings.get("-cv", 0),
+                  "ckpt_every": settings["-n"],
                   "tokens_per_step": log.record["batch"]["tokens_per_step"]}
         # after the last step: its checkpoint, then the final validation and CORE
         timing["ckpt_s"] = max(0.0, last - log.train[-1]["elapsed_s"] - val_s - core_s)
@@ -302,8 +304,10 @@ def measure(log, wall):
 def run_seconds(t, steps):
     """What a run of `steps` steps costs by its config's timing run."""
     vals = -(-steps // t["val_every"]) + 1 if t["val_every"] else 0
+    cores = (steps - 1) // t["core_every"] + 1 if t["core_every"] else 1  # -cv, and at the end
     ckpts = -(-steps // t["ckpt_every"]) if t["ckpt_every"] else 1
-    return t["startup_s"] + steps * t["step_s"] + vals * (t["val_s"] + t["core_s"]) + ckpts * t["ckpt_s"]
+    return (t["startup_s"] + steps * t["step_s"] + vals * t["val_s"] + cores * t["core_s"] +
+            ckpts * t["ckpt_s"])
 
 
 def time_configs(sweep_dir, plan, train, timing_steps):
@@ -351,9 +355,12 @@ def explain_budget(timings, seeds, budget, spent, steps, planned):
     lines = [f"budget {hms(budget)}: the timing runs took {hms(spent)}; a run costs start-up + steps x step + "
              f"validations (+ CORE) + checkpoints:"]
     for config, t in timings.items():
-        core = f" + CORE {t['core_s']:.2f} s" if t["core_s"] else ""
+        core = ""
+        if t["core_s"]:
+            when = f"every {t['core_every']} steps and at the end" if t["core_every"] else "at the end"
+            core = f", CORE {t['core_s']:.2f} s ({when})"
         lines.append(f"  {config:12s} start-up {t['startup_s']:.2f} s, step {t['step_s'] * 1e3:.1f} ms, validation "
-                     f"{t['val_s']:.2f} s{core} (every {t['val_every']} steps and at the end), checkpoint "
+                     f"{t['val_s']:.2f} s (every {t['val_every']} steps and at the end){core}, checkpoint "
                      f"{t['ckpt_s']:.2f} s (every {t['ckpt_every'] or steps} steps and at the end)")
     tokens = steps * timings["dense"]["tokens_per_step"]
     lines.append(f"chose {steps} steps ({tokens:,} tokens per run): {len(timings) * seeds} runs in about "

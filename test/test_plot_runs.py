@@ -181,7 +181,11 @@ def test_plots_and_summary():
 def test_dense_only_and_default_out_dir():
     need_matplotlib()
     with tempfile.TemporaryDirectory(dir=WORK) as d:
-        write_log(os.path.join(d, "train.jsonl"), dense_run())
+        # with the CORE and routes records a run with -ce and -rf writes at its end: they plot nothing here
+        extra = [{"step": 200, "core": 0.05, "core_partial": True, "core_missing": ["squad"],
+                  "core_tasks": {"copa": {"accuracy": 0.5, "centered": 0.0, "examples": 30}}, "core_seconds": 1.5},
+                 {"step": 200, "routes": "routes_000200.bin", "routes_tokens": 64, "routes_fanout": [1.0]}]
+        write_log(os.path.join(d, "train.jsonl"), dense_run() + extra)
         r = plot_runs(d, f"{d}:again", cwd=d)  # the same run twice, into the default -o plots/
         assert r.returncode == 0, f"exit {r.returncode}: {r.stderr}"
         assert r.stdout.splitlines()[1].startswith("again: last step 200 |"), r.stdout

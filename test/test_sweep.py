@@ -69,7 +69,8 @@ def run_record(argv, flags, steps, resumed_from):
     settings = {"-i": flags.get("-i", "synthetic"), "-o": flags["-o"], "-y": int(flags.get("-y", 0)),
                 "-n": int(flags.get("-n", 1000)), "-m": flags.get("-m", "d12"), "-e": int(flags.get("-e", 16)),
                 "-r": flags.get("-r", "et"), "-k": 1, "-tb": flags.get("-tb", "aux"), "-x": steps,
-                "-v": int(flags.get("-v", 250)), "-li": int(flags.get("-li", 10)), "-sd": int(flags.get("-sd", 1337))}
+                "-v": int(flags.get("-v", 250)), "-cv": int(flags.get("-cv", 0)), "-li": int(flags.get("-li", 10)),
+                "-sd": int(flags.get("-sd", 1337))}
     experts = settings["-e"]
     return {"run": {"command": " ".join(argv), "argv": argv, "start_time": "2026-01-01T00:00:00Z",
                     "resumed_from_step": resumed_from, "settings": settings,
@@ -93,17 +94,19 @@ def write_run(out, argv, flags, ce, core=None, missing=(), start=0, stop=None):
     with the final validation (val loss `ce`) and, with -ce, the final CORE (`core`)."""
     steps, config = int(flags["-x"]), config_of(flags)
     v, n, li = int(flags.get("-v", 250)), int(flags.get("-n", 1000)), int(flags.get("-li", 10))
+    cv = int(flags.get("-cv", 0))
     step_s = STEP_S[config]
     os.makedirs(out, exist_ok=True)
     records = [run_record(argv, flags, steps, start if start else None)]
     t = start * step_s
 
-    def evaluate(step, val_loss):
+    def evaluate(step, val_loss, validate=True):
         nonlocal t
-        t += VAL_S
-        records.append({"step": step, "val_loss": round(val_loss, 6), "tokens": step * TOKENS_PER_STEP,
-                        "elapsed_s": round(t, 3)})
-        if "-ce" in flags:
+        if validate:
+            t += VAL_S
+            records.append({"step": step, "val_loss": round(val_loss, 6), "tokens": step * TOKENS_PER_STEP,
+                            "elapsed_s": round(t, 3)})
+        if "-ce" in flags and (step == steps or (cv and step > 0 and step % cv == 0)):  # as train_et scores CORE
             t += CORE_S
             records.append({"step": step, "core": core, "core_partial": bool(missing), "core_missing": list(missing),
                             "core_tasks": {task: {"accuracy": 0.5, "centered": 0.1, "examples": 30}
@@ -114,8 +117,8 @@ def write_run(out, argv, flags, ce, core=None, missing=(), start=0, stop=None):
         return ce - 0.01 + 4 * math.exp(-5 * step / steps)
 
     for step in range(start, steps if stop is None else stop):
-        if step % v == 0:
-            evaluate(step, loss(step) + 0.02)
+        if step % v == 0 or (cv and step > 0 and step % cv == 0):
+            evaluate(step, loss(step) + 0.02, step % v == 0)
         seconds = step_s + (WARMUP_S if step == start else 0)
         t += seconds
         done = step + 1
@@ -391,24 +394,25 @@ def test_budget_chooses_the_steps():
     need_matplotlib()
     d = new_dir("budget")
     args = [d, "--budget", "2h", "--timing-steps", "5", "--train", fake_binary(), "--", "-v", "50", "-n", "100", "-ce",
-            "core.bin", "-li", "20"]
+            "core.bin", "-cv", "30", "-li", "20"]
     r, calls = sweep(*args)
     text = ok(r)
     timing, runs = calls[:5], calls[5:]
     for argv, config in zip(timing, CONFIGS):
-        assert argv == [*FLAGS[config], "-v", "50", "-n", "100", "-ce", "core.bin", "-li", "1", "-sd", "1", "-x", "5",
+        assert argv == [*FLAGS[config], "-v", "50", "-n", "100", "-ce", "core.bin", "-cv", "30", "-li", "1", "-sd", "1",
+                        "-x", "5",
                         "-o", os.path.join(d, "timing", config)], argv
     assert not glob.glob(os.path.join(d, "timing", "*", "ckpt_*.bin")), "the timing runs' checkpoints were kept"
 
     def cost(steps):  # what the stand-in's runs take: 2 seeds of each config
-        evals = (math.ceil(steps / 50) + 1) * (VAL_S + CORE_S)
+        evals = (math.ceil(steps / 50) + 1) * VAL_S + ((steps - 1) // 30 + 1) * CORE_S  # -cv 30
         return 2 * sum(steps * STEP_S[c] + evals + math.ceil(steps / 100) * CKPT_S for c in CONFIGS)
 
     steps = int(flag(runs[0], "-x"))
     assert cost(steps) <= 0.95 * 7200 and cost(steps + 1) > 0.95 * (7200 - 30), f"{steps} steps: {cost(steps)} s"
     assert len(runs) == 10 and all(flag(argv, "-x") == str(steps) for argv in runs), runs
-    assert "  dense        start-up 0.00 s, step 500.0 ms, validation 2.00 s + CORE 5.00 s (every 50 steps and at " \
-           "the end), checkpoint 1.00 s (every 100 steps and at the end)" in text, text
+    assert "  dense        start-up 0.00 s, step 500.0 ms, validation 2.00 s (every 50 steps and at the end), CORE " \
+           "5.00 s (every 30 steps and at the end), checkpoint 1.00 s (every 100 steps and at the end)" in text, text
     assert "  et           start-up 0.00 s, step 600.0 ms," in text, text
     assert re.search(rf"chose {steps} steps \({steps * TOKENS_PER_STEP:,} tokens per run\): 10 runs in about "
                      rf"1h 5\dm, the most that fit in 1h 59m less a 5% margin", text), text
