@@ -28,6 +28,9 @@ def test_every_skip_names_its_fix():
     with tempfile.TemporaryDirectory() as empty:
         lines = skips([sys.executable, "-S", "test/test_prepare.py"], empty)
         lines += skips([sys.executable, "-S", "test/test_plot_runs.py"], empty)
+        lines += skips([sys.executable, "-S", "test/test_plot_routing.py"], empty)
+        lines += skips([sys.executable, "-S", "test/test_sweep.py"], empty)
+        lines += skips([sys.executable, "-S", "test/test_core_data.py"], empty)
         lines += skips([sys.executable, "-S", "test/test_cli.py", "test_real_shards_and_tokenizer"], empty)
         shard_tests = os.path.join(REPO, "build", "test_shard")
         assert os.path.exists(shard_tests), f"{shard_tests} is not built (make build/test_shard)"
