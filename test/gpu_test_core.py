@@ -4,7 +4,7 @@ The shared miniature of the CORE bundle (18 of the 22 tasks, real rows) is
 tokenized by data/core.py with a small BPE that data/prepare.py trains on the
 shared FineWeb-Edu text (a vocab of 1,024: the synthetic corpus's smallest,
 so a tiny model trained on it reads the same ids). train_et trains that tiny
-ET model for a few steps with -ce and scores CORE at the end: the record must
+ET model for a few steps with -ce and scores CORE halfway (-cv) and at the end: the record must
 name the 4 missing tasks and mark CORE partial, hold each task's accuracy
 over its examples, and CORE must be the mean of the centered accuracies.
 Evaluating the saved checkpoint on its own (-eo 1) must give the same
@@ -58,9 +58,10 @@ def core_records(out_dir):
 def test_core_of_a_tiny_model():
     with tempfile.TemporaryDirectory() as d:
         core = core_file(d)
-        log = run(TRAIN_ET, *RUN, "-ce", core, "-o", f"{d}/out")
+        log = run(TRAIN_ET, *RUN, "-ce", core, "-cv", "5", "-o", f"{d}/out")
         assert "core     " + core + ": 18 of 22 tasks (partial), 198 examples" in log, log
-        [rec] = core_records(f"{d}/out")
+        mid, rec = core_records(f"{d}/out")  # -cv 5: at step 5, and at the end
+        assert mid["step"] == 5 and mid["core"] != rec["core"], (mid, rec)
         assert rec["step"] == 10 and rec["core_partial"] and rec["core_missing"] == MISSING, rec
         tasks = rec["core_tasks"]
         assert len(tasks) == 18 and all(t["examples"] == 11 for t in tasks.values()), tasks
@@ -70,7 +71,7 @@ def test_core_of_a_tiny_model():
         assert abs(mean - rec["core"]) < 1e-5, (mean, rec["core"])
         # a task at its random baseline scores 0 centered: arc_easy's is 25%
         assert abs(tasks["arc_easy"]["centered"] - (tasks["arc_easy"]["accuracy"] - 0.25) / 0.75) < 1e-6, tasks
-        log = run(TRAIN_ET, *RUN, "-ce", core, "-o", f"{d}/out", "-eo", "1")
+        log = run(TRAIN_ET, *RUN, "-ce", core, "-cv", "5", "-o", f"{d}/out", "-eo", "1")
         assert "done: evaluated" in log, log
         again = core_records(f"{d}/out")[-1]
         assert again["core"] == rec["core"] and again["core_tasks"] == tasks, (again, rec)
