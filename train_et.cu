@@ -621,6 +621,10 @@ static std::vector<std::string> settings_warnings(const Options& o, const ModelC
     if (o.was_given("-l") && muon)
         out.push_back("-l: ignored: -opt muon trains at its groups' rates (-le, -lh, -lm)");
     if (!muon && o.lr == 0) out.push_back("-l 0: the learning rate is 0, so the weights never change");
+    if (o.was_given("-cv") && o.core_path == "none")
+        out.push_back("-cv: ignored: it sets how often CORE is scored, and there is no -ce file to score");
+    if (o.was_given("-ro") && o.routes_path == "none")
+        out.push_back("-ro: ignored: it places the -rf text, and there is no -rf");
     if (o.was_given("-sv") && !d.is_synthetic)
         out.push_back("-sv: ignored: it sets the synthetic corpus's vocab, and this run trains on shards (-i)");
     return out;

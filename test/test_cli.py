@@ -215,6 +215,8 @@ WARNINGS = [
                         "micro"),
     (["-sd", "1", "-sd", "2"], "-sd given 2 times: the last value, 2, is used"),
     (["-lm", "0.01"], "-lm: ignored: it sets a group of -opt muon, and this run trains with -opt adamw"),
+    (["-cv", "100"], "-cv: ignored: it sets how often CORE is scored, and there is no -ce file to score"),
+    (["-ro", "5"], "-ro: ignored: it places the -rf text, and there is no -rf"),
     (["-opt", "muon", "-l", "1e-3"], "-l: ignored: -opt muon trains at its groups' rates (-le, -lh, -lm)"),
 ]
 
@@ -349,6 +351,39 @@ def test_presets():
         r = train_et("-preset", "d12-dense", "-i", f"{d}/train_*.bin", "-x", "1")
         assert "warning: -preset d12-dense: the paper's tokenizer is a 65536-token BPE and these shards have a vocab " \
             "of 50257" in r.stdout, r.stdout
+
+
+def write_core_file(path, vocab):
+    """A CORE eval file (data/core_eval.h) of one multiple-choice task with one example."""
+    with open(path, "wb") as f:
+        f.write(struct.pack("<256i", 20261203, 1, 1, 1, -1, vocab - 1, vocab, 0, *([0] * 248)))
+        f.write(b"arc_easy".ljust(64, b"\0") + struct.pack("<iifii3i", 0, 10, 25.0, 1, 0, 0, 0, 0))
+        f.write(struct.pack("<3i", 0, 0, 2) + struct.pack("<6i", 3, 2, 3, 3, 2, 3))
+        f.write(struct.pack("<6H", vocab - 1, 5, 6, vocab - 1, 5, 7))
+
+
+def test_evaluation_flags_are_checked_before_the_gpu():
+    with tempfile.TemporaryDirectory() as d:
+        write_core_file(f"{d}/core.bin", 1024)
+        r = train_et(*SMALL, "-i", "synthetic", "-sv", "1024", "-ce", f"{d}/core.bin")
+        assert re.search(r"^core     .*core\.bin: 1 of 1 tasks, 1 examples in 2 rows; 1 forwards of 4 x 64 tokens",
+                         r.stdout, re.M), r.stdout
+        assert_stopped_at_gpu(r)
+        r = train_et(*SMALL, "-i", "synthetic", "-ce", f"{d}/core.bin")  # the synthetic vocab is GPT-2's by default
+        assert r.returncode == 1 and r.stderr.startswith(f"error: -ce: {d}/core.bin was tokenized for a vocab of "
+                                                         "1024 and the training data has 50257"), r.stderr
+        for args, want in [(["-ce", f"{d}/none.bin"], f"error: -ce: {d}/none.bin: cannot open"),
+                           (["-e", "0", "-rf", "synthetic"], "error: -rf: a dense model (-e 0) routes nothing"),
+                           (["-e", "4", "-rf", f"{d}/none.bin"], "error: -rf: no files match"),
+                           (["-o", f"{d}/empty", "-eo", "1"], f"error: -eo 1: no checkpoint (ckpt_*.bin) in {d}/empty "
+                                                              "to evaluate")]:
+            r = train_et(*SMALL, "-i", "synthetic", *args)
+            assert r.returncode == 1 and r.stderr.startswith(want) and r.stderr.count("\n") == 1, (args, r.stderr)
+        write_shard(f"{d}/train_000001.bin", list(range(1000)) * 10)
+        r = train_et(*SMALL, "-i", f"{d}/train_*.bin", "-e", "4", "-rf", "synthetic")
+        assert r.stderr.startswith("error: -rf synthetic: the synthetic corpus's text needs -i synthetic"), r.stderr
+        r = train_et(*SMALL, "-i", "synthetic", "-e", "4", "-rf", f"{d}/train_000001.bin", "-ro", "100")
+        assert "routes   64 tokens of " in r.stdout and "from token 100, through 1 MoE layers" in r.stdout, r.stdout
 
 
 if __name__ == "__main__":
