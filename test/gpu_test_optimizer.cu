@@ -127,8 +127,9 @@ static void test_muon_determinism(Test& t) {
     CHECK(t, same_bits(results[0], results[1]), "two runs of the same Muon step differ");
 }
 
-// model_update under -opt muon: every group at its rate (the muP factor, the
-// schedule's factor with or without the warm-up), AdamW tensor by tensor and
+// model_update under -opt muon, two steps apart: every group at its rate (the
+// muP factor, the schedule's factor with or without the warm-up, the momentum
+// warm-up), AdamW tensor by tensor and
 // Muon matrix by matrix (q, k and v fused; EC's experts one by one, TC's
 // stacked), with the clip factor from the global norm, against the reference.
 struct GroupCase {
@@ -168,52 +169,58 @@ static void test_model_update_groups(Test& t) {
         model.optim.weight_decay = 0.1;
         model_allocate(&model, 2, 16);
         const size_t P = model.num_params;
-        const std::vector<float> master = random_float(rng, P, -0.5, 0.5), grads = random_float(rng, P, -1, 1);
-        upload_to(model.master, master);
-        upload_to(model.grads, grads);
-        const Schedule schedule{LrSchedule::Linear, 0.1, 0.0, 2, 10};  // step 0: AdamW at half its peak, Muon at its peak
-        const std::vector<double> g = to_doubles(grads);
-        const double norm = ref::global_norm(g.data(), P), max_norm = 0.5 * norm, clip = max_norm / norm;
-        model_update(&model, schedule, (float)max_norm, 0);
-        sync_after("model_update");
-
+        upload_to(model.master, random_float(rng, P, -0.5, 0.5));
+        // step 0 (AdamW at half its peak in its warm-up, Muon at its peak and momentum 0.85), then step 150 of
+        // 300 (both decaying, the momentum 0.9, AdamW's moments and Muon's momentum carried over)
+        const Schedule schedule{LrSchedule::Linear, 0.1, 0.0, 2, 300};
         const OptimizerConfig& o = model.optim;
-        std::vector<double> w = to_doubles(master), m(P, 0.0), v(P, 0.0);
-        std::vector<int> muon_tensor(model.tensors.size(), 0);
-        for (const MuonMatrix& mm : model.muon_matrices) {
-            const size_t off = model.offsets[mm.first_tensor], per = (size_t)mm.rows * mm.cols;
-            for (int b = 0; b < mm.batch; b++)
-                ref::muon_update<double>(&w[off + b * per], &m[off + b * per], &g[off + b * per], (int)mm.rows,
-                                         (int)mm.cols, (double)(float)(o.lr_matrix * (k.mup == MupScope::All ? mup_factor(64) : 1.0)),
-                                         (double)(float)(mm.routed_experts && !k.expert_momentum_warmup
-                                                             ? o.momentum_end : muon_momentum(o, 0)),
-                                         (double)(float)o.weight_decay, clip,
-                                         o.ns_steps, NS_A, NS_B, NS_C, NS_EPS);
-            for (int i = 0; i < mm.tensor_count; i++) muon_tensor[mm.first_tensor + i] = 1;
-        }
-        for (size_t i = 0; i < model.tensors.size(); i++) {
-            if (muon_tensor[i]) continue;
-            const ParamRole role = param_role(model.tensors[i]);
-            const double peak = (role == ParamRole::Embedding ? o.lr_embedding : o.lr_head) * mup_factor(64);
-            const size_t off = model.offsets[i];
-            const double wd = model.tensors[i].decays() ? (double)(float)o.weight_decay : 0.0;
-            ref::adamw_update(&w[off], &m[off], &v[off], &g[off], (size_t)model.tensors[i].numel(),
-                              (double)(float)(peak * 0.5), (double)(float)o.beta1, (double)(float)o.beta2,
-                              (double)(float)o.eps, wd, 1, clip);
-        }
+        std::vector<double> m(P, 0.0), v(P, 0.0);
         int muon_count = 0, adamw_count = 0;
-        const std::vector<float> got = download_from(model.master, P);
-        for (size_t i = 0; i < model.tensors.size(); i++) {
-            const size_t off = model.offsets[i], n = (size_t)model.tensors[i].numel();
-            std::vector<double> step_gpu(n), step_ref(n);
-            for (size_t j = 0; j < n; j++) {
-                step_gpu[j] = (double)got[off + j] - master[off + j];
-                step_ref[j] = w[off + j] - master[off + j];
+        for (int step : {0, 150}) {
+            const std::vector<float> master = download_from(model.master, P), grads = random_float(rng, P, -1, 1);
+            upload_to(model.grads, grads);
+            const std::vector<double> g = to_doubles(grads);
+            const double norm = ref::global_norm(g.data(), P), max_norm = 0.5 * norm, clip = max_norm / norm;
+            model_update(&model, schedule, (float)max_norm, step);
+            sync_after("model_update");
+
+            std::vector<double> w = to_doubles(master);  // the reference steps from the GPU's weights
+            std::vector<int> muon_tensor(model.tensors.size(), 0);
+            for (const MuonMatrix& mm : model.muon_matrices) {
+                const size_t off = model.offsets[mm.first_tensor], per = (size_t)mm.rows * mm.cols;
+                const double peak = o.lr_matrix * (k.mup == MupScope::All ? mup_factor(64) : 1.0);
+                const double mu = mm.routed_experts && !k.expert_momentum_warmup ? o.momentum_end
+                                                                                 : muon_momentum(o, step);
+                for (int b = 0; b < mm.batch; b++)
+                    ref::muon_update<double>(&w[off + b * per], &m[off + b * per], &g[off + b * per], (int)mm.rows,
+                                             (int)mm.cols, (double)(float)(peak * schedule.factor(step, false)),
+                                             (double)(float)mu, (double)(float)o.weight_decay, clip, o.ns_steps, NS_A,
+                                             NS_B, NS_C, NS_EPS);
+                for (int i = 0; i < mm.tensor_count; i++) muon_tensor[mm.first_tensor + i] = 1;
             }
-            const std::string what = std::string(k.name) + ": " + model.tensors[i].name +
-                                     (muon_tensor[i] ? " (muon)" : " (adamw)") + " weight step";
-            check_close(t, what, step_gpu, step_ref, muon_tensor[i] ? TOL_MUON : TOL_FP32);
-            (muon_tensor[i] ? muon_count : adamw_count)++;
+            for (size_t i = 0; i < model.tensors.size(); i++) {
+                if (muon_tensor[i]) continue;
+                const ParamRole role = param_role(model.tensors[i]);
+                const double peak = (role == ParamRole::Embedding ? o.lr_embedding : o.lr_head) * mup_factor(64);
+                const size_t off = model.offsets[i];
+                const double wd = model.tensors[i].decays() ? (double)(float)o.weight_decay : 0.0;
+                ref::adamw_update(&w[off], &m[off], &v[off], &g[off], (size_t)model.tensors[i].numel(),
+                                  (double)(float)(peak * schedule.factor(step, true)), (double)(float)o.beta1,
+                                  (double)(float)o.beta2, (double)(float)o.eps, wd, step + 1, clip);
+            }
+            const std::vector<float> got = download_from(model.master, P);
+            for (size_t i = 0; i < model.tensors.size(); i++) {
+                const size_t off = model.offsets[i], n = (size_t)model.tensors[i].numel();
+                std::vector<double> step_gpu(n), step_ref(n);
+                for (size_t j = 0; j < n; j++) {
+                    step_gpu[j] = (double)got[off + j] - master[off + j];
+                    step_ref[j] = w[off + j] - master[off + j];
+                }
+                const std::string what = string_format("%s, step %d: %s (%s) weight step", k.name, step,
+                                                       model.tensors[i].name.c_str(), muon_tensor[i] ? "muon" : "adamw");
+                check_close(t, what, step_gpu, step_ref, muon_tensor[i] ? TOL_MUON : TOL_FP32);
+                if (step == 0) (muon_tensor[i] ? muon_count : adamw_count)++;
+            }
         }
         const bool router_adamw = k.experts > 0 && k.router_group == RouterGroup::AdamW;
         const int want_adamw = 2 + (router_adamw ? c.n_layer - 1 : 0);
