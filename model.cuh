@@ -14,8 +14,9 @@
 //
 // Determinism: no kernel uses atomics whose order could change a result.
 // Every reduction has one owner (a warp or a block) that sums in a fixed
-// order, the embedding backward sorts tokens first (a stable radix sort),
-// and the attention backward computes dQ and dK/dV in two passes that each
+// order, the embedding backward sorts tokens first (a stable radix sort)
+// and sums each token's run chunk by chunk, then the chunks in order, and
+// the attention backward computes dQ and dK/dV in two passes that each
 // own their rows. cuBLAS is deterministic on a given GPU and toolkit.
 #pragma once
 
@@ -133,21 +134,94 @@ __global__ void embedding_forward_kernel(floatX* out, const int* tokens, const f
 }
 
 // Embedding backward: dwte[v] += sum of dout[n] over the n with tokens[n] = v.
-// The positions were sorted by token (stable, so each token's positions are
-// in increasing order); the block that owns the first position of a run sums
-// the run's rows in that order: deterministic, no atomics. Threads stride
-// over channels; reads N*C gradients once, read-modify-writes each used row.
-__global__ void embedding_backward_kernel(float* dwte, const int* sorted_tokens, const int* sorted_positions,
-                                          const floatX* dout, int N, int C) {
-    int start = blockIdx.x;
-    if (start > 0 && sorted_tokens[start] == sorted_tokens[start - 1]) return;
-    int token = sorted_tokens[start];
-    for (int c = threadIdx.x; c < C; c += blockDim.x) {
-        float acc = 0.0f;
-        for (int i = start; i < N && sorted_tokens[i] == token; i++)
-            acc += to_float(dout[(size_t)sorted_positions[i] * C + c]);
-        dwte[(size_t)token * C + c] += acc;
+// The positions are sorted by token first (a stable radix sort: each token's
+// run of positions is in increasing order), then each run is summed in two
+// levels, each in a fixed order: deterministic, no atomics, and a batch
+// dominated by one token spreads over the whole GPU instead of one block.
+//
+// Level 1 (embedding_backward_chunk_kernel): the sorted array is cut into
+// chunks of EMBEDDING_CHUNK positions, k = 0 .. ceil(N / CHUNK) - 1. Block
+// (k, y) owns chunk k and channels [y, y + 1) x blockDim.x, one channel per
+// thread; it stages the chunk's tokens and positions in shared memory and
+// sums each piece of a run inside the chunk in position order. A run that
+// lies wholly in the chunk is added to its dwte row there; a piece of a run
+// that crosses a chunk edge is written to partial instead: the piece that
+// begins at the chunk's start and continues an earlier run is chunk k's
+// "head" (partial row 2k), the piece that starts a run and runs past the
+// chunk's end its "tail" (row 2k + 1). A chunk has at most one of each.
+// Reads N*C gradients once (8 rows in flight per thread), read-modify-writes
+// each short run's row, writes at most two partial rows per chunk.
+//
+// Level 2 (embedding_backward_combine_kernel): block (k, y) owns the run
+// whose tail is chunk k's, if there is one (a run that starts in chunk k and
+// continues past it), and the same channels; it finds the run's end by binary
+// search in the sorted tokens and adds tail(k) + head(k + 1) + ... +
+// head(last chunk of the run), in chunk order, to the run's dwte row. Reads
+// each partial row once; a run of L positions costs its owner L / CHUNK
+// loads per channel, all independent.
+static const int EMBEDDING_CHUNK = 64;
+static const int EMBEDDING_ROWS_IN_FLIGHT = 8;
+
+__global__ void embedding_backward_chunk_kernel(float* __restrict__ dwte, float* __restrict__ partial,
+                                                const int* __restrict__ sorted_tokens,
+                                                const int* __restrict__ sorted_positions,
+                                                const floatX* __restrict__ dout, int N, int C) {
+    // token[i + 1] is sorted_tokens[begin + i]; token[0] and token[len + 1]
+    // are the neighbours outside the chunk (-1 past either end of the array)
+    __shared__ int token[EMBEDDING_CHUNK + 2];
+    __shared__ int position[EMBEDDING_CHUNK];
+    const int k = blockIdx.x, begin = k * EMBEDDING_CHUNK, len = min(EMBEDDING_CHUNK, N - begin);
+    for (int i = threadIdx.x; i < len + 2; i += blockDim.x) {
+        int j = begin - 1 + i;
+        token[i] = j >= 0 && j < N ? sorted_tokens[j] : -1;
     }
+    for (int i = threadIdx.x; i < len; i += blockDim.x) position[i] = sorted_positions[begin + i];
+    __syncthreads();
+    const int c = blockIdx.y * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    float acc = 0.0f;
+    int first = 0;  // where the current piece starts in the chunk
+    for (int i0 = 0; i0 < len; i0 += EMBEDDING_ROWS_IN_FLIGHT) {
+        float row[EMBEDDING_ROWS_IN_FLIGHT];
+#pragma unroll
+        for (int u = 0; u < EMBEDDING_ROWS_IN_FLIGHT; u++)
+            row[u] = i0 + u < len ? to_float(dout[(size_t)position[i0 + u] * C + c]) : 0.0f;
+#pragma unroll
+        for (int u = 0; u < EMBEDDING_ROWS_IN_FLIGHT; u++) {
+            const int i = i0 + u;
+            if (i >= len) break;
+            acc += row[u];
+            const int v = token[i + 1];
+            if (i + 1 < len && token[i + 2] == v) continue;  // the piece goes on in this chunk
+            const bool starts_run = token[first] != v, ends_run = token[i + 2] != v;
+            if (starts_run && ends_run) dwte[(size_t)v * C + c] += acc;
+            else partial[(size_t)(2 * k + (starts_run ? 1 : 0)) * C + c] = acc;
+            acc = 0.0f;
+            first = i + 1;
+        }
+    }
+}
+
+__global__ void embedding_backward_combine_kernel(float* __restrict__ dwte, const float* __restrict__ partial,
+                                                  const int* __restrict__ sorted_tokens, int N, int C) {
+    const int k = blockIdx.x, last = (k + 1) * EMBEDDING_CHUNK - 1;  // the chunk's last position
+    if (last + 1 >= N) return;
+    const int v = sorted_tokens[last];
+    if (sorted_tokens[last + 1] != v) return;                             // no run leaves this chunk
+    if (k > 0 && sorted_tokens[k * EMBEDDING_CHUNK - 1] == v) return;     // it started in an earlier chunk
+    int lo = last + 1, hi = N;  // the run's end: the first index past last whose token is not v
+    while (lo < hi) {
+        int mid = lo + (hi - lo) / 2;
+        if (sorted_tokens[mid] == v) lo = mid + 1;
+        else hi = mid;
+    }
+    const int last_chunk = (lo - 1) / EMBEDDING_CHUNK;
+    const int c = blockIdx.y * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    float acc = partial[(size_t)(2 * k + 1) * C + c];
+#pragma unroll 8
+    for (int j = k + 1; j <= last_chunk; j++) acc += partial[(size_t)(2 * j) * C + c];
+    dwte[(size_t)v * C + c] += acc;
 }
 
 // RMSNorm without weight: out = x * rstd, rstd = 1 / sqrt(mean(x^2) + eps).
@@ -721,7 +795,9 @@ inline void device_upload(void* device, const void* host, size_t bytes) {
     if (!memory_planning) cudaCheck(cudaMemcpy(device, host, bytes, cudaMemcpyHostToDevice));
 }
 
-// Scratch for the embedding backward's sort, sized once for N tokens.
+// Scratch for the embedding backward, sized once for N tokens of width C: the
+// sort's (and a copy of the positions 0 .. N-1 to sort with the tokens) and
+// the two partial rows (head, tail) per chunk of EMBEDDING_CHUNK positions.
 // CUB's onesweep radix sort of N (key, value) pairs needs one more copy of
 // them, a histogram per pass and a lookback table of 1 KiB per tile
 // (cub/device/dispatch/dispatch_radix_sort.cuh); CUB answers its size query
@@ -731,13 +807,17 @@ inline size_t sort_scratch_bytes(int n_tokens) { return 4 * (size_t)n_tokens * s
 
 struct EmbeddingSortScratch {
     int *positions = nullptr, *sorted_tokens = nullptr, *sorted_positions = nullptr;
+    float* partial = nullptr;  // (2 * chunks, C): chunk k's head at row 2k, its tail at 2k + 1
     void* cub_temp = nullptr;
     size_t cub_bytes = 0;
-    int N = 0, vocab_bits = 0;
+    int N = 0, C = 0, vocab_bits = 0;
+
+    int chunks() const { return ceil_div(N, EMBEDDING_CHUNK); }
 
     // Returns the device bytes it took.
-    size_t allocate(int n_tokens, int vocab_size) {
+    size_t allocate(int n_tokens, int width, int vocab_size) {
         N = n_tokens;
+        C = width;
         vocab_bits = 1;
         while ((1 << vocab_bits) < vocab_size) vocab_bits++;
         std::vector<int> iota(N);
@@ -746,6 +826,7 @@ struct EmbeddingSortScratch {
         positions = device_alloc<int>(N, &bytes);
         sorted_tokens = device_alloc<int>(N, &bytes);
         sorted_positions = device_alloc<int>(N, &bytes);
+        partial = device_alloc<float>((size_t)2 * chunks() * C, &bytes);
         device_upload(positions, iota.data(), N * sizeof(int));
         cub_bytes = sort_scratch_bytes(N);
         if (!memory_planning) {
@@ -763,6 +844,7 @@ struct EmbeddingSortScratch {
         cudaCheck(cudaFree(positions));
         cudaCheck(cudaFree(sorted_tokens));
         cudaCheck(cudaFree(sorted_positions));
+        cudaCheck(cudaFree(partial));
         cudaCheck(cudaFree(cub_temp));
     }
 };
@@ -772,8 +854,18 @@ inline void embedding_backward(float* dwte, const int* tokens, const floatX* dou
     size_t bytes = scratch.cub_bytes;
     cudaCheck(cub::DeviceRadixSort::SortPairs(scratch.cub_temp, bytes, tokens, scratch.sorted_tokens, scratch.positions,
                                               scratch.sorted_positions, N, 0, scratch.vocab_bits));
-    embedding_backward_kernel<<<N, THREADS>>>(dwte, scratch.sorted_tokens, scratch.sorted_positions, dout, N, C);
+    if (N > scratch.N || C > scratch.C)
+        fail("internal: embedding_backward of %d tokens x %d channels with scratch for %d x %d", N, C, scratch.N,
+             scratch.C);
+    const dim3 grid(ceil_div(N, EMBEDDING_CHUNK), ceil_div(C, THREADS));
+    embedding_backward_chunk_kernel<<<grid, THREADS>>>(dwte, scratch.partial, scratch.sorted_tokens,
+                                                       scratch.sorted_positions, dout, N, C);
     launchCheck();
+    if (grid.x > 1) {  // the last chunk starts no run that leaves it
+        embedding_backward_combine_kernel<<<dim3(grid.x - 1, grid.y), THREADS>>>(dwte, scratch.partial,
+                                                                                 scratch.sorted_tokens, N, C);
+        launchCheck();
+    }
 }
 
 inline void rmsnorm_forward(floatX* out, float* rstd, const floatX* inp, int N, int C) {
@@ -1090,7 +1182,7 @@ inline size_t model_allocate(Model* model, int B, int T) {
         plan.routing = model->router.bytes;
     }
     plan.other += model->rope.allocate(T, c.head_dim());
-    plan.other += model->embedding_sort.allocate((int)N, c.vocab_size);
+    plan.other += model->embedding_sort.allocate((int)N, (int)C, c.vocab_size);
     model->loss_total = device_alloc<float>(1, &plan.other);
     model->grad_norm_value = device_alloc<float>(1, &plan.other);
     model->clip_scale = device_alloc<float>(1, &plan.other);

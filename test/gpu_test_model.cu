@@ -105,41 +105,79 @@ static void test_embedding_forward(Test& t) {
     }
 }
 
-// Many positions share a token: its rows are summed in a fixed order, so two
-// runs must agree bit for bit.
+// One embedding backward against the reference, run twice: each token's rows
+// are summed in a fixed order (chunks of EMBEDDING_CHUNK sorted positions,
+// then the chunks in order), so the two runs must agree bit for bit.
+static void check_embedding_backward(Test& t, Rng& rng, const std::string& name, const std::vector<int>& tokens,
+                                     int C, int V) {
+    const int N = (int)tokens.size();
+    const std::vector<floatX> dout = random_floatX(rng, (size_t)N * C, -1, 1);
+    const std::vector<float> start = random_float(rng, (size_t)V * C, -1, 1);
+    DeviceBuffer<int> d_tokens(tokens);
+    DeviceBuffer<floatX> d_dout(dout);
+    DeviceBuffer<float> d_dwte(start);
+    EmbeddingSortScratch scratch;
+    scratch.allocate(N, C, V);
+    embedding_backward(d_dwte.ptr, d_tokens.ptr, d_dout.ptr, N, C, scratch);
+    sync_after("embedding_backward");
+    const std::vector<float> first = d_dwte.download();
+    d_dwte.upload(start);
+    embedding_backward(d_dwte.ptr, d_tokens.ptr, d_dout.ptr, N, C, scratch);
+    sync_after("embedding_backward (second run)");
+    const std::vector<float> second = d_dwte.download();
+    scratch.release();
+
+    std::vector<double> contribution((size_t)V * C, 0.0);
+    ref::embedding_backward(contribution.data(), tokens.data(), to_doubles(dout).data(), N, C);
+    check_accumulated(t, name + " dwte", to_doubles(first), to_doubles(start), contribution, TOL_FP32);
+    CHECK(t, same_bits(first, second), "%s: two runs differ (not deterministic)", name.c_str());
+    std::vector<bool> used(V, false);
+    for (int token : tokens) used[token] = true;
+    size_t changed = 0;
+    for (int v = 0; v < V; v++)
+        if (!used[v])
+            for (int c = 0; c < C; c++) changed += first[(size_t)v * C + c] != start[(size_t)v * C + c];
+    CHECK(t, changed == 0, "%s: %zu values of unused rows changed", name.c_str(), changed);
+}
+
+// Tokens with runs of the given lengths once sorted (token i, runs[i] times),
+// in a random order of positions.
+static std::vector<int> tokens_with_runs(Rng& rng, const std::vector<int>& runs) {
+    std::vector<int> tokens;
+    for (size_t v = 0; v < runs.size(); v++) tokens.insert(tokens.end(), runs[v], (int)v);
+    rng.shuffle(tokens);
+    return tokens;
+}
+
 static void test_embedding_backward(Test& t) {
     Rng rng(102);
     for (const EmbeddingShape& s : embedding_shapes) {
         std::vector<int> tokens = random_tokens(rng, s.N, s.V);
         for (int n = 0; n < s.N; n += 2) tokens[n] = 7 % s.V;      // half the positions: one token
         for (int n = 1; n < s.N; n += 5) tokens[n] = s.V - 1;      // and some the last id
-        const std::vector<floatX> dout = random_floatX(rng, (size_t)s.N * s.C, -1, 1);
-        const std::vector<float> start = random_float(rng, (size_t)s.V * s.C, -1, 1);
-        DeviceBuffer<int> d_tokens(tokens);
-        DeviceBuffer<floatX> d_dout(dout);
-        DeviceBuffer<float> d_dwte(start);
-        EmbeddingSortScratch scratch;
-        scratch.allocate(s.N, s.V);
-        embedding_backward(d_dwte.ptr, d_tokens.ptr, d_dout.ptr, s.N, s.C, scratch);
-        sync_after("embedding_backward");
-        const std::vector<float> first = d_dwte.download();
-        d_dwte.upload(start);
-        embedding_backward(d_dwte.ptr, d_tokens.ptr, d_dout.ptr, s.N, s.C, scratch);
-        sync_after("embedding_backward (second run)");
-        const std::vector<float> second = d_dwte.download();
-        scratch.release();
-
-        std::vector<double> contribution((size_t)s.V * s.C, 0.0);
-        ref::embedding_backward(contribution.data(), tokens.data(), to_doubles(dout).data(), s.N, s.C);
-        check_accumulated(t, s.name() + " dwte", to_doubles(first), to_doubles(start), contribution, TOL_FP32);
-        CHECK(t, same_bits(first, second), "%s: two runs differ (not deterministic)", s.name().c_str());
-        std::vector<bool> used(s.V, false);
-        for (int token : tokens) used[token] = true;
-        size_t changed = 0;
-        for (int v = 0; v < s.V; v++)
-            if (!used[v])
-                for (int c = 0; c < s.C; c++) changed += first[(size_t)v * s.C + c] != start[(size_t)v * s.C + c];
-        CHECK(t, changed == 0, "%s: %zu values of unused rows changed", s.name().c_str(), changed);
+        check_embedding_backward(t, rng, s.name(), tokens, s.C, s.V);
+    }
+    // A batch dominated by one token: its run spans many chunks (and the
+    // width needs two blocks of channels).
+    {
+        const int N = 2000, C = 300, V = 500;
+        std::vector<int> tokens = random_tokens(rng, N, V);
+        for (int n = 0; n < N; n++)
+            if (n % 10 != 3) tokens[n] = 123;
+        check_embedding_backward(t, rng, string_format("90%% one token N=%d C=%d V=%d", N, C, V), tokens, C, V);
+    }
+    // Runs that start and end exactly at chunk edges, and one past them.
+    const int K = EMBEDDING_CHUNK;
+    const std::vector<std::vector<int>> edge_runs = {
+        {K, 2 * K, K - 1, 1},               // N = 4K: every run ends at a chunk's end
+        {1, K, 2 * K - 1, 1, 2 * K - 1},    // N = 5K: a run of K across an edge, runs ending at edges
+        {K + 1, K - 1},                     // N = 2K: one position into the next chunk
+        {5 * K},                            // one token only, N = 5K
+    };
+    for (const std::vector<int>& runs : edge_runs) {
+        std::string name = "runs";
+        for (int r : runs) name += string_format(" %d", r);
+        check_embedding_backward(t, rng, name + " C=96", tokens_with_runs(rng, runs), 96, (int)runs.size() + 3);
     }
 }
 
