@@ -14,8 +14,9 @@
 //      (pool, expert) by radix select, which also does the ET training
 //      threshold with its capacity clamp and the k-th-largest statistic;
 //      the plain ET threshold for eval;
-//   2. dispatch: each expert's tokens listed in token order (a block-wide
-//      scan per expert), their gates, and a tile schedule for the experts;
+//   2. dispatch: each expert's tokens listed in token order (per-tile counts
+//      scanned over tiles, then each tile numbers its own tokens), their
+//      gates, and a tile schedule for the experts;
 //   3. the expert FFNs: a grouped matmul over the variable-size token lists,
 //      with the gather, ReLU^2 and its derivative fused into its loads and
 //      stores, and the matching weight-gradient kernel;
@@ -61,21 +62,42 @@ __device__ __forceinline__ float tc_score(const float* r, const float* bias, int
     return isnan(s) ? -INFINITY : s;
 }
 
-// TC: mask[n][i] = 1 for the K experts with the largest score: expert i is
-// taken iff fewer than K experts outrank it. One thread per token, O(E^2)
-// compares in registers and L1; reads E floats, writes E bytes per token.
-__global__ void tc_select_kernel(uint8_t* mask, const float* logits, const float* bias, int N, int E, int K) {
+// TC: mask[n][i] = 1 for the K experts with the largest score. The scores
+// with the tie rule (higher score first, equal scores: lower index first) are
+// a strict total order, so the K-th best pair (s_K, i_K) decides the mask:
+// expert i is taken iff (s_i, i) ranks at or above it -- exactly "fewer than
+// K experts outrank i". It is found by K passes of an argmax over E: pass p
+// takes the best expert ranked strictly below pass p-1's pick, so no taken
+// set is kept. O(E (K + 1)) compares per token instead of O(E^2).
+// Layout: one thread per token, TC_SELECT_THREADS per block (256 blocks at
+// N = 32k, enough for 132 SMs). Memory: a warp's reads span its 32 rows, a
+// contiguous 32 E floats, every sector used (the K + 1 passes hit L1); E
+// bytes written per token.
+static const int TC_SELECT_THREADS = 128;
+__global__ void __launch_bounds__(TC_SELECT_THREADS)
+tc_select_kernel(uint8_t* mask, const float* logits, const float* bias, int N, int E, int K) {
     const int n = blockIdx.x * blockDim.x + threadIdx.x;
     if (n >= N) return;
     const float* r = logits + (size_t)n * E;
-    for (int i = 0; i < E; i++) {
-        const float si = tc_score(r, bias, i);
-        int rank = 0;
+    float kth_score = INFINITY;  // the pick so far; (+inf, -1) outranks every pair
+    int kth = -1;
+    for (int p = 0; p < K; p++) {
+        float best_score = -INFINITY;
+        int best = -1;
         for (int j = 0; j < E; j++) {
             const float sj = tc_score(r, bias, j);
-            rank += sj > si || (sj == si && j < i);
+            const bool below = sj < kth_score || (sj == kth_score && j > kth);  // ranked after the last pick
+            if (below && (best < 0 || sj > best_score)) {  // equal scores keep the lower index
+                best_score = sj;
+                best = j;
+            }
         }
-        mask[(size_t)n * E + i] = rank < K;
+        kth_score = best_score;
+        kth = best;
+    }
+    for (int i = 0; i < E; i++) {
+        const float si = tc_score(r, bias, i);
+        mask[(size_t)n * E + i] = si > kth_score || (si == kth_score && i <= kth);
     }
 }
 
@@ -234,81 +256,186 @@ __global__ void kth_accumulate_kernel(float* kth_sum, const float* kth, int pool
 
 static const int EXPERT_TILE = 64;  // slots per row tile of the expert matmuls
 static const int DISPATCH_THREADS = 256;
+// The count and dispatch kernels work on tiles of DISPATCH_TILE consecutive
+// tokens (rows of the mask): 256 tiles, so 256 blocks, at N = 32k.
+static const int DISPATCH_TILE = 128;
+static_assert(DISPATCH_TILE % 32 == 0, "dispatch tiles are whole warps");
+inline int dispatch_tiles(int64_t N) { return (int)((N + DISPATCH_TILE - 1) / DISPATCH_TILE); }
 
-// counts[e] = tokens routed to expert e (and step_counts[e] += it when not
-// null). One block per expert sums its mask column in a fixed order.
-__global__ void expert_count_kernel(int* counts, int* step_counts, const uint8_t* mask, int N, int E) {
-    using BlockReduce = cub::BlockReduce<int, DISPATCH_THREADS>;
-    __shared__ typename BlockReduce::TempStorage reduce;
+// Counting and dispatch in two passes over tiles of tokens, so that every
+// pass has many blocks and reads the (N, E) mask row by row:
+//   1. expert_tile_count_kernel: tile_counts[e][t] = tokens of tile t routed
+//      to expert e;
+//   2. expert_tile_scan_kernel: per expert, the exclusive scan over tiles
+//      (tile_counts[e][t] becomes the tokens of e in tiles before t) and the
+//      total counts[e];
+//   3. expert_dispatch_kernel: each tile numbers its tokens of each expert
+//      in token order, from that expert's first slot plus the tiles before.
+// The result is the same as one scan per expert over all tokens in order:
+// slots numbered expert by expert, tokens in increasing order.
+// tile_counts: (E, dispatch_tiles(N)) ints of scratch.
+
+// Pass 1: tile_counts[e][t] = sum over the tile's tokens n of mask[n][e].
+// Layout: one block per tile; its threads stride over the tile's
+// DISPATCH_TILE x E mask bytes (one contiguous span, read coalesced) and add
+// into a shared histogram of E ints (integer atomics: order does not
+// matter). Dynamic shared memory: E ints. Memory: N E bytes read once, E
+// ints written per tile.
+__global__ void __launch_bounds__(DISPATCH_THREADS)
+expert_tile_count_kernel(int* tile_counts, const uint8_t* mask, int N, int E) {
+    extern __shared__ int tile_hist[];
+    const int tile = blockIdx.x, tiles = gridDim.x;
+    for (int e = threadIdx.x; e < E; e += DISPATCH_THREADS) tile_hist[e] = 0;
+    __syncthreads();
+    const int first = tile * DISPATCH_TILE, rows = min(DISPATCH_TILE, N - first);
+    const uint8_t* m = mask + (size_t)first * E;
+    for (int i = threadIdx.x; i < rows * E; i += DISPATCH_THREADS)
+        if (m[i]) atomicAdd(&tile_hist[i % E], 1);
+    __syncthreads();
+    for (int e = threadIdx.x; e < E; e += DISPATCH_THREADS) tile_counts[(size_t)e * tiles + tile] = tile_hist[e];
+}
+
+// Pass 2: for expert e, tile_counts[e][t] <- sum over t' < t of
+// tile_counts[e][t'] (in place), and counts[e] = the sum over all tiles (and
+// step_counts[e] += it when not null). Layout: one block per expert, a
+// block-wide scan over its row of tiles in chunks of DISPATCH_THREADS
+// (carried from chunk to chunk). Little work: N / DISPATCH_TILE ints per
+// expert, read and written once, contiguous.
+__global__ void __launch_bounds__(DISPATCH_THREADS)
+expert_tile_scan_kernel(int* tile_counts, int* counts, int* step_counts, int tiles) {
+    using BlockScan = cub::BlockScan<int, DISPATCH_THREADS>;
+    __shared__ typename BlockScan::TempStorage scan;
     const int e = blockIdx.x;
-    int count = 0;
-    for (int n = threadIdx.x; n < N; n += DISPATCH_THREADS) count += mask[(size_t)n * E + e];
-    count = BlockReduce(reduce).Sum(count);
+    int* row = tile_counts + (size_t)e * tiles;
+    int carry = 0;
+    for (int base = 0; base < tiles; base += DISPATCH_THREADS) {
+        const int t = base + threadIdx.x;
+        const int count = t < tiles ? row[t] : 0;
+        int before, total;
+        BlockScan(scan).ExclusiveSum(count, before, total);
+        if (t < tiles) row[t] = carry + before;
+        carry += total;
+        __syncthreads();  // the scan storage is reused by the next chunk
+    }
     if (threadIdx.x == 0) {
-        counts[e] = count;
-        if (step_counts) step_counts[e] += count;
+        counts[e] = carry;
+        if (step_counts) step_counts[e] += carry;
     }
 }
 
-// One block per expert e. Its first slot is the sum of the counts before it
-// (and likewise its first tile); then a block-wide scan over the tokens in
-// order gives each routed token its slot:
+// counts[e] = tokens routed to expert e (and step_counts[e] += it when not
+// null); tile_counts (E, dispatch_tiles(N)) left holding each tile's first
+// rank per expert, for expert_dispatch.
+inline void expert_count(int* counts, int* step_counts, int* tile_counts, const uint8_t* mask, int N, int E) {
+    const int tiles = dispatch_tiles(N);
+    expert_tile_count_kernel<<<tiles, DISPATCH_THREADS, E * sizeof(int)>>>(tile_counts, mask, N, E);
+    launchCheck();
+    expert_tile_scan_kernel<<<E, DISPATCH_THREADS>>>(tile_counts, counts, step_counts, tiles);
+    launchCheck();
+}
+
+// Pass 3. Expert e's slots start at the sum of the (kept) counts before it,
+// its row tiles at the sum of their tiles; a routed pair (n, e) whose token
+// is the r-th of expert e (r = tile_first[e][tile], the scanned tile_counts,
+// plus the tile's tokens of e before n) takes slot offsets[e] + r:
 //   slot_token[s] = n, slot_gate[s] = sigmoid(r[n][e]), slot_of[n][e] = s (-1: not routed).
-// The last block also writes offsets[E] and the number of tiles.
+// Block 0 also writes offsets[0..E] and the number of row tiles, and the
+// blocks share out the row-tile schedule (tile_expert, tile_row).
 // The host sizes the buffers for the most pairs a pass can route, so
-// `capacity` is never reached; if it were (a bug, or NaN logits), the pairs
-// past it are dropped and counted in *dropped rather than written out of
-// bounds, and the log reports it.
-__global__ void expert_dispatch_kernel(int* slot_of, int* slot_token, float* slot_gate, int* offsets, int* tile_expert,
-                                       int* tile_row, int* num_tiles, int* dropped, const int* counts,
-                                       const uint8_t* mask, const float* logits, int N, int E, int capacity) {
-    using BlockScan = cub::BlockScan<int, DISPATCH_THREADS>;
-    __shared__ typename BlockScan::TempStorage scan;
-    __shared__ int s_first_slot, s_first_tile, s_count;
-    const int e = blockIdx.x;
+// `capacity` is never reached; if it were (a bug, or NaN logits), each
+// expert keeps its first tokens in order up to it, the pairs past it are
+// dropped and counted in *dropped rather than written out of bounds, and the
+// log reports it.
+// Layout: one block per tile, one thread per token (DISPATCH_TILE threads).
+// Thread 0 first lays out every expert's first slot, kept count and first row
+// tile in shared memory (O(E), serial: E is small). Then, per expert, a warp
+// ballot gives each token its rank within its warp, the warps' totals (in
+// shared memory) its rank within the tile. Dynamic shared memory: 3 E + 1
+// ints + (DISPATCH_TILE / 32) E ints (E up to about 1700). Memory: each warp reads its 32 rows of the
+// mask and logits (contiguous spans of 32 E bytes and floats, every sector
+// used, the second pass over the mask from L1); writes E ints of slot_of per
+// token and two words per routed slot.
+__global__ void __launch_bounds__(DISPATCH_TILE)
+expert_dispatch_kernel(int* slot_of, int* slot_token, float* slot_gate, int* offsets, int* tile_expert, int* tile_row,
+                       int* num_tiles, int* dropped, const int* counts, const int* tile_first, const uint8_t* mask,
+                       const float* logits, int N, int E, int capacity) {
+    extern __shared__ int dispatch_smem[];
+    int* first_slot = dispatch_smem;        // (E) expert's first slot
+    int* kept = first_slot + E;             // (E) its slots (counts, less any dropped)
+    int* first_tile = kept + E;             // (E + 1) its first row tile; [E] = all row tiles
+    int* warp_count = first_tile + E + 1;   // (DISPATCH_TILE / 32, E) each warp's tokens of each expert
+    const int tile = blockIdx.x, tiles = gridDim.x;
     if (threadIdx.x == 0) {
-        int slot = 0, tile = 0;
-        for (int j = 0; j < e; j++) {
-            const int kept = min(counts[j], capacity - slot);
-            slot += kept;
-            tile += (kept + EXPERT_TILE - 1) / EXPERT_TILE;
+        int slot = 0, row_tile = 0, lost = 0;
+        for (int e = 0; e < E; e++) {
+            const int k = min(counts[e], capacity - slot);
+            lost += counts[e] - k;
+            first_slot[e] = slot;
+            kept[e] = k;
+            first_tile[e] = row_tile;
+            slot += k;
+            row_tile += (k + EXPERT_TILE - 1) / EXPERT_TILE;
         }
-        const int kept = min(counts[e], capacity - slot);
-        if (kept < counts[e]) atomicAdd(dropped, counts[e] - kept);
-        s_first_slot = slot;
-        s_first_tile = tile;
-        s_count = kept;
-        offsets[e] = slot;
-        if (e == E - 1) {
-            offsets[E] = slot + kept;
-            *num_tiles = tile + (kept + EXPERT_TILE - 1) / EXPERT_TILE;
+        first_tile[E] = row_tile;
+        if (tile == 0) {
+            for (int e = 0; e < E; e++) offsets[e] = first_slot[e];
+            offsets[E] = slot;
+            *num_tiles = row_tile;
+            if (lost > 0) atomicAdd(dropped, lost);
         }
     }
     __syncthreads();
-    const int count = s_count, tiles = (count + EXPERT_TILE - 1) / EXPERT_TILE;
-    for (int t = threadIdx.x; t < tiles; t += DISPATCH_THREADS) {
-        tile_expert[s_first_tile + t] = e;
-        tile_row[s_first_tile + t] = s_first_slot + t * EXPERT_TILE;
+    // the row-tile schedule, shared out over the blocks: row tile g belongs to
+    // the expert e with first_tile[e] <= g < first_tile[e + 1] (binary search)
+    for (int g = tile * DISPATCH_TILE + threadIdx.x; g < first_tile[E]; g += tiles * DISPATCH_TILE) {
+        int lo = 0, hi = E - 1;  // the last e with first_tile[e] <= g
+        while (lo < hi) {
+            const int mid = (lo + hi + 1) / 2;
+            if (first_tile[mid] <= g) lo = mid;
+            else hi = mid - 1;
+        }
+        tile_expert[g] = lo;
+        tile_row[g] = first_slot[lo] + (g - first_tile[lo]) * EXPERT_TILE;
     }
-    int carry = s_first_slot;
-    for (int base = 0; base < N; base += DISPATCH_THREADS) {
-        const int n = base + threadIdx.x;
-        const size_t pair = (size_t)n * E + e;
-        const int routed = n < N && mask[pair];
-        int before, total;
-        BlockScan(scan).ExclusiveSum(routed, before, total);
-        if (n < N) {
-            const int slot = carry + before;
-            const bool kept = routed && slot < s_first_slot + count;
-            slot_of[pair] = kept ? slot : -1;
-            if (kept) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int n = tile * DISPATCH_TILE + threadIdx.x;
+    const uint8_t* row = mask + (size_t)n * E;
+    const unsigned below = (1u << lane) - 1;  // the lanes before this one
+    for (int e = 0; e < E; e++) {
+        const unsigned routed = __ballot_sync(0xffffffffu, n < N && row[e]);
+        if (lane == 0) warp_count[warp * E + e] = __popc(routed);
+    }
+    __syncthreads();
+    for (int e = 0; e < E; e++) {
+        const bool routed = n < N && row[e];
+        const unsigned in_warp = __ballot_sync(0xffffffffu, routed);  // every lane: n >= N ones vote 0
+        if (n >= N) continue;
+        int slot = -1;
+        if (routed) {
+            int rank = tile_first[(size_t)e * tiles + tile] + __popc(in_warp & below);  // e's tokens before n
+            for (int w = 0; w < warp; w++) rank += warp_count[w * E + e];
+            if (rank < kept[e]) {
+                slot = first_slot[e] + rank;
                 slot_token[slot] = n;
-                slot_gate[slot] = sigmoidf(logits[pair]);
+                slot_gate[slot] = sigmoidf(logits[(size_t)n * E + e]);
             }
         }
-        carry += total;
-        __syncthreads();
+        slot_of[(size_t)n * E + e] = slot;
     }
+}
+
+// Builds the dispatch from the mask, counts and tile_counts as expert_count
+// left them.
+inline void expert_dispatch(int* slot_of, int* slot_token, float* slot_gate, int* offsets, int* tile_expert,
+                            int* tile_row, int* num_tiles, int* dropped, const int* counts, const int* tile_counts,
+                            const uint8_t* mask, const float* logits, int N, int E, int capacity) {
+    const size_t smem = (size_t)(3 * E + 1 + DISPATCH_TILE / 32 * E) * sizeof(int);
+    if (smem > 48 * 1024) fail("MoE: dispatch of %d experts needs %zu bytes of shared memory per block", E, smem);
+    expert_dispatch_kernel<<<dispatch_tiles(N), DISPATCH_TILE, smem>>>(slot_of, slot_token, slot_gate, offsets,
+                                                                       tile_expert, tile_row, num_tiles, dropped,
+                                                                       counts, tile_counts, mask, logits, N, E,
+                                                                       capacity);
+    launchCheck();
 }
 
 // fanout[b] += tokens with b routed experts (b = 0, 1, 2, 3+). One thread
@@ -689,6 +816,7 @@ struct Router {
     uint8_t* route_record = nullptr;
     bool record_routes = false;
     int* counts = nullptr;           // (E)
+    int* tile_counts = nullptr;      // (E, dispatch_tiles(N)): expert_count's per-tile counts, then first ranks
     float *kth = nullptr, *gate_mean = nullptr, *dr = nullptr, *h32 = nullptr;  // (pools, E), (E), (N, E), (N, C)
     floatX *grad_pre = nullptr, *grad_x = nullptr;  // (train capacity, 2C), (train capacity, C)
     size_t bytes = 0;
@@ -805,6 +933,7 @@ inline void router_allocate(Router* r, const ModelConfig& c, int B, int T) {
     r->mask = device_alloc<uint8_t>(N * E, &bytes);
     r->route_record = device_alloc<uint8_t>(L * T * E, &bytes);
     r->counts = device_alloc<int>(E, &bytes);
+    r->tile_counts = device_alloc<int>(E * dispatch_tiles(N), &bytes);
     r->kth = device_alloc<float>((int64_t)B * E, &bytes);  // (pools, E): at most one pool per sequence
     r->gate_mean = device_alloc<float>(E, &bytes);
     r->dr = device_alloc<float>(N * E, &bytes);
@@ -821,7 +950,8 @@ inline void router_free(Router* r) {
     if (r->eval_owned) moe_buffers_free(r->eval);
     r->train.clear();
     for (void* p : {(void*)r->raw_cutoff, (void*)r->tc_bias, (void*)r->stats_int, (void*)r->stats_float,
-                    (void*)r->dropped, (void*)r->mask, (void*)r->route_record, (void*)r->counts, (void*)r->kth, (void*)r->gate_mean,
+                    (void*)r->dropped, (void*)r->mask, (void*)r->route_record, (void*)r->counts, (void*)r->tile_counts,
+                    (void*)r->kth, (void*)r->gate_mean,
                     (void*)r->dr, (void*)r->h32, (void*)r->grad_pre, (void*)r->grad_x})
         cudaCheck(cudaFree(p));
 }
@@ -964,7 +1094,8 @@ inline void moe_route(Router& r, int layer, cublasHandle_t cublas, const floatX*
     float* stats_float = r.stats_float + (size_t)layer * r.stats_float_stride();
     if (how == Routing::TopK) {
         const float* bias = r.config.tc_balance == TcBalance::LossFree ? r.tc_bias + (size_t)layer * E : nullptr;
-        tc_select_kernel<<<ceil_div(N, THREADS), THREADS>>>(r.mask, buf.logits, bias, N, E, r.config.top_k);
+        tc_select_kernel<<<ceil_div(N, TC_SELECT_THREADS), TC_SELECT_THREADS>>>(r.mask, buf.logits, bias, N, E,
+                                                                                r.config.top_k);
         launchCheck();
         return;
     }
@@ -999,12 +1130,9 @@ inline void moe_dispatch(Router& r, int layer, int N, RoutingPass pass) {
     const int E = r.E;
     const bool train = pass == RoutingPass::Train;
     int* stats_int = r.stats_int + (size_t)layer * r.stats_int_stride();
-    expert_count_kernel<<<E, DISPATCH_THREADS>>>(r.counts, train ? stats_int : nullptr, r.mask, N, E);
-    launchCheck();
-    expert_dispatch_kernel<<<E, DISPATCH_THREADS>>>(buf.slot_of, buf.slot_token, buf.slot_gate, buf.offsets,
-                                                    buf.tile_expert, buf.tile_row, buf.num_tiles, r.dropped, r.counts,
-                                                    r.mask, buf.logits, N, E, buf.capacity);
-    launchCheck();
+    expert_count(r.counts, train ? stats_int : nullptr, r.tile_counts, r.mask, N, E);
+    expert_dispatch(buf.slot_of, buf.slot_token, buf.slot_gate, buf.offsets, buf.tile_expert, buf.tile_row,
+                    buf.num_tiles, r.dropped, r.counts, r.tile_counts, r.mask, buf.logits, N, E, buf.capacity);
     if (!train && r.record_routes) {
         if (N > r.T) fail("internal: recording the routes of %d tokens, more than one sequence (%d)", N, r.T);
         cudaCheck(cudaMemcpyAsync(r.route_record + (size_t)layer * r.T * E, r.mask, (size_t)N * E,

@@ -15,7 +15,8 @@
 //   2. Dispatch: counts, offsets, each expert's tokens in increasing order,
 //      slot_of, the gates, the row-tile schedule, the fan-out histogram; with
 //      an expert that gets no token, one that gets them all, tokens with none,
-//      and a buffer too small (the pairs past it dropped and counted).
+//      dispatch tiles with none, more tiles than one chunk of the scan over
+//      tiles, and a buffer too small (the pairs past it dropped and counted).
 //   3. The layer, forward and backward, for every router and pass, called as
 //      model.cuh calls it. The GPU's own logits go through the reference
 //      selection (which must equal the GPU's mask), then through the reference
@@ -207,13 +208,15 @@ static std::string select_name(const SelectShape& s, Dist d, int pool, int k) {
     return string_format("B=%d T=%d E=%d %s pool=%d k=%d", s.B, s.T, s.E, dist_name(d), pool, k);
 }
 
-// TC: with no bias, a bias in quarters (r + b ties exactly) and a continuous one.
+// TC, K = 1, 2, 3 and E: with no bias, a bias in quarters (r + b ties
+// exactly) and a continuous one.
 static void test_moe_tc_select(Test& t) {
     Rng rng(1101);
     for (const SelectShape& s : select_shapes)
         for (Dist d : all_dists)
-            for (int K : {1, 2})
+            for (int K : {1, 2, 3, s.E})
                 for (int b = 0; b < 3; b++) {
+                    if (K > s.E || (K == s.E && K <= 3)) continue;
                     const int N = s.N(), E = s.E;
                     const std::vector<float> logits = selection_logits(rng, d, N, E, N);
                     std::vector<float> bias(E);
@@ -221,7 +224,7 @@ static void test_moe_tc_select(Test& t) {
                     DeviceBuffer<float> d_logits(logits), d_bias(bias);
                     DeviceBuffer<uint8_t> d_mask((size_t)N * E);
                     d_mask.poison(INT_POISON);
-                    tc_select_kernel<<<ceil_div(N, THREADS), THREADS>>>(d_mask.ptr, d_logits.ptr,
+                    tc_select_kernel<<<ceil_div(N, TC_SELECT_THREADS), TC_SELECT_THREADS>>>(d_mask.ptr, d_logits.ptr,
                                                                        b > 0 ? d_bias.ptr : nullptr, N, E, K);
                     launchCheck();
                     sync_after("tc_select_kernel");
@@ -450,11 +453,12 @@ static void check_dispatch(Test& t, const std::string& what, const std::vector<i
           "%s: the row tiles do not cover each expert's slots in steps of %d", what.c_str(), EXPERT_TILE);
 }
 
-enum class MaskKind { Random, Edges, OneExpert };
+enum class MaskKind { Random, Edges, OneExpert, Gaps };
 
 // Random: 30% of the pairs. Edges: expert 0 gets no token, every fifth token
 // no expert, the rest half the pairs. OneExpert: every token to expert E/2,
-// the others none.
+// the others none. Gaps: every other dispatch tile routes nothing, the others
+// 40% of their pairs (tiles with no token, and experts skipping tiles).
 static std::vector<int> dispatch_mask(Rng& rng, MaskKind kind, int N, int E) {
     std::vector<int> mask((size_t)N * E);
     for (int n = 0; n < N; n++)
@@ -462,6 +466,7 @@ static std::vector<int> dispatch_mask(Rng& rng, MaskKind kind, int N, int E) {
             int& m = mask[(size_t)n * E + e];
             if (kind == MaskKind::Random) m = rng.uniform() < 0.3;
             else if (kind == MaskKind::Edges) m = e != 0 && n % 5 != 0 && rng.uniform() < 0.5;
+            else if (kind == MaskKind::Gaps) m = n / DISPATCH_TILE % 2 == 1 && rng.uniform() < 0.4;
             else m = e == E / 2;
         }
     return mask;
@@ -470,8 +475,10 @@ static std::vector<int> dispatch_mask(Rng& rng, MaskKind kind, int N, int E) {
 static void test_moe_dispatch(Test& t) {
     Rng rng(1401);
     struct Shape { int N, E; };
-    for (Shape s : {Shape{1, 3}, Shape{48, 4}, Shape{700, 6}, Shape{300, 1}})
-        for (MaskKind kind : {MaskKind::Random, MaskKind::Edges, MaskKind::OneExpert})
+    // 1000 x 16: eight dispatch tiles, the last one partial; 33000 x 2: more
+    // tiles than one chunk of the scan over tiles
+    for (Shape s : {Shape{1, 3}, Shape{48, 4}, Shape{700, 6}, Shape{300, 1}, Shape{1000, 16}, Shape{33000, 2}})
+        for (MaskKind kind : {MaskKind::Random, MaskKind::Edges, MaskKind::OneExpert, MaskKind::Gaps})
             for (bool short_buffer : {false, true}) {
                 const int N = s.N, E = s.E;
                 const std::vector<int> mask = dispatch_mask(rng, kind, N, E);
@@ -483,6 +490,7 @@ static void test_moe_dispatch(Test& t) {
                 const std::string what = string_format("N=%d E=%d %s%s", N, E,
                                                        kind == MaskKind::Random  ? "random"
                                                        : kind == MaskKind::Edges ? "edges"
+                                                       : kind == MaskKind::Gaps  ? "gaps"
                                                                                  : "one expert",
                                                        short_buffer ? ", buffer short" : "");
                 std::vector<uint8_t> mask8(mask.begin(), mask.end());
@@ -497,7 +505,8 @@ static void test_moe_dispatch(Test& t) {
                 }
                 std::vector<float> logits(mask.size());
                 for (float& x : logits) x = (float)(2 * normal(rng));
-                const std::vector<int> step_start = {3, 1, 4, 1, 5, 9}, fanout_start = {2, 7, 1, 8};
+                std::vector<int> step_start(E), fanout_start = {2, 7, 1, 8};
+                for (int e = 0; e < E; e++) step_start[e] = 3 + e * 5 % 7;
 
                 size_t bytes = 0;
                 MoeBuffers b = moe_buffers_allocate(N, E, 1, capacity, &bytes);
@@ -505,17 +514,17 @@ static void test_moe_dispatch(Test& t) {
                 upload_to(b.logits, logits);
                 DeviceBuffer<uint8_t> d_mask(mask8);
                 DeviceBuffer<int> d_counts(E), d_dropped(std::vector<int>{0}), d_fanout(fanout_start);
-                DeviceBuffer<int> d_step(std::vector<int>(step_start.begin(), step_start.begin() + E));
+                DeviceBuffer<int> d_step(step_start);
                 d_counts.poison(INT_POISON);
-                expert_count_kernel<<<E, DISPATCH_THREADS>>>(d_counts.ptr, d_step.ptr, d_mask.ptr, N, E);
-                launchCheck();
-                expert_dispatch_kernel<<<E, DISPATCH_THREADS>>>(b.slot_of, b.slot_token, b.slot_gate, b.offsets,
-                                                                b.tile_expert, b.tile_row, b.num_tiles, d_dropped.ptr,
-                                                                d_counts.ptr, d_mask.ptr, b.logits, N, E, capacity);
-                launchCheck();
+                DeviceBuffer<int> d_tiles((size_t)E * dispatch_tiles(N));
+                d_tiles.poison(INT_POISON);
+                expert_count(d_counts.ptr, d_step.ptr, d_tiles.ptr, d_mask.ptr, N, E);
+                expert_dispatch(b.slot_of, b.slot_token, b.slot_gate, b.offsets, b.tile_expert, b.tile_row,
+                                b.num_tiles, d_dropped.ptr, d_counts.ptr, d_tiles.ptr, d_mask.ptr, b.logits, N, E,
+                                capacity);
                 fanout_kernel<<<ceil_div(N, THREADS), THREADS>>>(d_fanout.ptr, d_mask.ptr, N, E);
                 launchCheck();
-                sync_after("expert_count_kernel + expert_dispatch_kernel + fanout_kernel");
+                sync_after("expert_count + expert_dispatch + fanout_kernel");
 
                 CHECK(t, d_counts.download() == counts, "%s: counts differ from the mask's", what.c_str());
                 std::vector<int> step = d_step.download(), fanout = d_fanout.download();
@@ -533,9 +542,8 @@ static void test_moe_dispatch(Test& t) {
 
                 // Without step counts (an eval pass): the same counts, nothing else touched.
                 d_counts.poison(INT_POISON);
-                expert_count_kernel<<<E, DISPATCH_THREADS>>>(d_counts.ptr, nullptr, d_mask.ptr, N, E);
-                launchCheck();
-                sync_after("expert_count_kernel (no step counts)");
+                expert_count(d_counts.ptr, nullptr, d_tiles.ptr, d_mask.ptr, N, E);
+                sync_after("expert_count (no step counts)");
                 CHECK(t, d_counts.download() == counts && d_step.download() == step,
                       "%s: without step counts, the counts differ or the step counts moved", what.c_str());
                 moe_buffers_free(b);
