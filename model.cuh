@@ -22,6 +22,7 @@
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
+#include <mma.h>
 
 #include <cmath>
 #include <cub/cub.cuh>
@@ -255,8 +256,10 @@ __global__ void rope_qknorm_backward_kernel(floatX* dqkv, const floatX* qkv, con
 // warp then rescales its running (max, sum, output), and each lane owns the
 // output dims lane, lane + 32, ... Each K/V tile is read from global memory
 // once per block: T / ATT_ROWS times per (batch, head) in all.
-// Arithmetic runs on the CUDA cores in fp32: simple and exact, not yet the
-// tensor-core kernel the performance target asks for.
+// Arithmetic runs on the CUDA cores in fp32: simple and exact. This is the
+// FP32 build's kernel (the tight tests) and any head dim the tensor-core
+// kernels below are not compiled for; the BF16 build otherwise runs
+// flash_attention_forward_kernel.
 static const int ATT_ROWS = 16;
 static const int ATT_TILE = 32;
 static const int ATT_MAX_DIMS_PER_LANE = 8;  // head dim <= 256
@@ -487,6 +490,165 @@ __global__ void attention_backward_dkv_kernel(floatX* dqkv, const floatX* dout, 
         }
     }
 }
+
+#ifndef ENABLE_FP32
+// ----------------------------------------------------------------------------
+// Flash attention on the tensor cores (the BF16 build; the FP32 build keeps
+// the exact CUDA-core kernels above for its tight tests, and they also serve
+// head dims these kernels do not take: flash_supported).
+//
+// The FlashAttention-2 structure. A block of FA_WARPS = 4 warps owns FA_BQ =
+// 64 query rows of one (batch, head), warp w rows 16w .. 16w + 15; it walks
+// the keys in tiles of FA_BK = 64 up to the diagonal (causal: tiles above it
+// are skipped, the diagonal tile is masked inside). Per key tile, each warp:
+//   S = Q K^T             wmma 16x16x16, bf16 in, fp32 out, staged in shared
+//   m' = max(m, max_j s)  online softmax in fp32: two lanes per row, each
+//   p  = exp(s - m')      owning 32 of the 64 columns (a shuffle joins them)
+//   l  = l e^(m - m') + sum_j p
+//   O  = O e^(m - m') + P V   P as bf16 in shared, O fp32 in shared, rescaled
+//                             there and then loaded as the accumulator
+// and at the end out = O / l, lse = m + log l. A warp reads and writes only
+// its own rows of S, P and O, so between the phases a __syncwarp suffices;
+// the block synchronises only around the shared K/V tile loads.
+// Q stays in registers (hd/16 matrix_a fragments) for the whole block.
+// Shared rows are padded (bf16 rows by 8 elements, fp32 by 4) so that the
+// 8 rows a fragment load touches fall in distinct banks; the softmax lanes
+// walk their 32 columns rotated by the lane number for the same reason.
+// Memory traffic: Q, out once; each K/V tile once per block, so K and V are
+// read T / 64 times per (batch, head) in all (half that on average, causal).
+static const int FA_BQ = 64, FA_BK = 64, FA_WARPS = 4, FA_THREADS = FA_WARPS * WARP;
+static const int FA_MAX_HD = 128;
+static const int FA_S_LD = FA_BK + 4;  // fp32 score rows
+static const int FA_P_LD = FA_BK + 8;  // bf16 probability rows
+static_assert(FA_BQ == 16 * FA_WARPS && FA_BK == 64, "a warp owns 16 query rows; two lanes per row own 32 keys each");
+
+// Head dims with a tensor-core kernel: compiled for 32, 64 and 128.
+inline bool flash_supported(int hd) { return hd == 32 || hd == 64 || hd == 128; }
+
+// Q, K and V tiles (bf16, rows of hd + 8), S (fp32), P (bf16) and O (fp32, rows of hd + 4).
+inline size_t flash_forward_smem_bytes(int hd) {
+    return 3 * (size_t)FA_BQ * (hd + 8) * 2 + (size_t)FA_BQ * FA_S_LD * 4 + (size_t)FA_BQ * FA_P_LD * 2 +
+           (size_t)FA_BQ * (hd + 4) * 4;
+}
+
+// Copies rows [row0, row0 + 64) of one head (hd values at src + row *
+// src_stride) into shared memory, ld apart, 16 bytes at a time, with zeros
+// for rows at or past `rows` (zero, not poison: their P is 0, and 0 * NaN
+// would not be). All threads of the block take part.
+template <int HD>
+__device__ void flash_load_tile(floatX* dst, int ld, const floatX* src, size_t src_stride, int row0, int rows) {
+    const int chunks = HD / 8;
+    for (int c = threadIdx.x; c < 64 * chunks; c += blockDim.x) {
+        int r = c / chunks, k = (c % chunks) * 8;
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (row0 + r < rows) v = *reinterpret_cast<const uint4*>(src + (size_t)(row0 + r) * src_stride + k);
+        *reinterpret_cast<uint4*>(dst + r * ld + k) = v;
+    }
+}
+
+template <int HD>
+__global__ void __launch_bounds__(FA_THREADS)
+    flash_attention_forward_kernel(floatX* out, float* lse, const floatX* qkv, int T, int H, int KVH) {
+    using namespace nvcuda;
+    extern __shared__ __align__(128) unsigned char flash_smem[];
+    const int ld = HD + 8, o_ld = HD + 4;
+    floatX* q_s = (floatX*)flash_smem;
+    floatX* k_s = q_s + FA_BQ * ld;
+    floatX* v_s = k_s + FA_BK * ld;
+    float* s_s = (float*)(v_s + FA_BK * ld);
+    floatX* p_s = (floatX*)(s_s + FA_BQ * FA_S_LD);
+    float* o_s = (float*)(p_s + FA_BQ * FA_P_LD);
+    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    // The last query tiles have the most key tiles: they go first, so the short ones fill the tail.
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * FA_BQ, h = blockIdx.y, b = blockIdx.z, g = h / (H / KVH);
+    const size_t stride = (size_t)(H + 2 * KVH) * HD;
+    const floatX* base = qkv + (size_t)b * T * stride;
+    const float scale = rsqrtf((float)HD);
+    const int w0 = 16 * warp;                   // the warp's first row in the tile
+    const int r = lane / 2, half = lane % 2;    // softmax: this lane's row of the warp's 16, and its half of the keys
+    const int i = q0 + w0 + r;                  // ... as a query position
+    flash_load_tile<HD>(q_s, ld, base + (size_t)h * HD, stride, q0, T);
+    for (int e = threadIdx.x; e < FA_BQ * HD; e += blockDim.x) o_s[e / HD * o_ld + e % HD] = 0.0f;
+    __syncthreads();
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, floatX, wmma::row_major> q_frag[HD / 16];
+#pragma unroll
+    for (int k = 0; k < HD / 16; k++) wmma::load_matrix_sync(q_frag[k], q_s + w0 * ld + 16 * k, ld);
+    float m = -INFINITY, l = 0.0f;  // row i's running max and sum (both lanes of the row hold them)
+    const int last = min(q0 + FA_BQ, T) - 1;
+    for (int j0 = 0; j0 <= last; j0 += FA_BK) {
+        __syncthreads();  // every warp is done with the previous K and V
+        flash_load_tile<HD>(k_s, ld, base + (size_t)(H + g) * HD, stride, j0, T);
+        flash_load_tile<HD>(v_s, ld, base + (size_t)(H + KVH + g) * HD, stride, j0, T);
+        __syncthreads();
+        // S = Q K^T for the warp's 16 rows: K read as a column-major matrix_b (element (d, j) at k_s[j][d]).
+#pragma unroll
+        for (int n = 0; n < FA_BK; n += 16) {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+            wmma::fill_fragment(acc, 0.0f);
+#pragma unroll
+            for (int k = 0; k < HD / 16; k++) {
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, floatX, wmma::col_major> kf;
+                wmma::load_matrix_sync(kf, k_s + n * ld + 16 * k, ld);
+                wmma::mma_sync(acc, q_frag[k], kf, acc);
+            }
+            wmma::store_matrix_sync(s_s + w0 * FA_S_LD + n, acc, FA_S_LD, wmma::mem_row_major);
+        }
+        __syncwarp();
+        // Online softmax: this lane's 32 keys j0 + 32 half + c, masked past the diagonal and past T.
+        const float* srow = s_s + (w0 + r) * FA_S_LD + 32 * half;
+        floatX* prow = p_s + (w0 + r) * FA_P_LD + 32 * half;
+        const int jmax = min(i, T - 1) - j0 - 32 * half;  // this lane's columns c <= jmax are live
+        float mx = -INFINITY;
+        for (int c = 0; c < 32; c++) {
+            int cc = (c + lane) % 32;
+            if (cc <= jmax) mx = fmaxf(mx, srow[cc] * scale);
+        }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+        const float m_new = fmaxf(m, mx);  // finite: key 0 is live for every row in the first tile
+        float sum = 0.0f;
+        for (int c = 0; c < 32; c++) {
+            int cc = (c + lane) % 32;
+            float p = cc <= jmax ? __expf(srow[cc] * scale - m_new) : 0.0f;
+            sum += p;
+            prow[cc] = from_float<floatX>(p);
+        }
+        sum += __shfl_xor_sync(0xffffffff, sum, 1);
+        const float correction = __expf(m - m_new);
+        l = l * correction + sum;
+        m = m_new;
+        float* orow = o_s + (w0 + r) * o_ld + HD / 2 * half;
+        for (int c = 0; c < HD / 2; c++) orow[(c + lane) % (HD / 2)] *= correction;
+        __syncwarp();
+        // O += P V: V read as a row-major matrix_b (element (j, d) at v_s[j][d]).
+#pragma unroll
+        for (int n = 0; n < HD; n += 16) {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+            wmma::load_matrix_sync(acc, o_s + w0 * o_ld + n, o_ld, wmma::mem_row_major);
+#pragma unroll
+            for (int k = 0; k < FA_BK; k += 16) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, floatX, wmma::row_major> pf;
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, floatX, wmma::row_major> vf;
+                wmma::load_matrix_sync(pf, p_s + w0 * FA_P_LD + k, FA_P_LD);
+                wmma::load_matrix_sync(vf, v_s + k * ld + n, ld);
+                wmma::mma_sync(acc, pf, vf, acc);
+            }
+            wmma::store_matrix_sync(o_s + w0 * o_ld + n, acc, o_ld, wmma::mem_row_major);
+        }
+        __syncwarp();
+    }
+    // out = O / l, written by the whole warp a row at a time (coalesced); S's first column holds each row's 1 / l.
+    if (half == 0) s_s[(w0 + r) * FA_S_LD] = 1.0f / l;
+    if (half == 0 && i < T) lse[((size_t)b * T + i) * H + h] = m + logf(l);
+    __syncwarp();
+    for (int rr = 0; rr < 16; rr++) {
+        int ii = q0 + w0 + rr;
+        if (ii >= T) break;
+        const float inv_l = s_s[(w0 + rr) * FA_S_LD];
+        floatX* dst = out + ((size_t)b * T + ii) * H * HD + (size_t)h * HD;
+        for (int d = lane; d < HD; d += WARP) dst[d] = from_float<floatX>(o_s[(w0 + rr) * o_ld + d] * inv_l);
+    }
+}
+#endif  // !ENABLE_FP32
 
 // ReLU squared, forward out = relu(x)^2 and backward dx = dout * 2 relu(x).
 // One thread per element.
@@ -855,9 +1017,30 @@ inline void attention_setup() {
     cudaCheck(cudaFuncSetAttribute(attention_forward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
     cudaCheck(cudaFuncSetAttribute(attention_backward_dq_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
     cudaCheck(cudaFuncSetAttribute(attention_backward_dkv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+#ifndef ENABLE_FP32
+    cudaCheck(cudaFuncSetAttribute(flash_attention_forward_kernel<32>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                   (int)flash_forward_smem_bytes(32)));
+    cudaCheck(cudaFuncSetAttribute(flash_attention_forward_kernel<64>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                   (int)flash_forward_smem_bytes(64)));
+    cudaCheck(cudaFuncSetAttribute(flash_attention_forward_kernel<128>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                   (int)flash_forward_smem_bytes(128)));
+#endif
 }
 
+// The BF16 build runs the tensor-core kernel for the head dims it is compiled
+// for; the FP32 build (and any other head dim) the exact CUDA-core one.
 inline void attention_forward(floatX* out, float* lse, const floatX* qkv, int B, int T, int H, int KVH, int hd) {
+#ifndef ENABLE_FP32
+    if (flash_supported(hd)) {
+        dim3 grid(ceil_div(T, FA_BQ), H, B);
+        size_t smem = flash_forward_smem_bytes(hd);
+        if (hd == 32) flash_attention_forward_kernel<32><<<grid, FA_THREADS, smem>>>(out, lse, qkv, T, H, KVH);
+        else if (hd == 64) flash_attention_forward_kernel<64><<<grid, FA_THREADS, smem>>>(out, lse, qkv, T, H, KVH);
+        else flash_attention_forward_kernel<128><<<grid, FA_THREADS, smem>>>(out, lse, qkv, T, H, KVH);
+        launchCheck();
+        return;
+    }
+#endif
     dim3 grid(ceil_div(T, ATT_ROWS), H, B);
     attention_forward_kernel<<<grid, ATT_ROWS * WARP, attention_smem_bytes(hd)>>>(out, lse, qkv, T, H, KVH, hd);
     launchCheck();
