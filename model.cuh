@@ -739,7 +739,9 @@ template <int HD>
 __device__ void flash_rows_times_tile(nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>* acc,
                                       const floatX* a, const floatX* bm, int ld) {
     using namespace nvcuda;
-#pragma unroll
+    // Not unrolled over k: with the accumulators holding up to 128 registers,
+    // ptxas hoisting the next k step's fragment loads spills.
+#pragma unroll 1
     for (int k = 0; k < 64; k += 16) {
         wmma::fragment<wmma::matrix_a, 16, 16, 16, floatX, wmma::row_major> af;
         wmma::load_matrix_sync(af, a + k, FA_DS_LD);
@@ -822,14 +824,11 @@ __global__ void __launch_bounds__(FA_THREADS)
 }
 
 // Registers: dK and dV live in 2 HD / 16 accumulator fragments (128 registers
-// at hd 128), and ptxas's own choice of budget is fragile here: left alone it
-// caps hd 64 at 128 registers and spills; allowed 255 at hd 128 it schedules
-// for more than that and spills too. Asking for 3 blocks per SM caps it at
-// 170, where every head dim compiles without spills (168 used at hd 64 and
-// 128); shared memory allows 2 blocks per SM at hd 64 and 128 anyway, so the
-// cap costs no occupancy. ptxas -v checks it.
+// at hd 128). Two blocks per SM is what shared memory allows at hd 64 and 128;
+// saying so lets ptxas use up to 255 registers (224 at hd 128 on sm_90), where
+// a lower cap spilled. ptxas -v: no spills on sm_80 or sm_90.
 template <int HD>
-__global__ void __launch_bounds__(FA_THREADS, 3)
+__global__ void __launch_bounds__(FA_THREADS, 2)
     flash_attention_backward_dkv_kernel(floatX* dqkv, const floatX* dout, const float* lse, const float* delta,
                                         const floatX* qkv, int T, int H, int KVH) {
     using namespace nvcuda;
