@@ -23,6 +23,7 @@
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
+#include <mma.h>
 
 #include <cmath>
 #include <cub/cub.cuh>
@@ -329,8 +330,10 @@ __global__ void rope_qknorm_backward_kernel(floatX* dqkv, const floatX* qkv, con
 // warp then rescales its running (max, sum, output), and each lane owns the
 // output dims lane, lane + 32, ... Each K/V tile is read from global memory
 // once per block: T / ATT_ROWS times per (batch, head) in all.
-// Arithmetic runs on the CUDA cores in fp32: simple and exact, not yet the
-// tensor-core kernel the performance target asks for.
+// Arithmetic runs on the CUDA cores in fp32: simple and exact. This is the
+// FP32 build's kernel (the tight tests) and any head dim the tensor-core
+// kernels below are not compiled for; the BF16 build otherwise runs
+// flash_attention_forward_kernel.
 static const int ATT_ROWS = 16;
 static const int ATT_TILE = 32;
 static const int ATT_MAX_DIMS_PER_LANE = 8;  // head dim <= 256
@@ -561,6 +564,412 @@ __global__ void attention_backward_dkv_kernel(floatX* dqkv, const floatX* dout, 
         }
     }
 }
+
+#ifndef ENABLE_FP32
+// ----------------------------------------------------------------------------
+// Flash attention on the tensor cores (the BF16 build; the FP32 build keeps
+// the exact CUDA-core kernels above for its tight tests, and they also serve
+// head dims these kernels do not take: flash_supported).
+//
+// The FlashAttention-2 structure. A block of FA_WARPS = 4 warps owns FA_BQ =
+// 64 query rows of one (batch, head), warp w rows 16w .. 16w + 15; it walks
+// the keys in tiles of FA_BK = 64 up to the diagonal (causal: tiles above it
+// are skipped, the diagonal tile is masked inside). Per key tile, each warp:
+//   S = Q K^T             wmma 16x16x16, bf16 in, fp32 out, staged in shared
+//   m' = max(m, max_j s)  online softmax in fp32: two lanes per row, each
+//   p  = exp(s - m')      owning 32 of the 64 columns (a shuffle joins them)
+//   l  = l e^(m - m') + sum_j p
+//   O  = O e^(m - m') + P V   P as bf16 in shared, O fp32 in shared, rescaled
+//                             there and then loaded as the accumulator
+// and at the end out = O / l, lse = m + log l. A warp reads and writes only
+// its own rows of S, P and O, so between the phases a __syncwarp suffices;
+// the block synchronises only around the shared K/V tile loads.
+// Q stays in registers (hd/16 matrix_a fragments) for the whole block.
+// Shared rows are padded (bf16 rows by 8 elements, fp32 by 4) so that the
+// 8 rows a fragment load touches fall in distinct banks; the softmax lanes
+// walk their 32 columns rotated by the lane number for the same reason.
+// Memory traffic: Q, out once; each K/V tile once per block, so K and V are
+// read T / 64 times per (batch, head) in all (half that on average, causal).
+// Shared memory: 110 KB a block at hd 128 (2 blocks per SM), 70 KB at hd 64
+// (3); the grid is (T / 64, H, B): 3072 blocks at d12, B = 16, T = 2048.
+static const int FA_BQ = 64, FA_BK = 64, FA_WARPS = 4, FA_THREADS = FA_WARPS * WARP;
+static const int FA_MAX_HD = 128;
+static const int FA_S_LD = FA_BK + 4;  // fp32 score rows
+static const int FA_P_LD = FA_BK + 8;  // bf16 probability rows
+static_assert(FA_BQ == 16 * FA_WARPS && FA_BK == 64, "a warp owns 16 query rows; two lanes per row own 32 keys each");
+
+// Head dims with a tensor-core kernel: compiled for 32, 64 and 128.
+inline bool flash_supported(int hd) { return hd == 32 || hd == 64 || hd == 128; }
+
+// Q, K and V tiles (bf16, rows of hd + 8), S (fp32), P (bf16) and O (fp32, rows of hd + 4).
+inline size_t flash_forward_smem_bytes(int hd) {
+    return 3 * (size_t)FA_BQ * (hd + 8) * 2 + (size_t)FA_BQ * FA_S_LD * 4 + (size_t)FA_BQ * FA_P_LD * 2 +
+           (size_t)FA_BQ * (hd + 4) * 4;
+}
+
+// Copies rows [row0, row0 + 64) of one head (hd values at src + row *
+// src_stride) into shared memory, ld apart, 16 bytes at a time, with zeros
+// for rows at or past `rows` (zero, not poison: their P is 0, and 0 * NaN
+// would not be). All threads of the block take part.
+template <int HD>
+__device__ void flash_load_tile(floatX* dst, int ld, const floatX* src, size_t src_stride, int row0, int rows) {
+    const int chunks = HD / 8;
+    for (int c = threadIdx.x; c < 64 * chunks; c += blockDim.x) {
+        int r = c / chunks, k = (c % chunks) * 8;
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (row0 + r < rows) v = *reinterpret_cast<const uint4*>(src + (size_t)(row0 + r) * src_stride + k);
+        *reinterpret_cast<uint4*>(dst + r * ld + k) = v;
+    }
+}
+
+template <int HD>
+__global__ void __launch_bounds__(FA_THREADS)
+    flash_attention_forward_kernel(floatX* out, float* lse, const floatX* qkv, int T, int H, int KVH) {
+    using namespace nvcuda;
+    extern __shared__ __align__(128) unsigned char flash_smem[];
+    const int ld = HD + 8, o_ld = HD + 4;
+    floatX* q_s = (floatX*)flash_smem;
+    floatX* k_s = q_s + FA_BQ * ld;
+    floatX* v_s = k_s + FA_BK * ld;
+    float* s_s = (float*)(v_s + FA_BK * ld);
+    floatX* p_s = (floatX*)(s_s + FA_BQ * FA_S_LD);
+    float* o_s = (float*)(p_s + FA_BQ * FA_P_LD);
+    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    // The last query tiles have the most key tiles: they go first, so the short ones fill the tail.
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * FA_BQ, h = blockIdx.y, b = blockIdx.z, g = h / (H / KVH);
+    const size_t stride = (size_t)(H + 2 * KVH) * HD;
+    const floatX* base = qkv + (size_t)b * T * stride;
+    const float scale = rsqrtf((float)HD);
+    const int w0 = 16 * warp;                   // the warp's first row in the tile
+    const int r = lane / 2, half = lane % 2;    // softmax: this lane's row of the warp's 16, and its half of the keys
+    const int i = q0 + w0 + r;                  // ... as a query position
+    flash_load_tile<HD>(q_s, ld, base + (size_t)h * HD, stride, q0, T);
+    for (int e = threadIdx.x; e < FA_BQ * HD; e += blockDim.x) o_s[e / HD * o_ld + e % HD] = 0.0f;
+    __syncthreads();
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, floatX, wmma::row_major> q_frag[HD / 16];
+#pragma unroll
+    for (int k = 0; k < HD / 16; k++) wmma::load_matrix_sync(q_frag[k], q_s + w0 * ld + 16 * k, ld);
+    float m = -INFINITY, l = 0.0f;  // row i's running max and sum (both lanes of the row hold them)
+    const int last = min(q0 + FA_BQ, T) - 1;
+    for (int j0 = 0; j0 <= last; j0 += FA_BK) {
+        __syncthreads();  // every warp is done with the previous K and V
+        flash_load_tile<HD>(k_s, ld, base + (size_t)(H + g) * HD, stride, j0, T);
+        flash_load_tile<HD>(v_s, ld, base + (size_t)(H + KVH + g) * HD, stride, j0, T);
+        __syncthreads();
+        // S = Q K^T for the warp's 16 rows: K read as a column-major matrix_b (element (d, j) at k_s[j][d]).
+#pragma unroll
+        for (int n = 0; n < FA_BK; n += 16) {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+            wmma::fill_fragment(acc, 0.0f);
+#pragma unroll
+            for (int k = 0; k < HD / 16; k++) {
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, floatX, wmma::col_major> kf;
+                wmma::load_matrix_sync(kf, k_s + n * ld + 16 * k, ld);
+                wmma::mma_sync(acc, q_frag[k], kf, acc);
+            }
+            wmma::store_matrix_sync(s_s + w0 * FA_S_LD + n, acc, FA_S_LD, wmma::mem_row_major);
+        }
+        __syncwarp();
+        // Online softmax: this lane's 32 keys j0 + 32 half + c, masked past the diagonal and past T.
+        const float* srow = s_s + (w0 + r) * FA_S_LD + 32 * half;
+        floatX* prow = p_s + (w0 + r) * FA_P_LD + 32 * half;
+        const int jmax = min(i, T - 1) - j0 - 32 * half;  // this lane's columns c <= jmax are live
+        float mx = -INFINITY;
+        for (int c = 0; c < 32; c++) {
+            int cc = (c + lane) % 32;
+            if (cc <= jmax) mx = fmaxf(mx, srow[cc] * scale);
+        }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+        const float m_new = fmaxf(m, mx);  // finite: key 0 is live for every row in the first tile
+        float sum = 0.0f;
+        for (int c = 0; c < 32; c++) {
+            int cc = (c + lane) % 32;
+            float p = cc <= jmax ? __expf(srow[cc] * scale - m_new) : 0.0f;
+            sum += p;
+            prow[cc] = from_float<floatX>(p);
+        }
+        sum += __shfl_xor_sync(0xffffffff, sum, 1);
+        const float correction = __expf(m - m_new);
+        l = l * correction + sum;
+        m = m_new;
+        float* orow = o_s + (w0 + r) * o_ld + HD / 2 * half;
+        for (int c = 0; c < HD / 2; c++) orow[(c + lane) % (HD / 2)] *= correction;
+        __syncwarp();
+        // O += P V: V read as a row-major matrix_b (element (j, d) at v_s[j][d]).
+#pragma unroll
+        for (int n = 0; n < HD; n += 16) {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+            wmma::load_matrix_sync(acc, o_s + w0 * o_ld + n, o_ld, wmma::mem_row_major);
+#pragma unroll
+            for (int k = 0; k < FA_BK; k += 16) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, floatX, wmma::row_major> pf;
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, floatX, wmma::row_major> vf;
+                wmma::load_matrix_sync(pf, p_s + w0 * FA_P_LD + k, FA_P_LD);
+                wmma::load_matrix_sync(vf, v_s + k * ld + n, ld);
+                wmma::mma_sync(acc, pf, vf, acc);
+            }
+            wmma::store_matrix_sync(o_s + w0 * o_ld + n, acc, o_ld, wmma::mem_row_major);
+        }
+        __syncwarp();
+    }
+    // out = O / l, written by the whole warp a row at a time (coalesced); S's first column holds each row's 1 / l.
+    if (half == 0) s_s[(w0 + r) * FA_S_LD] = 1.0f / l;
+    if (half == 0 && i < T) lse[((size_t)b * T + i) * H + h] = m + logf(l);
+    __syncwarp();
+    for (int rr = 0; rr < 16; rr++) {
+        int ii = q0 + w0 + rr;
+        if (ii >= T) break;
+        const float inv_l = s_s[(w0 + rr) * FA_S_LD];
+        floatX* dst = out + ((size_t)b * T + ii) * H * HD + (size_t)h * HD;
+        for (int d = lane; d < HD; d += WARP) dst[d] = from_float<floatX>(o_s[(w0 + rr) * o_ld + d] * inv_l);
+    }
+}
+
+// Flash attention backward (FA-2), in two passes that each own their outputs,
+// so the sums need no atomics and come out the same every run. With
+// p_ij = exp(scale q_i.k_j - lse_i) recomputed from the forward's lse,
+// dp_ij = dout_i.v_j, D_i = dout_i.out_i (attention_delta_kernel) and
+// ds_ij = p_ij (dp_ij - D_i):
+//   dq_i = scale sum_j ds_ij k_j,  dk_j = scale sum_i ds_ij q_i,  dv_j = sum_i p_ij dout_i.
+// Pass 1 (flash_attention_backward_dq_kernel): the forward's layout, a block
+// of 4 warps owns 64 query rows of one (batch, head), warp w rows 16w..16w+15,
+// and walks the key tiles up to the diagonal: S = Q K^T and dP = dO V^T
+// (wmma, fp32, staged in shared), dS in bf16 (two lanes per row, 32 keys
+// each), then dQ += dS K into the warp's fp32 accumulator fragments, which
+// stay in registers for the whole pass (no rescaling here: lse is final).
+// Pass 2 (flash_attention_backward_dkv_kernel): mirrored, a block owns 64
+// key rows of KV head g, warp w rows 16w..16w+15, and walks every query head
+// of g's group and every query tile from the diagonal on: S^T = K Q^T and
+// dP^T = V dO^T, then dV += P^T dO and dK += dS^T Q into register fragments.
+// Memory traffic: pass 1 reads K, V once per query tile (T/64 times per
+// (batch, head), half that on average, causal), pass 2 reads Q, dO, lse and D
+// once per key tile; each writes its outputs once.
+// Shared memory: 111.5 KB a block at hd 128, 79.5 KB at hd 64 (2 blocks per
+// SM); grids (T / 64, H, B) and (T / 64, KVH, B).
+static const int FA_DS_LD = FA_BK + 8;  // bf16 dS / P rows
+
+// Both passes: Q, dO, K, V tiles (bf16), S and dP (fp32), dS (bf16), lse and D of 64 rows.
+inline size_t flash_backward_smem_bytes(int hd) {
+    return 4 * (size_t)FA_BQ * (hd + 8) * 2 + 2 * (size_t)FA_BQ * FA_S_LD * 4 + (size_t)FA_BQ * FA_DS_LD * 2 +
+           2 * (size_t)FA_BQ * 4;
+}
+
+// Both passes' shared memory, carved from the dynamic buffer (rows of bf16
+// tiles ld = hd + 8 apart): the Q and dO tiles, then K and V (each pair
+// contiguous: at its end a pass reuses the pair it is done with as fp32
+// scratch for its output rows), S and dP, dS, then lse and D.
+struct FlashBackwardSmem {
+    floatX *q, *dout, *k, *v, *ds;
+    float *s, *dp, *lse, *delta;
+    __device__ FlashBackwardSmem(unsigned char* base, int ld) {
+        q = (floatX*)base;
+        dout = q + FA_BQ * ld;
+        k = dout + FA_BQ * ld;
+        v = k + FA_BK * ld;
+        s = (float*)(v + FA_BK * ld);
+        dp = s + FA_BQ * FA_S_LD;
+        ds = (floatX*)(dp + FA_BQ * FA_S_LD);
+        lse = (float*)(ds + FA_BQ * FA_DS_LD);
+        delta = lse + FA_BQ;
+    }
+};
+
+// The lse and D of rows [row0, row0 + 64) of head h into shared memory (0 past T).
+__device__ void flash_load_rowstats(float* lse_s, float* delta_s, const float* lse, const float* delta, size_t row_b,
+                                    int row0, int T, int H, int h) {
+    for (int r = threadIdx.x; r < 64; r += blockDim.x) {
+        bool ok = row0 + r < T;
+        size_t item = (row_b + row0 + r) * H + h;
+        lse_s[r] = ok ? lse[item] : 0.0f;
+        delta_s[r] = ok ? delta[item] : 0.0f;
+    }
+}
+
+// acc (16 x 16 per fragment, 16 x 64 in all) = A B^T for the warp's 16 rows:
+// A's rows at a (ld apart), B's 64 rows at bm (ld apart), both HD wide; B is
+// read as a column-major matrix_b (element (d, j) at bm[j][d]). Stored to out.
+template <int HD>
+__device__ void flash_rows_times_tile_t(float* out, const floatX* a, const floatX* bm, int ld) {
+    using namespace nvcuda;
+#pragma unroll
+    for (int n = 0; n < 64; n += 16) {
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+        wmma::fill_fragment(acc, 0.0f);
+#pragma unroll
+        for (int k = 0; k < HD / 16; k++) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, floatX, wmma::row_major> af;
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, floatX, wmma::col_major> bf;
+            wmma::load_matrix_sync(af, a + 16 * k, ld);
+            wmma::load_matrix_sync(bf, bm + n * ld + 16 * k, ld);
+            wmma::mma_sync(acc, af, bf, acc);
+        }
+        wmma::store_matrix_sync(out + n, acc, FA_S_LD, wmma::mem_row_major);
+    }
+}
+
+// acc[n] (16 x HD) += A B with A the warp's 16 x 64 bf16 rows at a (FA_DS_LD
+// apart) and B a 64 x HD tile at bm (ld apart), row-major.
+template <int HD>
+__device__ void flash_rows_times_tile(nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>* acc,
+                                      const floatX* a, const floatX* bm, int ld) {
+    using namespace nvcuda;
+    // Not unrolled over k: with the accumulators holding up to 128 registers,
+    // ptxas hoisting the next k step's fragment loads spills.
+#pragma unroll 1
+    for (int k = 0; k < 64; k += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, floatX, wmma::row_major> af;
+        wmma::load_matrix_sync(af, a + k, FA_DS_LD);
+#pragma unroll
+        for (int n = 0; n < HD / 16; n++) {
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, floatX, wmma::row_major> bf;
+            wmma::load_matrix_sync(bf, bm + k * ld + 16 * n, ld);
+            wmma::mma_sync(acc[n], af, bf, acc[n]);
+        }
+    }
+}
+
+// Writes the warp's 16 x HD accumulator fragments times `mul` as floatX rows
+// row0 .. row0 + 15 (those < T) of dst (stride apart), staged through the
+// warp's fp32 scratch (16 rows of HD + 4); the whole warp writes a row at a time.
+template <int HD>
+__device__ void flash_write_rows(floatX* dst, size_t stride, int row0, int T, float mul,
+                                 const nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>* acc,
+                                 float* scratch) {
+    using namespace nvcuda;
+    const int lane = threadIdx.x % WARP, ld = HD + 4;
+#pragma unroll
+    for (int n = 0; n < HD / 16; n++) wmma::store_matrix_sync(scratch + 16 * n, acc[n], ld, wmma::mem_row_major);
+    __syncwarp();
+    for (int r = 0; r < 16 && row0 + r < T; r++)
+        for (int d = lane; d < HD; d += WARP)
+            dst[(size_t)(row0 + r) * stride + d] = from_float<floatX>(scratch[r * ld + d] * mul);
+    __syncwarp();
+}
+
+template <int HD>
+__global__ void __launch_bounds__(FA_THREADS)
+    flash_attention_backward_dq_kernel(floatX* dqkv, const floatX* dout, const float* lse, const float* delta,
+                                       const floatX* qkv, int T, int H, int KVH) {
+    using namespace nvcuda;
+    extern __shared__ __align__(128) unsigned char flash_smem[];
+    const int ld = HD + 8;
+    const FlashBackwardSmem sm(flash_smem, ld);
+    floatX *q_s = sm.q, *do_s = sm.dout, *k_s = sm.k, *v_s = sm.v, *ds_s = sm.ds;
+    float *s_s = sm.s, *dp_s = sm.dp, *lse_s = sm.lse, *delta_s = sm.delta;
+    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * FA_BQ, h = blockIdx.y, b = blockIdx.z, g = h / (H / KVH);
+    const size_t stride = (size_t)(H + 2 * KVH) * HD;
+    const floatX* base = qkv + (size_t)b * T * stride;
+    const float scale = rsqrtf((float)HD);
+    const int w0 = 16 * warp, r = lane / 2, half = lane % 2, i = q0 + w0 + r;
+    flash_load_tile<HD>(q_s, ld, base + (size_t)h * HD, stride, q0, T);
+    flash_load_tile<HD>(do_s, ld, dout + (size_t)b * T * H * HD + (size_t)h * HD, (size_t)H * HD, q0, T);
+    flash_load_rowstats(lse_s, delta_s, lse, delta, (size_t)b * T, q0, T, H, h);
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> dq[HD / 16];
+#pragma unroll
+    for (int n = 0; n < HD / 16; n++) wmma::fill_fragment(dq[n], 0.0f);
+    const int last = min(q0 + FA_BQ, T) - 1;
+    for (int j0 = 0; j0 <= last; j0 += FA_BK) {
+        __syncthreads();  // every warp is done with the previous K and V (and, the first time, Q, dO, lse, D are in)
+        flash_load_tile<HD>(k_s, ld, base + (size_t)(H + g) * HD, stride, j0, T);
+        flash_load_tile<HD>(v_s, ld, base + (size_t)(H + KVH + g) * HD, stride, j0, T);
+        __syncthreads();
+        flash_rows_times_tile_t<HD>(s_s + w0 * FA_S_LD, q_s + w0 * ld, k_s, ld);
+        flash_rows_times_tile_t<HD>(dp_s + w0 * FA_S_LD, do_s + w0 * ld, v_s, ld);
+        __syncwarp();
+        // dS for this lane's 32 keys j0 + 32 half + c (rotated by lane: distinct banks), 0 past the diagonal and T.
+        const int jmax = min(i, T - 1) - j0 - 32 * half;
+        const float lse_i = lse_s[w0 + r], d_i = delta_s[w0 + r];
+        const float* srow = s_s + (w0 + r) * FA_S_LD + 32 * half;
+        const float* dprow = dp_s + (w0 + r) * FA_S_LD + 32 * half;
+        floatX* dsrow = ds_s + (w0 + r) * FA_DS_LD + 32 * half;
+        for (int c = 0; c < 32; c++) {
+            int cc = (c + lane) % 32;
+            float ds = 0.0f;
+            if (cc <= jmax) ds = __expf(srow[cc] * scale - lse_i) * (dprow[cc] - d_i);
+            dsrow[cc] = from_float<floatX>(ds);
+        }
+        __syncwarp();
+        flash_rows_times_tile<HD>(dq, ds_s + w0 * FA_DS_LD, k_s, ld);
+    }
+    __syncthreads();  // K and V are done with: their space holds the warps' fp32 dq rows
+    float* scratch = (float*)k_s + w0 * (HD + 4);
+    flash_write_rows<HD>(dqkv + (size_t)b * T * stride + (size_t)h * HD, stride, q0 + w0, T, scale, dq, scratch);
+}
+
+// Registers: dK and dV live in 2 HD / 16 accumulator fragments (128 registers
+// at hd 128). Two blocks per SM is what shared memory allows at hd 64 and 128;
+// saying so lets ptxas use up to 255 registers (224 at hd 128 on sm_90), where
+// a lower cap spilled. ptxas -v: no spills on sm_80 or sm_90.
+template <int HD>
+__global__ void __launch_bounds__(FA_THREADS, 2)
+    flash_attention_backward_dkv_kernel(floatX* dqkv, const floatX* dout, const float* lse, const float* delta,
+                                        const floatX* qkv, int T, int H, int KVH) {
+    using namespace nvcuda;
+    extern __shared__ __align__(128) unsigned char flash_smem[];
+    const int ld = HD + 8;
+    const FlashBackwardSmem sm(flash_smem, ld);  // here S and dP hold S^T and dP^T: row j (key), column i (query)
+    floatX *q_s = sm.q, *do_s = sm.dout, *k_s = sm.k, *v_s = sm.v, *ds_s = sm.ds;
+    float *s_s = sm.s, *dp_s = sm.dp, *lse_s = sm.lse, *delta_s = sm.delta;
+    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    const int k0 = blockIdx.x * FA_BK, g = blockIdx.y, b = blockIdx.z, group = H / KVH;
+    const size_t stride = (size_t)(H + 2 * KVH) * HD;
+    const floatX* base = qkv + (size_t)b * T * stride;
+    const floatX* dout_b = dout + (size_t)b * T * H * HD;
+    const float scale = rsqrtf((float)HD);
+    const int w0 = 16 * warp, r = lane / 2, half = lane % 2, j = k0 + w0 + r;
+    flash_load_tile<HD>(k_s, ld, base + (size_t)(H + g) * HD, stride, k0, T);
+    flash_load_tile<HD>(v_s, ld, base + (size_t)(H + KVH + g) * HD, stride, k0, T);
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> dk[HD / 16], dv[HD / 16];
+#pragma unroll
+    for (int n = 0; n < HD / 16; n++) {
+        wmma::fill_fragment(dk[n], 0.0f);
+        wmma::fill_fragment(dv[n], 0.0f);
+    }
+    for (int h = g * group; h < (g + 1) * group; h++) {
+        for (int i0 = k0; i0 < T; i0 += FA_BQ) {
+            __syncthreads();  // every warp is done with the previous Q, dO, lse, D
+            flash_load_tile<HD>(q_s, ld, base + (size_t)h * HD, stride, i0, T);
+            flash_load_tile<HD>(do_s, ld, dout_b + (size_t)h * HD, (size_t)H * HD, i0, T);
+            flash_load_rowstats(lse_s, delta_s, lse, delta, (size_t)b * T, i0, T, H, h);
+            __syncthreads();
+            flash_rows_times_tile_t<HD>(s_s + w0 * FA_S_LD, k_s + w0 * ld, q_s, ld);
+            flash_rows_times_tile_t<HD>(dp_s + w0 * FA_S_LD, v_s + w0 * ld, do_s, ld);
+            __syncwarp();
+            // P^T, then dS^T, for this lane's 32 queries i0 + 32 half + c: live when j <= i < T (and j < T).
+            // One bf16 buffer serves both: dV takes P^T before dS^T (p recomputed) overwrites it.
+            const int cmin = j - i0 - 32 * half, cmax = T - 1 - i0 - 32 * half;
+            const float* srow = s_s + (w0 + r) * FA_S_LD + 32 * half;
+            const float* dprow = dp_s + (w0 + r) * FA_S_LD + 32 * half;
+            floatX* prow = ds_s + (w0 + r) * FA_DS_LD + 32 * half;
+            const bool live_row = j < T;
+            for (int c = 0; c < 32; c++) {
+                int cc = (c + lane) % 32;
+                float p = 0.0f;
+                if (live_row && cc >= cmin && cc <= cmax) p = __expf(srow[cc] * scale - lse_s[32 * half + cc]);
+                prow[cc] = from_float<floatX>(p);
+            }
+            __syncwarp();
+            flash_rows_times_tile<HD>(dv, ds_s + w0 * FA_DS_LD, do_s, ld);
+            __syncwarp();
+            for (int c = 0; c < 32; c++) {
+                int cc = (c + lane) % 32, col = 32 * half + cc;
+                float ds = 0.0f;
+                if (live_row && cc >= cmin && cc <= cmax)
+                    ds = __expf(srow[cc] * scale - lse_s[col]) * (dprow[cc] - delta_s[col]);
+                prow[cc] = from_float<floatX>(ds);
+            }
+            __syncwarp();
+            flash_rows_times_tile<HD>(dk, ds_s + w0 * FA_DS_LD, q_s, ld);
+        }
+    }
+    __syncthreads();  // Q and dO are done with: their space holds the warps' fp32 rows
+    float* scratch = (float*)q_s + w0 * (HD + 4);
+    floatX* dst = dqkv + (size_t)b * T * stride;
+    flash_write_rows<HD>(dst + (size_t)(H + g) * HD, stride, k0 + w0, T, scale, dk, scratch);
+    flash_write_rows<HD>(dst + (size_t)(H + KVH + g) * HD, stride, k0 + w0, T, 1.0f, dv, scratch);
+}
+#endif  // !ENABLE_FP32
 
 // ReLU squared, forward out = relu(x)^2 and backward dx = dout * 2 relu(x).
 // One thread per element.
@@ -939,6 +1348,19 @@ inline void rope_qknorm_backward(floatX* dqkv, const floatX* qkv, const float* r
     launchCheck();
 }
 
+#ifndef ENABLE_FP32
+template <int HD>
+void flash_setup() {
+    const int fwd = (int)flash_forward_smem_bytes(HD), bwd = (int)flash_backward_smem_bytes(HD);
+    cudaCheck(cudaFuncSetAttribute(flash_attention_forward_kernel<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                   fwd));
+    cudaCheck(cudaFuncSetAttribute(flash_attention_backward_dq_kernel<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                   bwd));
+    cudaCheck(cudaFuncSetAttribute(flash_attention_backward_dkv_kernel<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                   bwd));
+}
+#endif
+
 // The attention kernels need more than the default 48 KB of shared memory
 // for wide heads: raise their limit once to what the widest supported head
 // needs (a limit, not an allocation: each launch asks for what its hd uses).
@@ -947,19 +1369,60 @@ inline void attention_setup() {
     cudaCheck(cudaFuncSetAttribute(attention_forward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
     cudaCheck(cudaFuncSetAttribute(attention_backward_dq_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
     cudaCheck(cudaFuncSetAttribute(attention_backward_dkv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+#ifndef ENABLE_FP32
+    flash_setup<32>();
+    flash_setup<64>();
+    flash_setup<128>();
+#endif
 }
 
+// The BF16 build runs the tensor-core kernel for the head dims it is compiled
+// for; the FP32 build (and any other head dim) the exact CUDA-core one.
 inline void attention_forward(floatX* out, float* lse, const floatX* qkv, int B, int T, int H, int KVH, int hd) {
+#ifndef ENABLE_FP32
+    if (flash_supported(hd)) {
+        dim3 grid(ceil_div(T, FA_BQ), H, B);
+        size_t smem = flash_forward_smem_bytes(hd);
+        if (hd == 32) flash_attention_forward_kernel<32><<<grid, FA_THREADS, smem>>>(out, lse, qkv, T, H, KVH);
+        else if (hd == 64) flash_attention_forward_kernel<64><<<grid, FA_THREADS, smem>>>(out, lse, qkv, T, H, KVH);
+        else flash_attention_forward_kernel<128><<<grid, FA_THREADS, smem>>>(out, lse, qkv, T, H, KVH);
+        launchCheck();
+        return;
+    }
+#endif
     dim3 grid(ceil_div(T, ATT_ROWS), H, B);
     attention_forward_kernel<<<grid, ATT_ROWS * WARP, attention_smem_bytes(hd)>>>(out, lse, qkv, T, H, KVH, hd);
     launchCheck();
 }
+
+#ifndef ENABLE_FP32
+// The two passes of the tensor-core backward (delta already computed).
+template <int HD>
+void flash_attention_backward(floatX* dqkv, const floatX* dout, const float* lse, const float* delta,
+                              const floatX* qkv, int B, int T, int H, int KVH) {
+    size_t smem = flash_backward_smem_bytes(HD);
+    flash_attention_backward_dq_kernel<HD><<<dim3(ceil_div(T, FA_BQ), H, B), FA_THREADS, smem>>>(dqkv, dout, lse,
+                                                                                              delta, qkv, T, H, KVH);
+    launchCheck();
+    flash_attention_backward_dkv_kernel<HD><<<dim3(ceil_div(T, FA_BK), KVH, B), FA_THREADS, smem>>>(dqkv, dout, lse,
+                                                                                                 delta, qkv, T, H, KVH);
+    launchCheck();
+}
+#endif
 
 // delta is (N, H) fp32 scratch.
 inline void attention_backward(floatX* dqkv, const floatX* dout, const floatX* out, const float* lse, const floatX* qkv,
                                float* delta, int B, int T, int H, int KVH, int hd) {
     attention_delta_kernel<<<ceil_div((size_t)B * T * H, THREADS / WARP), THREADS>>>(delta, dout, out, B * T, H, hd);
     launchCheck();
+#ifndef ENABLE_FP32
+    if (flash_supported(hd)) {
+        if (hd == 32) flash_attention_backward<32>(dqkv, dout, lse, delta, qkv, B, T, H, KVH);
+        else if (hd == 64) flash_attention_backward<64>(dqkv, dout, lse, delta, qkv, B, T, H, KVH);
+        else flash_attention_backward<128>(dqkv, dout, lse, delta, qkv, B, T, H, KVH);
+        return;
+    }
+#endif
     attention_backward_dq_kernel<<<dim3(ceil_div(T, ATT_ROWS), H, B), ATT_ROWS * WARP, attention_smem_bytes(hd)>>>(
         dqkv, dout, lse, delta, qkv, T, H, KVH, hd);
     launchCheck();

@@ -302,7 +302,9 @@ static const AttentionShape attention_shapes[] = {
     {2, 33, 2, 2, 128},   // wide heads: more than 48 KB of shared memory
     {3, 200, 4, 2, 64},   // long: many key tiles and row blocks
     {2, 200, 2, 1, 128},  // one kv head for every q head
-    {2, 17, 2, 2, 256},   // the widest head the kernels take
+    {2, 17, 2, 2, 256},   // the widest head the kernels take (CUDA cores in both builds)
+    {2, 130, 8, 2, 128},  // 4 q heads per kv head; two 64-row tiles and two rows
+    {1, 128, 4, 1, 64},   // T a multiple of the 64-row tile; one kv head
 };
 
 static void test_rope_qknorm_forward(Test& t) {
