@@ -74,13 +74,26 @@ build/git.txt: FORCE
 	@mkdir -p build
 	@echo '$(GIT_COMMIT) $(GIT_DIRTY)' | cmp -s - $@ || echo '$(GIT_COMMIT) $(GIT_DIRTY)' > $@
 
+# train_et and build/train_et_<precision> also leave, for
+# test/test_kernels_compiled.py, build/kernels/<precision>.ptxas.txt (ptxas -v:
+# each kernel's registers and spills) and build/kernels/<precision>.ptx (the
+# PTX that nvcc kept), at no extra compile. ptxas -v's info lines go to that
+# file only; the compilers' other output (warnings, errors) passes through.
+KERNELS_DIR := build/kernels
+# $(1): the precision in lower case; $(2): nvcc's arguments (ending with -o FILE)
+nvcc_kernels = keep=$(KERNELS_DIR)/$(1).keep; mkdir -p $(KERNELS_DIR) && rm -rf $$keep && mkdir $$keep && \
+	{ $(NVCC) -Xptxas -v --keep --keep-dir $$keep $(2) 2>$(KERNELS_DIR)/$(1).ptxas.txt; rc=$$?; \
+	  grep -v -E '^(ptxas info +:|    [0-9]+ bytes stack frame)' $(KERNELS_DIR)/$(1).ptxas.txt >&2; \
+	  if [ $$rc -eq 0 ]; then mv $$keep/train_et.ptx $(KERNELS_DIR)/$(1).ptx || rc=1; fi; \
+	  rm -rf $$keep; exit $$rc; }
+
 train_et: train_et.cu $(HEADERS) build/flags.txt build/git.txt
-	$(NVCC) $(NVCC_FLAGS) $(PRECISION_FLAGS) $(GIT_FLAGS) $< -o $@ $(LIBS) $(NCCL_FLAGS)
+	$(call nvcc_kernels,$(shell echo $(PRECISION) | tr A-Z a-z),$(NVCC_FLAGS) $(PRECISION_FLAGS) $(GIT_FLAGS) $< -o $@ $(LIBS) $(NCCL_FLAGS))
 
 # Both precisions, for the tests' compile check.
 build/train_et_%: train_et.cu $(HEADERS)
 	@mkdir -p build
-	$(NVCC) $(NVCC_FLAGS) -DENABLE_$(shell echo $* | tr a-z A-Z) $< -o $@ $(LIBS) $(NCCL_FLAGS)
+	$(call nvcc_kernels,$*,$(NVCC_FLAGS) -DENABLE_$(shell echo $* | tr a-z A-Z) $< -o $@ $(LIBS) $(NCCL_FLAGS))
 
 # GPU tests, in both precisions; they compile anywhere and run where a GPU is.
 build/gpu_test_%.bf16: test/gpu_test_%.cu $(HEADERS) $(wildcard test/*.h)
