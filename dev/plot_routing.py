@@ -61,7 +61,7 @@ import warnings
 
 import numpy as np
 
-from plot_runs import expert_ticks, positive_int  # the heatmaps label experts as plot_runs' usage heatmap does
+from plot_runs import expert_ticks, make_output_dir, positive_int  # the heatmaps label experts as plot_runs' usage heatmap does
 
 ROUTES_MAGIC, ROUTES_VERSION = 20261204, 1
 TOKENIZER_MAGIC = 20240328
@@ -563,10 +563,9 @@ def main(argv=None):
     except ImportError as e:
         print(f"error: the pictures need matplotlib ({e}): pip install -r dev/requirements.txt", file=sys.stderr)
         return 1
-    try:
-        os.makedirs(args.out, exist_ok=True)
-    except OSError as e:
-        print(f"error: -o: cannot make {args.out}: {e.strerror}", file=sys.stderr)
+    error = make_output_dir(args.out)
+    if error:
+        print(error, file=sys.stderr)
         return 1
 
     cmap, norm = fanout_colors(texts)

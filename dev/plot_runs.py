@@ -519,6 +519,15 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
+def make_output_dir(out):
+    """Makes the -o folder (dev/plot_routing.py uses it too); returns the error line, or None."""
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        return f"error: -o: cannot make {out}: {e.strerror}"
+    return None
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -534,10 +543,9 @@ def main(argv=None):
     except ImportError as e:
         print(f"error: the plots need matplotlib ({e}): pip install -r dev/requirements.txt", file=sys.stderr)
         return 1
-    try:
-        os.makedirs(args.out, exist_ok=True)
-    except OSError as e:
-        print(f"error: -o: cannot make {args.out}: {e.strerror}", file=sys.stderr)
+    error = make_output_dir(args.out)
+    if error:
+        print(error, file=sys.stderr)
         return 1
 
     moe = [run for run in runs if run.moe]

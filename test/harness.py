@@ -20,6 +20,15 @@ class Skip(Exception):
         super().__init__(f"{reason}; to run it: {fix}")
 
 
+def png_size(path):
+    """(width, height, bytes) of a PNG a plotting script wrote; fails the test if it is missing or no PNG."""
+    assert os.path.isfile(path), f"{path} was not written"
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", f"{path} is not a PNG"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big"), len(data)
+
+
 def shared_data_dir():
     """$TRAIN_ET_SHARED_DATA, else ../shared/data beside the checkout."""
     return os.environ.get("TRAIN_ET_SHARED_DATA") or os.path.join(REPO, "..", "shared", "data")

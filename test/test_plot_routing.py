@@ -27,12 +27,11 @@ import subprocess
 import sys
 import tempfile
 
-from harness import REPO, Skip, main
+from harness import REPO, Skip, main, png_size
 
 SCRIPT = os.path.join(REPO, "dev", "plot_routing.py")
 WORK = tempfile.mkdtemp(prefix="train_et_routing_")
 atexit.register(shutil.rmtree, WORK, ignore_errors=True)
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 EOT = 256  # the byte-level tokenizer's end-of-text id: ids 0-255 are the bytes
 SYNTHETIC_DOMAINS = ["steady", "syntax", "lexicon", "branching", "noise"]
 TEXT = ("Routing <b>&</b> fan-out: the café's crème brûlée \u2603 costs 5$ \U0001F600!\n"
@@ -111,13 +110,9 @@ def shares(routing, members, experts):
 
 
 def check_png(path, max_width=2400):
-    assert os.path.isfile(path), f"{path} was not written"
-    with open(path, "rb") as f:
-        data = f.read()
-    assert data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR", f"{path} is not a PNG"
-    width, height = struct.unpack(">II", data[16:24])
+    width, height, size = png_size(path)
     assert 600 <= width <= max_width and 200 <= height <= 8000, f"{path}: {width} x {height} pixels"
-    assert len(data) > 20_000, f"{path}: {len(data)} bytes, too small for a picture"
+    assert size > 20_000, f"{path}: {size} bytes, too small for a picture"
 
 
 def html_tokens(path):

@@ -19,18 +19,16 @@ import math
 import os
 import random
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
 
-from harness import REPO, Skip, main
+from harness import REPO, Skip, main, png_size
 
 SCRIPT = os.path.join(REPO, "dev", "plot_runs.py")
 WORK = tempfile.mkdtemp(prefix="train_et_plots_")
 atexit.register(shutil.rmtree, WORK, ignore_errors=True)
 LAYERS, EXPERTS, WARMUP = [1, 2, 3], 4, 60  # ET routes by EC through step 60
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def plot_runs(*args, cwd=WORK):
@@ -147,14 +145,10 @@ def expected_summary(label, records):
 
 
 def check_png(path, max_width=6000, max_bytes=None):
-    assert os.path.isfile(path), f"{path} was not written"
-    with open(path, "rb") as f:
-        data = f.read()
-    assert data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR", f"{path} is not a PNG"
-    width, height = struct.unpack(">II", data[16:24])
+    width, height, size = png_size(path)
     assert 400 <= width <= max_width and 300 <= height <= 6000, f"{path}: {width} x {height} pixels"
-    assert len(data) > 10_000, f"{path}: {len(data)} bytes, too small for a plot"
-    assert max_bytes is None or len(data) <= max_bytes, f"{path}: {len(data)} bytes, more than {max_bytes}"
+    assert size > 10_000, f"{path}: {size} bytes, too small for a plot"
+    assert max_bytes is None or size <= max_bytes, f"{path}: {size} bytes, more than {max_bytes}"
 
 
 # -----------------------------------------------------------------------------
