@@ -137,6 +137,7 @@ EMU_RUNTIME_FLAGS_tsan := -O1 -g1 -DEMU_TSAN
 EMU_SOURCE_train_et := train_et.cu
 EMU_SOURCE_bench_step := dev/bench_step.cu
 EMU_SOURCE_selftest := test/emu/selftest.cu
+EMU_SOURCE_nccl_selftest := test/emu/nccl_selftest.cu
 EMU_SOURCE_dry_run := test/emu/dry_run.cu
 
 # Every source rewritten at once (a launch may deduce a kernel template defined
@@ -163,7 +164,7 @@ build/emu/%.fp32: $(EMU_SRC)/.stamp $$(call emu_objects,$$(firstword $$(subst /,
 	$(call emu_link,-DENABLE_FP32,$(EMU_SRC)/test/$(notdir $*).cu)
 build/emu/plain/train_et build/emu/asan/train_et build/emu/tsan/train_et: build/git.txt
 build/emu/%: $(EMU_SRC)/.stamp $$(call emu_objects,$$(firstword $$(subst /, ,$$*))) $(EMU_HEADERS)
-	$(if $(EMU_SOURCE_$(notdir $*)),,$(error $@: no such emulated program (train_et, bench_step, selftest, dry_run)))
+	$(if $(EMU_SOURCE_$(notdir $*)),,$(error $@: no such emulated program (train_et, bench_step, selftest, nccl_selftest, dry_run)))
 	$(call emu_link,-DENABLE_BF16,$(EMU_SRC)/$(EMU_SOURCE_$(notdir $*)))
 
 test:

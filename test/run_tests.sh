@@ -12,7 +12,8 @@
 # start fails them). Elsewhere they run on the emulated device (test/emu;
 # README "The emulated device"), every line marked "emu" so that no one takes
 # it for a GPU run:
-#   - the emulator's own tests (test/emu/test_emulator.py);
+#   - the emulator's own tests (test/emu/test_emulator.py), NCCL's across
+#     processes included;
 #   - the GPU test programs, both precisions, each in the natural, reversed
 #     and a random schedule, whose results must be bit-identical (a digest of
 #     every device-to-host copy), and built with AddressSanitizer + UBSan;
@@ -135,9 +136,9 @@ if [ "$mode" = all ]; then
     build "dev/bench_step" make --no-print-directory build/bench_step
 fi
 if [ "$emulate" = yes ]; then
-    plain=$(for t in $emu_gpu_tests train_et bench_step selftest dry_run; do echo "build/emu/plain/$t"; done)
+    plain=$(for t in $emu_gpu_tests train_et bench_step selftest nccl_selftest dry_run; do echo "build/emu/plain/$t"; done)
     asan=$(for t in $emu_gpu_tests selftest; do echo "build/emu/asan/$t"; done)
-    build "emulated device: GPU tests, train_et, bench_step, selftest, dry_run (test/emu)" \
+    build "emulated device: GPU tests, train_et, bench_step, selftest, nccl_selftest, dry_run (test/emu)" \
         make --no-print-directory -j"$cores" $plain
     build "emulated device, sanitizer builds: GPU tests and selftest (AddressSanitizer + UBSan), selftest (ThreadSanitizer)" \
         make --no-print-directory -j"$cores" $asan build/emu/tsan/selftest

@@ -152,7 +152,7 @@ void at_exit() {
     if (s.dry_run)
         fprintf(stderr,
                 "emu: dry run: %" PRIu64 " launches of %zu kernels and %" PRIu64 " cuBLAS and %" PRIu64
-                " CUB calls checked, nothing executed; device memory peak %zu bytes (%.3f GiB)\n",
+                " CUB and NCCL calls checked, nothing executed; device memory peak %zu bytes (%.3f GiB)\n",
                 c.launches, distinct_kernels(), c.blas_calls, c.library_calls, c.peak_device_bytes,
                 c.peak_device_bytes / 1073741824.0);
     if (s.profile) fputs(profile_report().c_str(), stderr);

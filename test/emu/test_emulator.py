@@ -15,7 +15,10 @@ no emulator error. What "caught" means per bug:
   SANITIZER the AddressSanitizer + UBSan build reports it (the plain build may not).
 And the ThreadSanitizer build must name the missing barrier's race even in the
 natural schedule, where its result is right, and find none in its twin.
-Run from the repository root after `make build/emu/{plain,asan,tsan}/selftest`.
+Then the emulated NCCL across processes (build/emu/plain/nccl_selftest, see
+test/emu/nccl_selftest.cu) with 2 and 3 ranks, and as a dry run.
+Run from the repository root after `make build/emu/{plain,asan,tsan}/selftest
+build/emu/plain/nccl_selftest`.
 """
 import os
 import subprocess
@@ -26,6 +29,7 @@ from harness import REPO
 PLAIN = os.path.join(REPO, "build/emu/plain/selftest")
 ASAN = os.path.join(REPO, "build/emu/asan/selftest")
 TSAN = os.path.join(REPO, "build/emu/tsan/selftest")
+NCCL = os.path.join(REPO, "build/emu/plain/nccl_selftest")
 SCHEDULES = ("natural", "reversed", "random:1", "random:2")
 
 REPORT, WRONG, RACE, SANITIZER = "report", "wrong", "race", "sanitizer"
@@ -55,8 +59,9 @@ BUGS = {
 }
 
 
-def run(binary, *args, schedule="natural"):
-    env = dict(os.environ, EMU_SCHEDULE=schedule, ASAN_OPTIONS="detect_leaks=0", UBSAN_OPTIONS="print_stacktrace=1")
+def run(binary, *args, schedule="natural", **settings):
+    env = dict(os.environ, EMU_SCHEDULE=schedule, ASAN_OPTIONS="detect_leaks=0", UBSAN_OPTIONS="print_stacktrace=1",
+               **settings)
     r = subprocess.run([binary, *args], capture_output=True, text=True, env=env, timeout=300)
     return r.returncode, r.stdout, r.stderr
 
@@ -110,8 +115,36 @@ def check_thread_sanitizer():
     return None
 
 
+def check_nccl():
+    """Runs nccl_selftest with 2 and 3 ranks and as a dry run; prints its lines; returns the failures."""
+    failed = 0
+    for nranks in (2, 3):
+        rc, out, err = run(NCCL, "-n", str(nranks))
+        lines = [line for line in out.splitlines() if line.startswith(("ok - ", "FAIL - "))]
+        print("\n".join(lines), flush=True)
+        failed += sum(line.startswith("FAIL") for line in lines)
+        last = nranks - 1
+        # each failure names its cause in one line, from every rank that saw it
+        for words in (f"emu: nccl: rank 0: ncclAllReduce: rank {last} died",
+                      f"emu: nccl: rank 0: ncclAllReduce: rank {last} did not arrive within 1 s",
+                      f"emu: nccl: rank {last}: ncclAllReduce: rank 0 aborted",
+                      f"ncclCommInitRank: 1 of {nranks} ranks did not arrive within 1 s"):
+            if words not in err:
+                failed += 1
+                print(f"FAIL - emu-nccl: {nranks} ranks: no line '{words}' on stderr: {err[-500:]}", flush=True)
+        if rc != 0 and not any(line.startswith("FAIL") for line in lines):
+            failed += 1
+            print(f"FAIL - emu-nccl: {nranks} ranks: exited {rc}: {(out + err).strip()[-500:]}", flush=True)
+    rc, out, err = run(NCCL, "-n", "4", EMU_DRY_RUN="1")
+    print(out.strip(), flush=True)
+    if rc != 0 or "ok - " not in out or "5 CUB and NCCL calls checked" not in err:
+        failed += 1
+        print(f"FAIL - emu-nccl: dry run: exit {rc}, expected 5 NCCL calls counted: {(out + err).strip()[-500:]}")
+    return failed
+
+
 def main():
-    for binary in (PLAIN, ASAN, TSAN):
+    for binary in (PLAIN, ASAN, TSAN, NCCL):
         if not os.path.exists(binary):
             print(f"FAIL - emu-selftest: {binary} is not built (make {os.path.relpath(binary, REPO)})")
             return 1
@@ -127,6 +160,7 @@ def main():
                 print(f"FAIL - emu-selftest{label}: exited {rc}: {(out + err).strip()[-500:]}")
             else:
                 print(err.strip()[-2000:])
+    failed += check_nccl()
     listed = run(PLAIN, "list")[1].split()
     if sorted(listed) != sorted(BUGS):
         print(f"FAIL - emu-selftest: the bug table and selftest list differ: {sorted(set(listed) ^ set(BUGS))}")
