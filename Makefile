@@ -48,6 +48,16 @@ else
   $(info NCCL not found (no nccl.h): building single-GPU; NO_MULTI_GPU=1 silences this)
 endif
 
+# MPI (OpenMPI's mpicxx): with it, ranks started by mpirun get the NCCL id
+# through MPI; without it, through a file (train_et -pd). NO_MPI=1 leaves it out.
+MPI_INCLUDE := $(if $(filter 1,$(NO_MPI)),,$(shell mpicxx --showme:incdirs 2>/dev/null))
+MPI_LIBDIR := $(if $(filter 1,$(NO_MPI)),,$(shell mpicxx --showme:libdirs 2>/dev/null))
+MPI_CFLAGS := $(if $(MPI_INCLUDE),-DUSE_MPI $(addprefix -I,$(MPI_INCLUDE)))
+MPI_LIBS := $(if $(MPI_INCLUDE),$(addprefix -L,$(MPI_LIBDIR)) -lmpi)
+ifneq ($(NCCL_FLAGS),)
+  NCCL_FLAGS += $(MPI_CFLAGS) $(MPI_LIBS)
+endif
+
 # Host code never fuses a*b + c into one rounding (-ffp-contract=off): the CPU
 # references must round as they are written, so the GPU tests can compare
 # the kernels that match them bit for bit (the ET cutoff EMA) on any host.
@@ -152,8 +162,8 @@ $(EMU_SRC)/.stamp: $(EMU_SOURCES) test/emu/rewrite.py
 .PRECIOUS: build/emu/%.o
 emu_variant = $(firstword $(subst /, ,$*))
 emu_objects = $(patsubst %,build/emu/$(1)/%.o,$(EMU_RUNTIME))
-emu_link = $(CXX) $(EMU_CXX_FLAGS) $(EMU_FLAGS_$(emu_variant)) $(GIT_FLAGS) -include test/emu/emu.h $(1) -x c++ $(2) \
-           -x none $(call emu_objects,$(emu_variant)) -o $@
+emu_link = $(CXX) $(EMU_CXX_FLAGS) $(EMU_FLAGS_$(emu_variant)) $(GIT_FLAGS) -DMULTI_GPU $(MPI_CFLAGS) \
+           -include test/emu/emu.h $(1) -x c++ $(2) -x none $(call emu_objects,$(emu_variant)) $(MPI_LIBS) -o $@
 
 build/emu/%.o: test/emu/$$(notdir $$*).cpp $(EMU_HEADERS)
 	@mkdir -p $(dir $@)

@@ -27,6 +27,7 @@
 #include <vector>
 
 inline FILE* fail_log = nullptr;  // a run's train.log, once open: it ends with the error that stopped the run
+inline std::string fail_prefix;   // "rank N: " when several processes share the console
 
 [[noreturn]] inline void fail(const char* fmt, ...) {
     char line[4096];
@@ -34,8 +35,8 @@ inline FILE* fail_log = nullptr;  // a run's train.log, once open: it ends with 
     va_start(args, fmt);
     vsnprintf(line, sizeof(line), fmt, args);
     va_end(args);
-    fprintf(stderr, "error: %s\n", line);
-    if (fail_log) fprintf(fail_log, "error: %s\n", line);
+    fprintf(stderr, "error: %s%s\n", fail_prefix.c_str(), line);
+    if (fail_log) fprintf(fail_log, "error: %s%s\n", fail_prefix.c_str(), line);
     exit(1);
 }
 

@@ -1463,12 +1463,20 @@ inline void loss_sum(float* total, const float* losses, int N) {
     launchCheck();
 }
 
-// partial is NORM_BLOCKS floats of scratch.
-inline void grad_norm(float* norm, float* clip_scale, float* partial, const float* grads, size_t n, float max_norm) {
+// partial is NORM_BLOCKS floats of scratch. In two halves for data
+// parallelism: each rank's partial sums of squares of its own shard are
+// summed over the ranks before the final one.
+inline void grad_norm_partial(float* partial, const float* grads, size_t n) {
     grad_norm_partial_kernel<<<NORM_BLOCKS, NORM_THREADS>>>(partial, grads, n);
     launchCheck();
+}
+inline void grad_norm_final(float* norm, float* clip_scale, const float* partial, float max_norm) {
     grad_norm_final_kernel<<<1, WARP>>>(norm, clip_scale, partial, max_norm);
     launchCheck();
+}
+inline void grad_norm(float* norm, float* clip_scale, float* partial, const float* grads, size_t n, float max_norm) {
+    grad_norm_partial(partial, grads, n);
+    grad_norm_final(norm, clip_scale, partial, max_norm);
 }
 
 inline void adamw_update(float* master, floatX* params, float* m, float* v, const float* grads, size_t n, float lr,
@@ -1484,8 +1492,10 @@ inline void copy_to_floatX(floatX* out, const float* inp, size_t n) {
     launchCheck();
 }
 
-// Muon (the paper's optimizer for the matrices) and the MoE layer (routers,
-// dispatch and combine, expert FFNs) build on the plumbing and launchers above.
+// Data parallelism's communication, Muon (the paper's optimizer for the
+// matrices) and the MoE layer (routers, dispatch and combine, expert FFNs)
+// build on the plumbing and launchers above.
+#include "multi_gpu.cuh"
 #include "optimizer.cuh"
 #include "router.cuh"
 
@@ -1553,7 +1563,15 @@ struct Model {
     MuonWorkspace muon;
     std::vector<size_t> offsets;  // of each tensor in the flat buffers
     size_t num_params = 0;
-    float *master = nullptr, *grads = nullptr, *adam_m = nullptr, *adam_v = nullptr;
+    // data parallel: this rank of `world` (set before model_allocate); it
+    // owns shards.begin[rank] .. begin[rank + 1] of the flat parameters: the
+    // optimizer moments of that slice alone, and its update (ZeRO-1)
+    int rank = 0, world = 1;
+    MultiGpu* multi = nullptr;  // null: one process
+    ShardPlan shards;
+    bool reduce_grads = false;  // model_backward reduces each layer's gradients as it finishes them (last micro-step)
+    float *master = nullptr, *grads = nullptr;
+    float *adam_m = nullptr, *adam_v = nullptr;  // the shard's: element i is parameter shard_begin() + i
     floatX* params = nullptr;  // what the matmuls read; aliases master in the FP32 build
     Activations acts;
     RopeTables rope;
@@ -1566,6 +1584,8 @@ struct Model {
 
     const floatX* param(int tensor) const { return params + offsets[tensor]; }
     float* grad(int tensor) const { return grads + offsets[tensor]; }
+    size_t shard_begin() const { return shards.begin[rank]; }
+    size_t shard_size() const { return shards.size(rank); }
     int tensor_index(const std::string& name) const {
         for (size_t i = 0; i < tensors.size(); i++)
             if (tensors[i].name == name) return (int)i;
@@ -1588,23 +1608,24 @@ inline size_t model_allocate(Model* model, int B, int T) {
         model->offsets.push_back(model->num_params);
         model->num_params += (size_t)t.numel();
     }
+    model->groups = optimizer_groups(c, model->tensors, model->optim);
+    model->muon_matrices = muon_matrices(c, model->tensors, model->optim);
+    model->shards = shard_plan(model->offsets, model->num_params, model->muon_matrices, model->world);
     MemoryPlan& plan = model->memory;
     plan = MemoryPlan{};
-    const size_t n = model->num_params;
+    const size_t n = model->num_params, shard = model->shard_size();
     model->master = device_alloc<float>(n, &plan.master);
     model->grads = device_alloc<float>(n, &plan.gradients);
-    model->adam_m = device_alloc<float>(n, &plan.adam);
-    model->adam_v = device_alloc<float>(n, &plan.adam);
+    model->adam_m = device_alloc<float>(shard, &plan.adam);
+    model->adam_v = device_alloc<float>(shard, &plan.adam);
 #ifdef ENABLE_FP32
     model->params = model->master;
 #else
     model->params = device_alloc<floatX>(n, &plan.weights);
 #endif
-    device_zero(model->adam_m, n * sizeof(float));
-    device_zero(model->adam_v, n * sizeof(float));
+    device_zero(model->adam_m, shard * sizeof(float));
+    device_zero(model->adam_v, shard * sizeof(float));
     device_zero(model->grads, n * sizeof(float));
-    model->groups = optimizer_groups(c, model->tensors, model->optim);
-    model->muon_matrices = muon_matrices(c, model->tensors, model->optim);
     plan.muon = model->muon.allocate(model->muon_matrices);
 
     Activations& a = model->acts;
@@ -1641,7 +1662,8 @@ inline size_t model_allocate(Model* model, int B, int T) {
     a.ffn_act = device_alloc<floatX>(N * ffn, &bytes);
     a.att_delta = device_alloc<float>(N * c.n_head, &bytes);
     if (c.n_experts > 0) {
-        router_allocate(&model->router, c, B, T);
+        router_allocate(&model->router, c, B, T, model->world, model->rank);
+        model->router.multi = model->multi;
         plan.routing = model->router.bytes;
     }
     plan.other += model->rope.allocate(T, c.head_dim());
@@ -1657,13 +1679,17 @@ inline size_t model_allocate(Model* model, int B, int T) {
     return plan.total();
 }
 
-// The model model_allocate(B, T) will make, worked out on the host without
-// touching the GPU: its memory plan, parameter count and router shapes are
-// the real ones; every buffer is null (never to be used or freed).
-inline Model model_plan(const ModelConfig& config, const OptimizerConfig& optim, int B, int T) {
+// The model model_allocate(B, T) will make on rank `rank` of `world`, worked
+// out on the host without touching the GPU: its memory plan, parameter count
+// and router shapes are the real ones; every buffer is null (never to be
+// used or freed).
+inline Model model_plan(const ModelConfig& config, const OptimizerConfig& optim, int B, int T, int world = 1,
+                        int rank = 0) {
     Model planned;
     planned.config = config;
     planned.optim = optim;
+    planned.world = world;
+    planned.rank = rank;
     memory_planning = true;
     model_allocate(&planned, B, T);
     memory_planning = false;
@@ -1746,20 +1772,30 @@ inline void model_forward(Model* model, int B, int T, bool with_targets, bool ba
 }
 
 // Backward of the last forward, which ran on the same B x T with
-// backward_next: adds this micro-batch's gradients into model->grads.
+// backward_next: adds this micro-batch's gradients into model->grads. With
+// model->reduce_grads (the step's last micro-step, several ranks), each
+// layer's gradients are sent to their owners as soon as they are complete,
+// while the layers below are still being worked on.
 inline void model_backward(Model* model, int B, int T) {
     const ModelConfig& c = model->config;
     Activations& a = model->acts;
     cublasHandle_t h = model->cublas;
     const int N = B * T, C = c.n_embd, H = c.n_head, KVH = c.n_kv_head, hd = c.head_dim();
     const int qkv_width = (H + 2 * KVH) * hd, ffn = 4 * C;
+    auto complete = [&](int first_tensor, int end_tensor) {  // the gradients of these tensors are final
+        if (!model->reduce_grads || !model->multi) return;
+        const size_t end = end_tensor < (int)model->tensors.size() ? model->offsets[end_tensor] : model->num_params;
+        multi_gpu_reduce_bucket(*model->multi, model->shards, model->grads, model->offsets[first_tensor], end);
+    };
     int t = (int)model->tensors.size() - 1;  // lm_head; walk the storage order backwards
     cudaCheck(cudaMemsetAsync(a.dresidual, 0, (size_t)N * C * sizeof(floatX)));
     matmul_backward(h, a.scratch_narrow, model->grad(t), a.logits, a.lnf, model->param(t), N, C, c.padded_vocab());
+    complete(t, t + 1);
     t--;
     rmsnorm_backward(a.dresidual, a.scratch_narrow, a.lnf, a.lnf_rstd, N, C);
     for (int l = c.n_layer - 1; l >= 0; l--) {
         Activations::Layer& L = a.layers[l];
+        const int layer_end = t + 1;
         if (c.is_moe_layer(l)) {
             // MoE FFN: x += shared(ln2) + sum of gated routed experts(ln2)
             t -= 4;  // to the router, the first of the layer's five tensors
@@ -1784,30 +1820,41 @@ inline void model_backward(Model* model, int B, int T) {
         t -= 2;  // wq, wk, wv as one matrix starting at wq
         matmul_backward(h, a.scratch_narrow, model->grad(t), a.scratch_wide, L.ln1, model->param(t), N, C, qkv_width);
         t--;
+        complete(t + 1, layer_end);
         rmsnorm_backward(a.dresidual, a.scratch_narrow, L.ln1, L.ln1_rstd, N, C);
     }
     // the embedding's RMSNorm, then the lookup
     cudaCheck(cudaMemsetAsync(a.scratch_narrow, 0, (size_t)N * C * sizeof(floatX)));
     rmsnorm_backward(a.scratch_narrow, a.dresidual, a.x0, a.x0_rstd, N, C);
     embedding_backward(model->grad(t), a.tokens, a.scratch_narrow, N, C, model->embedding_sort);
+    complete(t, t + 1);
 }
 
 // Global-norm clipping, then each group's optimizer at its peak rate times
 // the schedule's factor for the 0-based step: AdamW tensor by tensor, Muon
 // matrix by matrix (its momentum warmed up by the step). Weight decay on the
-// matrices only (ParamTensor::decays).
+// matrices only (ParamTensor::decays). Each rank updates the slice it owns
+// (all of it with one process); the norm's sums of squares are summed over
+// the ranks first, and the owners send the new weights to every rank after.
 inline void model_update(Model* model, const Schedule& schedule, float max_grad_norm, int step) {
     const OptimizerConfig& o = model->optim;
-    grad_norm(model->grad_norm_value, model->clip_scale, model->norm_partial, model->grads, model->num_params,
-              max_grad_norm);
+    const size_t lo = model->shard_begin(), hi = lo + model->shard_size();
+    if (model->multi) multi_gpu_buckets_done(*model->multi);
+    grad_norm_partial(model->norm_partial, model->grads + lo, hi - lo);
+    if (model->multi) multi_gpu_sum(*model->multi, model->norm_partial, NORM_BLOCKS);
+    grad_norm_final(model->grad_norm_value, model->clip_scale, model->norm_partial, max_grad_norm);
     for (const ParamGroup& g : model->groups) {
         const float lr = (float)(g.lr * schedule.factor(step, g.warmup));
         if (g.muon) {  // optimizer_groups puts every Muon tensor in this one group
             for (const MuonMatrix& mm : model->muon_matrices) {
-                const size_t off = model->offsets[mm.first_tensor];
+                // this rank's matrices of the batch: a shard never cuts one
+                const size_t size = (size_t)mm.rows * mm.cols, first = model->offsets[mm.first_tensor];
+                size_t a, b;
+                model->shards.overlap(model->rank, first, first + mm.batch * size, &a, &b);
+                if (a == b) continue;
                 const float wd = model->tensors[mm.first_tensor].decays() ? (float)o.weight_decay : 0.0f;
-                muon_step(model->cublas, model->muon, model->master + off, model->params + off, model->adam_m + off,
-                          model->grads + off, (int)mm.rows, (int)mm.cols, mm.batch, lr,
+                muon_step(model->cublas, model->muon, model->master + a, model->params + a, model->adam_m + (a - lo),
+                          model->grads + a, (int)mm.rows, (int)mm.cols, (int)((b - a) / size), lr,
                           (float)(mm.routed_experts && !o.expert_momentum_warmup ? o.momentum_end
                                                                                  : muon_momentum(o, step)),
                           wd, o.ns_steps, model->clip_scale);
@@ -1815,13 +1862,21 @@ inline void model_update(Model* model, const Schedule& schedule, float max_grad_
             continue;
         }
         for (int i : g.tensors) {
-            const size_t off = model->offsets[i], n = (size_t)model->tensors[i].numel();
+            size_t a, b;
+            model->shards.overlap(model->rank, model->offsets[i], model->offsets[i] + model->tensors[i].numel(), &a, &b);
+            if (a == b) continue;
             const float wd = model->tensors[i].decays() ? (float)o.weight_decay : 0.0f;
-            adamw_update(model->master + off, model->params + off, model->adam_m + off, model->adam_v + off,
-                         model->grads + off, n, lr, (float)o.beta1, (float)o.beta2, (float)o.eps, wd, step + 1,
+            adamw_update(model->master + a, model->params + a, model->adam_m + (a - lo), model->adam_v + (a - lo),
+                         model->grads + a, b - a, lr, (float)o.beta1, (float)o.beta2, (float)o.eps, wd, step + 1,
                          model->clip_scale);
         }
     }
+    if (!model->multi || !model->multi->active()) return;
+    // fp32, so every rank's master weights stay the owner's bit for bit
+    multi_gpu_share_shards(*model->multi, model->shards, model->master);
+#ifndef ENABLE_FP32
+    copy_to_floatX(model->params, model->master, model->num_params);
+#endif
 }
 
 inline void model_free(Model* model) {

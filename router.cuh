@@ -699,36 +699,39 @@ __global__ void gate_backward_kernel(float* dr, const floatX* dy, const floatX* 
     }
 }
 
-// TC aux loss, step 1: gate_mean[e] = mean over tokens of sigmoid(r[n][e]).
-// One block per expert, a fixed-order block reduction.
-__global__ void gate_mean_kernel(float* gate_mean, const float* logits, int N, int E) {
+// TC aux loss, step 1: gate_mean[e] = sum over this rank's N tokens of
+// sigmoid(r[n][e]) / N_all (N_all = N on one rank; with several, summing the
+// ranks' results gives the mean over all their tokens). One block per
+// expert, a fixed-order block reduction.
+__global__ void gate_mean_kernel(float* gate_mean, const float* logits, int N, int E, int N_all) {
     using BlockReduce = cub::BlockReduce<float, DISPATCH_THREADS>;
     __shared__ typename BlockReduce::TempStorage reduce;
     const int e = blockIdx.x;
     float sum = 0.0f;
     for (int n = threadIdx.x; n < N; n += DISPATCH_THREADS) sum += sigmoidf(logits[(size_t)n * E + e]);
     sum = BlockReduce(reduce).Sum(sum);
-    if (threadIdx.x == 0) gate_mean[e] = sum / N;
+    if (threadIdx.x == 0) gate_mean[e] = sum / N_all;
 }
 
 // Step 2: aux_sum += alpha * sum_e f_e P_e, f_e = (E/N) * count_e, P_e =
-// gate_mean[e]; counts from the dispatch offsets. One thread, experts in order.
-__global__ void aux_loss_kernel(float* aux_sum, const float* gate_mean, const int* offsets, int N, int E, float alpha) {
+// gate_mean[e], over the N tokens the counts and means are of (with several
+// ranks: all ranks' tokens). One thread, experts in order.
+__global__ void aux_loss_kernel(float* aux_sum, const float* gate_mean, const int* counts, int N, int E, float alpha) {
     float loss = 0.0f;
-    for (int e = 0; e < E; e++) loss += (float)E / N * (offsets[e + 1] - offsets[e]) * gate_mean[e];
+    for (int e = 0; e < E; e++) loss += (float)E / N * counts[e] * gate_mean[e];
     *aux_sum += alpha * loss;
 }
 
 // Its gradient (f_e counts a selection: constant): dr[n][e] += weight *
-// alpha * f_e * p (1 - p) / N, weight = d(objective)/d(this aux loss). One
-// thread per pair.
-__global__ void aux_loss_backward_kernel(float* dr, const float* logits, const int* offsets, int N, int E, float alpha,
-                                         float weight) {
+// alpha * f_e * p (1 - p) / N_all for this rank's n tokens, f_e and N_all as
+// in the loss, weight = d(objective)/d(this aux loss). One thread per pair.
+__global__ void aux_loss_backward_kernel(float* dr, const float* logits, const int* counts, int n, int N_all, int E,
+                                         float alpha, float weight) {
     const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (size_t)N * E) return;
+    if (i >= (size_t)n * E) return;
     const int e = (int)(i % E);
-    const float p = sigmoidf(logits[i]), f = (float)E / N * (offsets[e + 1] - offsets[e]);
-    dr[i] += weight * alpha * f * p * (1.0f - p) / N;
+    const float p = sigmoidf(logits[i]), f = (float)E / N_all * counts[e];
+    dr[i] += weight * alpha * f * p * (1.0f - p) / N_all;
 }
 
 // End of a step, EC and ET: raw[l][e] = beta raw + (1 - beta) mean, mean =
@@ -778,7 +781,8 @@ __global__ void add_float_kernel(floatX* y, const float* x, size_t n) {
 struct MoeBuffers {
     int capacity = 0, max_tiles = 0;  // routed pairs it can hold; row tiles for that many
     int launch_tiles = 0;             // row tiles the expert kernels launch for the current pass (host's bound)
-    float* logits = nullptr;          // (N, E) fp32 router logits
+    float* logits = nullptr;          // (N, E) fp32 router logits; (ranks x N, E) where the pool spans the ranks
+    float* own_logits = nullptr;      // this rank's (N, E) of them
     int* slot_of = nullptr;           // (N, E) slot of each routed pair, -1 if not routed
     int* slot_token = nullptr;        // (capacity) token of each slot
     float* slot_gate = nullptr;       // (capacity) sigmoid(r) of each slot
@@ -795,6 +799,12 @@ enum class RoutingPass { Train, Eval, Generate };
 struct Router {
     RouterConfig config;
     int E = 0, C = 0, B = 0, T = 0;
+    // data parallel: this rank of `ranks`, each routing its own B x T tokens.
+    // EC and ET with -ep global pool every rank's tokens: the logits are
+    // gathered and every rank selects over all of them, the same selection
+    // bit for bit; TC sums its counts and gate means over the ranks.
+    int ranks = 1, rank = 0;
+    MultiGpu* multi = nullptr;
     std::vector<int> layers;         // the model layer of each MoE layer
     std::vector<MoeBuffers> train;   // per MoE layer
     MoeBuffers eval;                 // eval and generation passes (may alias train[0])
@@ -816,6 +826,7 @@ struct Router {
     uint8_t* route_record = nullptr;
     bool record_routes = false;
     int* counts = nullptr;           // (E)
+    int* aux_counts = nullptr;       // (layers, E) TC aux: each layer's counts (summed over the ranks)
     int* tile_counts = nullptr;      // (E, dispatch_tiles(N)): expert_count's per-tile counts, then first ranks
     float *kth = nullptr, *gate_mean = nullptr, *dr = nullptr, *h32 = nullptr;  // (pools, E), (E), (N, E), (N, C)
     floatX *grad_pre = nullptr, *grad_x = nullptr;  // (train capacity, 2C), (train capacity, C)
@@ -823,6 +834,11 @@ struct Router {
 
     int stats_int_stride() const { return E + 5; }
     int stats_float_stride() const { return E + 1; }
+    bool pools_ranks() const { return ranks > 1 && config.kind != RouterKind::TC && config.ec_pool == EcPool::Global; }
+    bool sums_ranks() const { return ranks > 1 && config.kind == RouterKind::TC; }
+    // how many ranks' statistics router_share_stats adds up (1: the pool
+    // spans the ranks, so every rank already holds the global ones)
+    int stats_ranks() const { return ranks > 1 && !pools_ranks() ? ranks : 1; }
 };
 
 // The EMA's bias correction 1 - beta^updates, in float as the reference has it.
@@ -834,7 +850,7 @@ inline float cutoff_correction(const Router& r) {
 // Training shapes give a whole k (train_et checks); a generation pass of one
 // short sequence may not, and takes k = max(1, floor).
 inline void pool_shape(const Router& r, int B, int T, int* pool, int* k) {
-    *pool = (int)routing_pool_tokens(r.config.ec_pool, B, T);
+    *pool = (int)routing_pool_tokens(r.config.ec_pool, B, T, r.ranks);
     *k = std::max<int>(1, (int)((int64_t)*pool * r.config.top_k / r.E));
 }
 
@@ -857,27 +873,33 @@ inline const char* router_routing_now(const Router& r) {
     return router_name(r.config.kind);
 }
 
-// The most routed pairs a pass can produce (the host's bound; the device
-// knows the real count).
+// The most routed pairs a pass can produce on this rank's B x T tokens (the
+// host's bound; the device knows the real count). A pool over every rank's
+// tokens may give all of an expert's picks to one rank: at most min(k, N).
 inline int64_t routed_pairs_bound(const Router& r, RoutingPass pass, Routing how, int B, int T) {
     const int64_t N = (int64_t)B * T;
     int pool, k;
     pool_shape(r, B, T, &pool, &k);
     if (how == Routing::TopK) return N * r.config.top_k;
-    if (how == Routing::Choice) return N / pool * r.E * k;
+    const int64_t pools = std::max<int64_t>(1, N / pool), tokens = std::min<int64_t>(pool, N);
+    if (how == Routing::Choice) return pools * r.E * std::min<int64_t>(k, tokens);
     if (pass != RoutingPass::Train || r.config.capacity < 0) return N * r.E;
     int lo, hi;
     et_capacity_bounds(k, r.config.capacity, &lo, &hi);
-    return N / pool * r.E * std::min(hi, pool);
+    return pools * r.E * std::min<int64_t>(hi, tokens);
 }
 
-inline MoeBuffers moe_buffers_allocate(int64_t N, int E, int C, int64_t capacity, size_t* bytes) {
+// Buffers for N tokens of this rank; the logits for `ranks` x N (rank
+// `rank`'s block its own) where the routing pool spans the ranks.
+inline MoeBuffers moe_buffers_allocate(int64_t N, int E, int C, int64_t capacity, size_t* bytes, int ranks = 1,
+                                       int rank = 0) {
     if (capacity > INT32_MAX) fail("MoE: %lld routed pairs per micro-batch do not fit int32 slots; use a smaller -b",
                                    (long long)capacity);
     MoeBuffers b;
     b.capacity = (int)capacity;
     b.max_tiles = (int)((capacity + EXPERT_TILE - 1) / EXPERT_TILE + E);
-    b.logits = device_alloc<float>(N * E, bytes);
+    b.logits = device_alloc<float>(ranks * N * E, bytes);
+    b.own_logits = b.logits ? b.logits + rank * N * E : nullptr;
     b.slot_of = device_alloc<int>(N * E, bytes);
     b.slot_token = device_alloc<int>(capacity, bytes);
     b.slot_gate = device_alloc<float>(capacity, bytes);
@@ -897,10 +919,13 @@ inline void moe_buffers_free(MoeBuffers& b) {
         cudaCheck(cudaFree(p));
 }
 
-// Allocates the router of every MoE layer for micro-batches of B x T, once.
-// config.router.et_warmup_steps must be resolved (et_warmup_steps()) first.
-inline void router_allocate(Router* r, const ModelConfig& c, int B, int T) {
+// Allocates the router of every MoE layer for micro-batches of B x T on
+// rank `rank` of `ranks`, once. config.router.et_warmup_steps must be
+// resolved (et_warmup_steps()) first.
+inline void router_allocate(Router* r, const ModelConfig& c, int B, int T, int ranks = 1, int rank = 0) {
     r->config = c.router;
+    r->ranks = ranks;
+    r->rank = rank;
     if (r->config.et_warmup_steps < 0) fail("internal: resolve the ET warm-up (et_warmup_steps) before allocating");
     r->E = c.n_experts;
     r->C = c.n_embd;
@@ -910,16 +935,19 @@ inline void router_allocate(Router* r, const ModelConfig& c, int B, int T) {
     for (int l = 0; l < c.n_layer; l++)
         if (c.is_moe_layer(l)) r->layers.push_back(l);
     const int64_t N = (int64_t)B * T, E = r->E, C = r->C, L = (int64_t)r->layers.size();
+    const int64_t pooled = r->pools_ranks() ? ranks : 1;  // ranks whose logits a training pass selects over
     // the training capacity: the most pairs any training pass can route
     const Routing first = r->config.kind == RouterKind::TC ? Routing::TopK : Routing::Choice;  // EC, ET's warm-up
     int64_t capacity = routed_pairs_bound(*r, RoutingPass::Train, first, B, T);
     if (r->config.kind == RouterKind::ET)
         capacity = std::max(capacity, routed_pairs_bound(*r, RoutingPass::Train, Routing::Threshold, B, T));
     size_t bytes = 0;
-    for (int64_t l = 0; l < L; l++) r->train.push_back(moe_buffers_allocate(N, r->E, r->C, capacity, &bytes));
+    for (int64_t l = 0; l < L; l++)
+        r->train.push_back(moe_buffers_allocate(N, r->E, r->C, capacity, &bytes, (int)pooled, pooled > 1 ? rank : 0));
     const int64_t eval_capacity = r->config.kind == RouterKind::TC ? N * r->config.top_k : N * E;
     r->eval_owned = eval_capacity > capacity;
     r->eval = r->eval_owned ? moe_buffers_allocate(N, r->E, r->C, eval_capacity, &bytes) : r->train[0];
+    r->eval.own_logits = r->eval.logits;  // an eval pass routes this rank's tokens alone
     r->raw_cutoff = device_alloc<float>(L * E, &bytes);
     r->tc_bias = device_alloc<float>(L * E, &bytes);
     device_zero(r->raw_cutoff, L * E * sizeof(float));
@@ -930,10 +958,11 @@ inline void router_allocate(Router* r, const ModelConfig& c, int B, int T) {
     device_zero(r->stats_int, L * r->stats_int_stride() * sizeof(int));
     device_zero(r->stats_float, L * r->stats_float_stride() * sizeof(float));
     device_zero(r->dropped, sizeof(int));
-    r->mask = device_alloc<uint8_t>(N * E, &bytes);
+    r->mask = device_alloc<uint8_t>(pooled * N * E, &bytes);
     r->route_record = device_alloc<uint8_t>(L * T * E, &bytes);
     r->counts = device_alloc<int>(E, &bytes);
-    r->tile_counts = device_alloc<int>(E * dispatch_tiles(N), &bytes);
+    r->aux_counts = device_alloc<int>(L * E, &bytes);
+    r->tile_counts = device_alloc<int>(E * dispatch_tiles(pooled * N), &bytes);
     r->kth = device_alloc<float>((int64_t)B * E, &bytes);  // (pools, E): at most one pool per sequence
     r->gate_mean = device_alloc<float>(E, &bytes);
     r->dr = device_alloc<float>(N * E, &bytes);
@@ -950,7 +979,8 @@ inline void router_free(Router* r) {
     if (r->eval_owned) moe_buffers_free(r->eval);
     r->train.clear();
     for (void* p : {(void*)r->raw_cutoff, (void*)r->tc_bias, (void*)r->stats_int, (void*)r->stats_float,
-                    (void*)r->dropped, (void*)r->mask, (void*)r->route_record, (void*)r->counts, (void*)r->tile_counts,
+                    (void*)r->dropped, (void*)r->mask, (void*)r->route_record, (void*)r->counts, (void*)r->aux_counts,
+                    (void*)r->tile_counts,
                     (void*)r->kth, (void*)r->gate_mean,
                     (void*)r->dr, (void*)r->h32, (void*)r->grad_pre, (void*)r->grad_x})
         cudaCheck(cudaFree(p));
@@ -981,7 +1011,8 @@ inline void router_step_end(Router& r) {
     if (r.config.kind != RouterKind::TC) {
         cutoff_update_kernel<<<ceil_div(n, THREADS), THREADS>>>(r.raw_cutoff, r.stats_float, r.E,
                                                                 r.stats_float_stride(), (int)r.layers.size(),
-                                                                (float)r.config.et_beta, r.micro_steps);
+                                                                (float)r.config.et_beta,
+                                                                r.micro_steps * r.stats_ranks());
         launchCheck();
         r.updates++;
     } else if (r.config.tc_balance == TcBalance::LossFree) {
@@ -991,8 +1022,20 @@ inline void router_step_end(Router& r) {
     }
 }
 
+// After a step's micro-steps, with several ranks: the step's statistics
+// summed over the ranks where each rank has only its own (pools within a
+// rank; TC), so every rank logs global figures and moves its cutoffs and
+// biases identically. The kth and aux sums are then stats_ranks() times
+// too large (a sum of per-rank means); readers divide.
+inline void router_share_stats(Router& r) {
+    if (r.layers.empty() || r.stats_ranks() == 1) return;
+    const size_t L = r.layers.size();
+    multi_gpu_sum(*r.multi, r.stats_int, L * r.stats_int_stride());
+    multi_gpu_sum(*r.multi, r.stats_float, L * r.stats_float_stride());
+}
+
 // The step's routing per layer, copied to the host (a sync: logging steps
-// only, after the micro-steps and before router_step_end).
+// only, after the micro-steps and router_share_stats, before router_step_end).
 inline std::vector<LayerRoutingStats> router_read_stats(const Router& r) {
     std::vector<LayerRoutingStats> out;
     if (r.layers.empty()) return out;
@@ -1009,14 +1052,14 @@ inline std::vector<LayerRoutingStats> router_read_stats(const Router& r) {
              "router logits this cannot happen, so the run has diverged or the capacity bound is wrong",
              dropped);
     const float correction = cutoff_correction(r);
-    const int steps = std::max(r.micro_steps, 1);
+    const int steps = std::max(r.micro_steps, 1) * r.stats_ranks();
     for (size_t l = 0; l < L; l++) {
         LayerRoutingStats s;
         const int* ints = si.data() + l * r.stats_int_stride();
         const float* floats = sf.data() + l * r.stats_float_stride();
         s.layer = r.layers[l];
         s.counts.assign(ints, ints + r.E);
-        s.tokens = (int64_t)r.micro_steps * r.B * r.T;
+        s.tokens = (int64_t)r.micro_steps * r.B * r.T * r.ranks;
         for (int b = 0; b < 4; b++) s.fanout[b] = ints[r.E + b];
         s.clamped = ints[r.E + 4];
         if (r.config.kind != RouterKind::TC) {
@@ -1075,11 +1118,14 @@ inline const float* router_input(Router& r, const floatX* h, size_t n) {
 
 // Phase "router + selection": logits = h W_r^T (fp32 cuBLAS, no TF32), then
 // the pass's selection into r.mask; a training pass of EC or ET also adds
-// its EC cutoffs to the step's statistics.
+// its EC cutoffs to the step's statistics. A training pass whose pool spans
+// the ranks gathers every rank's logits first and selects over all of them
+// (the mask then covers every rank's tokens; moe_dispatch takes its own).
 inline void moe_route(Router& r, int layer, cublasHandle_t cublas, const floatX* h, const float* w_router, int B, int T,
                       RoutingPass pass) {
     MoeBuffers& buf = pass_buffers(r, layer, pass);
-    const int N = B * T, E = r.E, C = r.C;
+    const int E = r.E, C = r.C, ranks = pass == RoutingPass::Train && r.pools_ranks() ? r.ranks : 1;
+    const int N = B * T * ranks;  // the tokens selected over
     const Routing how = pass_routing(r, pass);
     const int64_t bound = routed_pairs_bound(r, pass, how, B, T);
     if (bound > buf.capacity)
@@ -1087,8 +1133,9 @@ inline void moe_route(Router& r, int layer, cublasHandle_t cublas, const floatX*
     // a short generation pass launches few tiles, not the whole buffer's
     buf.launch_tiles = (int)std::min<int64_t>(buf.max_tiles, (bound + EXPERT_TILE - 1) / EXPERT_TILE + E);
     const float one = 1.0f, zero = 0.0f;
-    cublasCheck(cublasSgemm(cublas, CUBLAS_OP_T, CUBLAS_OP_N, E, N, C, &one, w_router, C,
-                            router_input(r, h, (size_t)N * C), C, &zero, buf.logits, E));
+    cublasCheck(cublasSgemm(cublas, CUBLAS_OP_T, CUBLAS_OP_N, E, B * T, C, &one, w_router, C,
+                            router_input(r, h, (size_t)B * T * C), C, &zero, buf.own_logits, E));
+    if (ranks > 1) multi_gpu_gather(*r.multi, buf.logits, (size_t)B * T * E);
     const bool statistics = pass == RoutingPass::Train && r.config.kind != RouterKind::TC;
     int* stats_int = r.stats_int + (size_t)layer * r.stats_int_stride();
     float* stats_float = r.stats_float + (size_t)layer * r.stats_float_stride();
@@ -1124,28 +1171,42 @@ inline void moe_route(Router& r, int layer, cublasHandle_t cublas, const floatX*
 }
 
 // Phase "dispatch": the experts' token lists, gates and row tiles from r.mask;
-// in training also the step's counts and fanout, and the TC aux loss.
+// in training also the step's counts and fanout, and the TC aux loss. Where
+// the pool spans the ranks, the step's statistics count every rank's tokens
+// (the same on every rank) and the lists hold this rank's.
 inline void moe_dispatch(Router& r, int layer, int N, RoutingPass pass) {
     MoeBuffers& buf = pass_buffers(r, layer, pass);
     const int E = r.E;
-    const bool train = pass == RoutingPass::Train;
+    const bool train = pass == RoutingPass::Train, pooled = train && r.pools_ranks();
     int* stats_int = r.stats_int + (size_t)layer * r.stats_int_stride();
-    expert_count(r.counts, train ? stats_int : nullptr, r.tile_counts, r.mask, N, E);
+    const uint8_t* own_mask = pooled ? r.mask + (size_t)r.rank * N * E : r.mask;
+    if (pooled) {
+        expert_count(r.counts, stats_int, r.tile_counts, r.mask, N * r.ranks, E);
+        fanout_kernel<<<ceil_div((size_t)N * r.ranks, THREADS), THREADS>>>(stats_int + E, r.mask, N * r.ranks, E);
+        launchCheck();
+    }
+    expert_count(r.counts, train && !pooled ? stats_int : nullptr, r.tile_counts, own_mask, N, E);
     expert_dispatch(buf.slot_of, buf.slot_token, buf.slot_gate, buf.offsets, buf.tile_expert, buf.tile_row,
-                    buf.num_tiles, r.dropped, r.counts, r.tile_counts, r.mask, buf.logits, N, E, buf.capacity);
+                    buf.num_tiles, r.dropped, r.counts, r.tile_counts, own_mask, buf.own_logits, N, E, buf.capacity);
     if (!train && r.record_routes) {
         if (N > r.T) fail("internal: recording the routes of %d tokens, more than one sequence (%d)", N, r.T);
         cudaCheck(cudaMemcpyAsync(r.route_record + (size_t)layer * r.T * E, r.mask, (size_t)N * E,
                                   cudaMemcpyDeviceToDevice));
     }
-    if (!train) return;
+    if (!train || pooled) return;
     fanout_kernel<<<ceil_div(N, THREADS), THREADS>>>(stats_int + E, r.mask, N, E);
     launchCheck();
     if (r.config.kind == RouterKind::TC && r.config.tc_balance == TcBalance::Aux) {
-        gate_mean_kernel<<<E, DISPATCH_THREADS>>>(r.gate_mean, buf.logits, N, E);
+        gate_mean_kernel<<<E, DISPATCH_THREADS>>>(r.gate_mean, buf.own_logits, N, E, N * r.ranks);
         launchCheck();
-        aux_loss_kernel<<<1, 1>>>(r.stats_float + (size_t)layer * r.stats_float_stride() + E, r.gate_mean, buf.offsets,
-                                  N, E, (float)r.config.aux_alpha);
+        int* counts = r.aux_counts + (size_t)layer * E;  // kept for the backward
+        cudaCheck(cudaMemcpyAsync(counts, r.counts, E * sizeof(int), cudaMemcpyDeviceToDevice));
+        if (r.sums_ranks()) {
+            multi_gpu_sum(*r.multi, counts, E);
+            multi_gpu_sum(*r.multi, r.gate_mean, E);
+        }
+        aux_loss_kernel<<<1, 1>>>(r.stats_float + (size_t)layer * r.stats_float_stride() + E, r.gate_mean, counts,
+                                  N * r.ranks, E, (float)r.config.aux_alpha);
         launchCheck();
     }
 }
@@ -1246,7 +1307,8 @@ inline void moe_router_backward(Router& r, int layer, cublasHandle_t cublas, flo
     const int E = r.E, C = r.C;
     if (r.config.kind == RouterKind::TC && r.config.tc_balance == TcBalance::Aux) {
         aux_loss_backward_kernel<<<ceil_div((size_t)N * E, THREADS), THREADS>>>(
-            r.dr, buf.logits, buf.offsets, N, E, (float)r.config.aux_alpha, r.aux_weight);
+            r.dr, buf.own_logits, r.aux_counts + (size_t)layer * E, N, N * r.ranks, E,
+            (float)r.config.aux_alpha, r.aux_weight * r.ranks);
         launchCheck();
     }
     const float one = 1.0f, zero = 0.0f;

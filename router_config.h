@@ -45,10 +45,11 @@ inline double expert_target(int64_t pool_tokens, int top_k, int n_experts) {
     return (double)pool_tokens * top_k / n_experts;
 }
 
-// Tokens in one routing pool of a B x T micro-batch. With one process the
-// global batch of the GPUs is this GPU's micro-batch.
-inline int64_t routing_pool_tokens(EcPool pool, int B, int T) {
-    return pool == EcPool::Sequence ? T : (int64_t)B * T;
+// Tokens in one routing pool of a B x T micro-batch on each of `ranks`
+// processes: the global pool is every rank's micro-batch (with one process,
+// this GPU's).
+inline int64_t routing_pool_tokens(EcPool pool, int B, int T, int ranks = 1) {
+    return pool == EcPool::Sequence ? T : (int64_t)B * T * (pool == EcPool::Global ? ranks : 1);
 }
 
 // ET's EC warm-up: the paper used 4000 of ~19k steps; by default we keep

@@ -32,10 +32,6 @@
 #include <type_traits>
 #include <vector>
 
-#ifdef MULTI_GPU
-#include <nccl.h>
-#endif
-
 #include "common.h"
 #include "data/dataloader.h"
 #include "data/synthetic.h"
@@ -99,6 +95,8 @@ struct Options {
     std::string core_path = "none", routes_path = "none";
     int core_every = 0, routes_offset = 0, eval_only = 0;
     int seed = 1337, synthetic_vocab = GPT2_VOCAB;
+    std::string rendezvous_dir = "";  // -pd: "" = -o
+    double rank_time_limit = 60;
     std::vector<std::string> given;  // the flags on the command line, in order (twice if given twice)
 
     bool was_given(const std::string& flag) const { return std::find(given.begin(), given.end(), flag) != given.end(); }
@@ -137,7 +135,7 @@ static std::vector<Flag> flag_table(Options& o) {
         {"-tb", "routing", Flag::Choice, &o.tc_balance, 0, 0, "none|aux|lossfree", "TC: load balancing"},
         {"-ta", "routing", Flag::Real, &o.aux_alpha, 0, 10, nullptr, "TC: aux loss coefficient alpha"},
         {"-tu", "routing", Flag::Real, &o.lossfree_rate, 0, 1, nullptr, "TC: loss-free bias update rate u"},
-        {"-ep", "routing", Flag::Choice, &o.ec_pool, 0, 0, "micro|seq|global", "EC: routing pool (micro-batch on this GPU, one sequence, global batch)"},
+        {"-ep", "routing", Flag::Choice, &o.ec_pool, 0, 0, "micro|seq|global", "EC, and ET's cutoff statistic: routing pool (micro-batch on this GPU, one sequence, every rank's micro-batches)"},
         {"-er", "routing", Flag::Choice, &o.eval_routing, 0, 0, "threshold|batch", "EC/ET at eval: tracked cutoffs (causal) or the batch's top-k (not causal)"},
         {"-b", "batch", Flag::Int, &o.batch, 1, 65535, nullptr, "micro-batch: sequences per GPU per micro-step"},
         {"-t", "batch", Flag::Int, &o.seq_len, 8, 65536, nullptr, "sequence length in tokens"},
@@ -170,6 +168,8 @@ static std::vector<Flag> flag_table(Options& o) {
         {"-ro", "eval", Flag::Int, &o.routes_offset, 0, 2147483647, nullptr, "-rf: the text's first token in the shard (it takes up to -t tokens)"},
         {"-li", "eval", Flag::Int, &o.log_every, 1, 1e9, nullptr, "log the loss, speed and gradient norm every N steps"},
         {"-sd", "eval", Flag::Int, &o.seed, 0, 2147483647, nullptr, "random seed (weights, data order, sampling)"},
+        {"-pd", "ranks", Flag::Text, &o.rendezvous_dir, 0, 0, nullptr, "several processes (mpirun, srun): a directory every rank sees, for the NCCL id without MPI and the heartbeats (default: -o)"},
+        {"-pt", "ranks", Flag::Real, &o.rank_time_limit, 1, 1e6, nullptr, "several processes: seconds a rank waits for the GPU or a peer before it calls a rank lost and exits"},
     };
 }
 
@@ -391,9 +391,11 @@ static int gradient_accumulation(const Options& o, int world) {
 struct RunLog {
     FILE *text = nullptr, *json = nullptr;
     std::string kept;  // printed before open()
+    bool quiet = false;  // every rank but 0 of several: rank 0 speaks for the run
 
     // A fresh run starts new logs; a resumed one appends to its own.
     void open(const std::string& dir, bool append) {
+        if (quiet) return;
         text = fopen((dir + "/train.log").c_str(), append ? "a" : "w");
         json = fopen((dir + "/train.jsonl").c_str(), append ? "a" : "w");
         if (!text || !json) fail("-o: cannot write logs in %s (%s)", dir.c_str(), strerror(errno));
@@ -403,6 +405,7 @@ struct RunLog {
         fail_log = text;
     }
     void print(const char* fmt, ...) __attribute__((format(printf, 2, 3))) {
+        if (quiet) return;
         char buf[4096];
         va_list args;
         va_start(args, fmt);
@@ -416,6 +419,7 @@ struct RunLog {
     }
     void warn(const std::string& what) { print("warning: %s\n", what.c_str()); }
     void record(const std::string& line) {
+        if (quiet) return;
         fprintf(json, "%s\n", line.c_str());
         fflush(json);
     }
@@ -604,7 +608,7 @@ static std::vector<std::string> settings_warnings(const Options& o, const ModelC
         if (c.n_experts > 0 && r.kind != RouterKind::TC && p->paper_pool_tokens > pool)
             out.push_back(string_format(
                 "-preset %s: the paper's routing pool is %lld tokens and this run pools %lld (-b %d -ep %s)%s. The "
-                "paper's pool needs %lld ranks of -b %d with -ep global (multi-GPU training is not in train_et yet)",
+                "paper's pool needs %lld ranks of -b %d with -ep global (mpirun -np N or srun: README, Many GPUs)",
                 p->name, p->paper_pool_tokens, pool, o.batch, r.ec_pool == EcPool::Sequence ? "seq" : "micro",
                 pool == p->pool_tokens ? ", the most one H200 holds in a micro-batch" : "",
                 (p->paper_pool_tokens + pool - 1) / pool, o.batch));
@@ -652,8 +656,11 @@ static void print_config(RunLog& log, const Options& o, const ModelConfig& c, co
 #ifdef MULTI_GPU
     int nccl = 0;
     if (ncclGetVersion(&nccl) != ncclSuccess) fail("NCCL: ncclGetVersion failed: the NCCL library is unusable");
-    log.print(", NCCL %d.%d.%d linked (multi-GPU training not wired yet: 1 process)", nccl / 10000, nccl / 100 % 100,
-           nccl % 100);
+    log.print(", NCCL %d.%d.%d (several GPUs: mpirun or srun, one process each)", nccl / 10000, nccl / 100 % 100,
+              nccl % 100);
+#ifdef USE_MPI
+    log.print(", MPI");
+#endif
 #else
     log.print(", single GPU (NO_MULTI_GPU)");
 #endif
@@ -860,7 +867,7 @@ static const struct {
     {CK_VOCAB, "the data's vocab size", SettingKind::Whole, false}, {CK_EXPERTS, "-e", SettingKind::Whole, false},
     {CK_NUM_PARAMS, "the parameter count", SettingKind::Whole, false}, {CK_BATCH, "-b", SettingKind::Whole, false},
     {CK_SEQ_LEN, "-t", SettingKind::Whole, false}, {CK_TOTAL_BATCH, "-d", SettingKind::Whole, false},
-    {CK_WORLD, "the number of processes", SettingKind::Whole, false}, {CK_SEED, "-sd", SettingKind::Whole, false},
+    {CK_WORLD, "the number of processes", SettingKind::Whole, true}, {CK_SEED, "-sd", SettingKind::Whole, false},
     {CK_DATA, "the training data (-i: shard count and sizes)", SettingKind::Opaque, false},
     {CK_STEPS, "the step count (-x)", SettingKind::Whole, false}, {CK_WARMUP, "-u", SettingKind::Whole, true},
     {CK_SCHEDULE, "-a", SettingKind::Choice, true, "cosine|wsd|linear"}, {CK_LR, "-l", SettingKind::Real, true},
@@ -946,8 +953,13 @@ static void write_all(FILE* f, const void* data, size_t bytes, const std::string
     if (fwrite(data, 1, bytes, f) != bytes) fail("%s: write failed (disk full?)", path.c_str());
 }
 
-static void save_checkpoint(const Options& o, const Model& model, const TrainState& st, const int64_t* settings,
-                            float* host_buffer) {
+// Every rank calls it: the optimizer moments come from the ranks that own
+// them (gathered into the gradient buffer, free between steps), so the file
+// is the same whatever the number of ranks; rank 0 writes it. Returns "", or
+// the watchdog's account of a lost rank (and then no checkpoint is renamed
+// into place: the last complete one stays the newest).
+static std::string save_checkpoint(const Options& o, Model& model, MultiGpu& multi, const TrainState& st,
+                                   const int64_t* settings, float* host_buffer) {
     int64_t h[CK_HEADER_FIELDS];
     memcpy(h, settings, sizeof(h));
     h[CK_MAGIC] = CHECKPOINT_MAGIC; h[CK_VERSION] = CHECKPOINT_VERSION; h[CK_STEP] = st.step;
@@ -956,13 +968,28 @@ static void save_checkpoint(const Options& o, const Model& model, const TrainSta
     h[CK_ROUTER_UPDATES] = model.router.updates;
     h[CK_ELAPSED_MS] = (int64_t)(st.elapsed * 1e3);
     std::string path = checkpoint_path(o.out_dir, st.step), tmp = path + ".tmp";
-    FILE* f = fopen(tmp.c_str(), "wb");
-    if (!f) fail("%s: cannot create (%s)", tmp.c_str(), strerror(errno));
-    write_all(f, h, sizeof(h), tmp);
-    for (const float* buf : {model.master, model.adam_m, model.adam_v}) {
+    FILE* f = nullptr;
+    if (multi.rank == 0) {
+        f = fopen(tmp.c_str(), "wb");
+        if (!f) fail("%s: cannot create (%s)", tmp.c_str(), strerror(errno));
+        write_all(f, h, sizeof(h), tmp);
+    }
+    for (const float* buf : {(const float*)model.master, (const float*)model.adam_m, (const float*)model.adam_v}) {
+        if (buf != model.master && multi.active()) {
+            multi_gpu_collect_shards(multi, model.shards, buf, model.grads);
+            buf = model.grads;
+        }
+        const std::string lost = multi_gpu_wait(multi);
+        if (!lost.empty()) {
+            if (f) fclose(f);
+            remove(tmp.c_str());
+            return lost;
+        }
+        if (!f) continue;
         cudaCheck(cudaMemcpy(host_buffer, buf, model.num_params * sizeof(float), cudaMemcpyDeviceToHost));
         write_all(f, host_buffer, model.num_params * sizeof(float), tmp);
     }
+    if (!f) return "";
     size_t router_floats = router_state_floats(model.router);  // fewer than num_params: the buffer holds them
     router_save_state(model.router, host_buffer);
     write_all(f, host_buffer, router_floats * sizeof(float), tmp);
@@ -973,15 +1000,21 @@ static void save_checkpoint(const Options& o, const Model& model, const TrainSta
         std::vector<std::string> all = glob_sorted(o.out_dir + "/ckpt_*.bin");
         for (size_t i = 0; i + o.checkpoints_kept < all.size(); i++) remove(all[i].c_str());
     }
+    return "";
 }
 
-// Loads the checkpoint check_resume chose into the model.
+// Loads the checkpoint check_resume chose into the model: the whole master
+// weights, and the moments of this rank's shard (any number of ranks may
+// have written it).
 static TrainState load_checkpoint(RunLog& log, const std::string& path, Model* model, float* host_buffer) {
     int64_t h[CK_HEADER_FIELDS];
     FILE* f = open_checkpoint(path, h);
     for (float* buf : {model->master, model->adam_m, model->adam_v}) {
         read_all(f, host_buffer, model->num_params * sizeof(float), path);
-        cudaCheck(cudaMemcpy(buf, host_buffer, model->num_params * sizeof(float), cudaMemcpyHostToDevice));
+        const bool whole = buf == model->master;
+        cudaCheck(cudaMemcpy(buf, host_buffer + (whole ? 0 : model->shard_begin()),
+                             (whole ? model->num_params : model->shard_size()) * sizeof(float),
+                             cudaMemcpyHostToDevice));
     }
     read_all(f, host_buffer, router_state_floats(model->router) * sizeof(float), path);
     router_load_state(model->router, host_buffer);
@@ -997,6 +1030,9 @@ static TrainState load_checkpoint(RunLog& log, const std::string& path, Model* m
     st.data.epoch = (uint64_t)h[CK_EPOCH];
     st.data.shard_pos = (uint64_t)h[CK_SHARD_POS];
     st.data.round = (uint64_t)h[CK_ROUND];
+    // a round is world x B windows: another number of ranks goes on from the
+    // same window of the shard (rounded down to a whole round)
+    st.data.round = st.data.round * (uint64_t)h[CK_WORLD] / (uint64_t)model->world;
     for (int i = 0; i < 4; i++) st.sample_rng.s[i] = (uint64_t)h[CK_RNG0 + i];
     log.print("resumed  %s (step %d)\n", path.c_str(), st.step);
     return st;
@@ -1117,18 +1153,24 @@ struct BatchFeeder {
     }
 };
 
-// Mean loss over `batches` validation micro-batches (from the start of the
-// validation data each time, so every evaluation sees the same tokens).
-static float evaluate(Model* model, DataLoader& val, BatchFeeder& feeder, int batches) {
+// Mean loss over `batches` validation micro-batches per rank (from the
+// start of the validation data each time, so every evaluation sees the same
+// tokens; the ranks read disjoint ones): the loss sums of all ranks over all
+// their tokens. "" in *lost, or the watchdog's account of a lost rank.
+static float evaluate(Model* model, MultiGpu& multi, DataLoader& val, BatchFeeder& feeder, int batches,
+                      std::string* lost) {
     val.reset();
     cudaCheck(cudaMemset(model->loss_total, 0, sizeof(float)));
     for (int i = 0; i < batches; i++) {
         feeder.feed(val, model->acts);
         model_forward(model, model->acts.B, model->acts.T, true, false, 0.0f);
     }
+    multi_gpu_sum(multi, model->loss_total, 1);
+    *lost = multi_gpu_wait(multi);
+    if (!lost->empty()) return NAN;
     float total = 0;
     cudaCheck(cudaMemcpy(&total, model->loss_total, sizeof(float), cudaMemcpyDeviceToHost));
-    return total / ((float)batches * model->acts.B * model->acts.T);
+    return total / ((float)batches * model->acts.B * model->acts.T * multi.world);
 }
 
 // Samples `length` tokens after an EOT, recomputing the whole prefix for
@@ -1319,15 +1361,56 @@ static std::string routing_line(const char* routing_now, const RouterConfig& rou
     return line;
 }
 
+// Several ranks must run one configuration: the same flags, data and build.
+// Each hashes its own (every flag's value, the checkpoint's settings, which
+// hold the data's fingerprint, the precision and the commit) and every rank
+// compares them before the first step (through the gradients, still unused).
+static void check_same_settings(MultiGpu& multi, const Model& model, Options& o, const int64_t* settings) {
+    if (!multi.active()) return;
+    std::string text = string_format("%s %s %d\n", PRECISION_NAME, GIT_COMMIT, GIT_DIRTY);
+    for (const Flag& f : flag_table(o)) text += string_format("%s=%s\n", f.name, flag_value(f).c_str());
+    const uint64_t hash = settings_hash(settings, CK_HEADER_FIELDS * sizeof(int64_t),
+                                        settings_hash(text.data(), text.size()));
+    const std::string differ = multi_gpu_ranks_unlike_rank0(multi, hash, model.grads);
+    if (!differ.empty())
+        fail("rank%s %s started with other settings than rank 0 (flags, data or build): start every rank with the same "
+             "command, files and train_et", differ.find(',') == std::string::npos ? "" : "s", differ.c_str());
+}
+
+// Several ranks must also stay one model: after the same steps every rank's
+// master weights, cutoffs and biases must be the same bits (the owners sent
+// their shards, and the routers saw the same statistics). Checked at every
+// checkpoint and at the end: a hash of each rank's, compared on every rank
+// (through the gradients: free between steps).
+// Returns the log line, or fails naming the ranks that drifted.
+static std::string check_ranks_agree(MultiGpu& multi, const Model& model, float* host_buffer, int step) {
+    cudaCheck(cudaMemcpy(host_buffer, model.master, model.num_params * sizeof(float), cudaMemcpyDeviceToHost));
+    uint64_t hash = settings_hash(host_buffer, model.num_params * sizeof(float));
+    const size_t router_floats = router_state_floats(model.router);
+    router_save_state(model.router, host_buffer);
+    hash = settings_hash(host_buffer, router_floats * sizeof(float), hash);
+    const std::string differ = multi_gpu_ranks_unlike_rank0(multi, hash, model.grads);
+    if (!differ.empty())
+        fail("step %d: rank(s) %s hold other weights, cutoffs or biases than rank 0: the ranks have drifted apart "
+             "(a bug: please report it with the command)", step, differ.c_str());
+    return string_format("step %6d | weights, cutoffs and biases identical on all %d ranks (hash %016llx)\n", step,
+                         multi.world, (unsigned long long)hash);
+}
+
 int main(int argc, char** argv) {
     const std::string start_time = utc_now();
     Options o = parse_flags(argc, argv);
+    ProcessLayout layout;  // one process per GPU, started by mpirun or srun (or one alone)
+    const std::string layout_err = process_layout_from_environment(&layout);
+    if (!layout_err.empty()) fail("%s", layout_err.c_str());
+    const int world = layout.world, rank = layout.rank;
+    if (world > 1) fail_prefix = string_format("rank %d: ", rank);
     ModelConfig config = model_from_options(o);
     if (o.max_steps == 0) fail("-x: 0 steps; use a positive count, or -1 for one epoch");
-    const int world = 1, rank = 0;  // one process per GPU: multi-GPU arrives with NCCL training
     const int grad_accum = gradient_accumulation(o, world);
     prepare_output_dir(o);
     RunLog log;
+    log.quiet = rank != 0;
     DataSources data;
     open_data(o, &data, log);
     config.vocab_size = data.vocab_size;
@@ -1352,8 +1435,13 @@ int main(int argc, char** argv) {
 
     // The model as model_allocate will make it, worked out without the GPU.
     const OptimizerConfig optim = optimizer_from_options(o);
-    const Model planned = model_plan(config, optim, o.batch, o.seq_len);
+    const Model planned = model_plan(config, optim, o.batch, o.seq_len, world, rank);
     print_config(log, o, config, data, grad_accum, steps, steps_per_epoch, planned, checkpoint_bytes(planned));
+    if (world > 1)
+        log.print("ranks    %d processes (%s), %d on this node; each trains -b %d x -t %d per micro-step and keeps "
+                  "the optimizer state of its shard (rank 0: %.1fM of %.1fM parameters); memory above is rank 0's\n",
+                  world, layout.launcher.c_str(), layout.local_world, o.batch, o.seq_len, planned.shard_size() / 1e6,
+                  planned.num_params / 1e6);
     CoreData core;  // -ce: CORE's examples, read before the GPU
     if (o.core_path != "none") {
         err = core.load(o.core_path);
@@ -1383,7 +1471,7 @@ int main(int argc, char** argv) {
 
     GpuInfo gpu;
     bool no_device = false;
-    err = gpu_open(rank, &gpu, &no_device);
+    err = gpu_open(layout.local_rank, &gpu, &no_device);
     // a setting too big for the GPU is named even where no GPU answers
     check_memory_fits(o, config, optim, planned.memory, err.empty() ? gpu.prop.totalGlobalMem : H200_MEMORY,
                       err.empty() ? gpu.prop.name : "an H200 (no GPU here to ask)");
@@ -1391,6 +1479,11 @@ int main(int argc, char** argv) {
         fail("%s: train_et trains on an NVIDIA GPU; this machine has none (the CPU tests run with 'make test')",
              err.c_str());
     if (!err.empty()) fail("%s", err.c_str());
+    int gpu_count = 0;
+    cudaCheck(cudaGetDeviceCount(&gpu_count));
+    MultiGpu multi;
+    multi_gpu_init(&multi, layout, o.rendezvous_dir.empty() ? o.out_dir : o.rendezvous_dir, o.rank_time_limit,
+                   gpu_count);
     log.open(o.out_dir, from_checkpoint);
     log.print("gpu      %s, %d SMs, %.0f GiB, compute capability %d.%d, peak bf16 %.0f TFLOP/s\n", gpu.prop.name,
               gpu.prop.multiProcessorCount, gpu.prop.totalGlobalMem / 1073741824.0, gpu.prop.major, gpu.prop.minor,
@@ -1398,11 +1491,17 @@ int main(int argc, char** argv) {
     Model model;
     model.config = config;
     model.optim = optim;
+    model.world = world;
+    model.rank = rank;
+    model.multi = multi.active() ? &multi : nullptr;
     model_allocate(&model, o.batch, o.seq_len);
     if (model.memory.total() != planned.memory.total())
         fail("internal: model_allocate took %zu bytes, its plan (model_plan) said %zu", model.memory.total(),
              planned.memory.total());
-    int val_batches = data.val ? (int)std::min<size_t>(o.val_batches, val_loader.batches_per_epoch()) : 0;
+    check_same_settings(multi, model, o, settings);
+    // -vm micro-batches in all, shared out over the ranks
+    const int val_batches = data.val ? (int)std::min<size_t>(std::max(1, o.val_batches / world),
+                                                             val_loader.batches_per_epoch()) : 0;
     BatchFeeder feeder;
     feeder.allocate((size_t)o.batch * o.seq_len);
     float* host_buffer = nullptr;  // for checkpoints: one array at a time
@@ -1438,20 +1537,29 @@ int main(int argc, char** argv) {
                              elapsed_before + wall_seconds() - run_start);
     };
     // everything an evaluation of the weights at step s writes: validation, CORE, routes
+    // a lost rank ends the run on every rank that notices it
+    auto run_lost = [&](const std::string& lost) {
+        const std::vector<std::string> saved = glob_sorted(o.out_dir + "/ckpt_*.bin");
+        fail("%s. The run stops; the last complete checkpoint is %s (resume with -y 1)", lost.c_str(),
+             saved.empty() ? "none" : saved.back().c_str());
+    };
     auto evaluate_all = [&](int s, bool final, bool validate, bool with_core, bool with_routes) {
         if (data.val && validate) {
-            float val_loss = evaluate(&model, val_loader, feeder, val_batches);
+            std::string lost;
+            float val_loss = evaluate(&model, multi, val_loader, feeder, val_batches, &lost);
+            if (!lost.empty()) run_lost(lost);
             log.print("step %6d | val loss %.4f%s\n", s, val_loss, final ? " (final)" : "");
             log.record(string_format("{\"step\": %d, \"val_loss\": %s, %s}", s, json_number(val_loss, "%.6f").c_str(),
                                      progress(s).c_str()));
         }
         if (with_core && !core.examples.empty()) log_core(log, &model, core_runner, core, s, progress(s));
-        if (with_routes && !route.tokens.empty()) log_routes(log, &model, data, route, o.out_dir, s, progress(s));
+        if (with_routes && !route.tokens.empty() && rank == 0) log_routes(log, &model, data, route, o.out_dir, s, progress(s));
     };
     if (o.eval_only) {
         evaluate_all(st.step, false, true, true, true);
         log.print("done: evaluated %s (step %d)\n", resume_from.c_str(), st.step);
         model_free(&model);
+        multi_gpu_finish(multi);
         return 0;
     }
     for (; st.step < steps; ) {
@@ -1464,7 +1572,7 @@ int main(int argc, char** argv) {
             window_start = wall_seconds();
             window_steps = 0;
         }
-        if (o.sample_every > 0 && step > 0 && step % o.sample_every == 0) {
+        if (rank == 0 && o.sample_every > 0 && step > 0 && step % o.sample_every == 0) {
             std::vector<int> ids = sample(&model, o.sample_tokens, data.eot, st.sample_rng, logits_row);
             std::string text;
             for (int id : ids) text += tokenizer.vocab_size() > id ? tokenizer.decode(id) : " " + std::to_string(id);
@@ -1479,8 +1587,11 @@ int main(int argc, char** argv) {
         for (int micro = 0; micro < grad_accum; micro++) {
             feeder.feed(train_loader, model.acts);
             model_forward(&model, o.batch, o.seq_len, true, true, dloss);
+            model.reduce_grads = micro == grad_accum - 1;  // the gradients are final in this backward pass
             model_backward(&model, o.batch, o.seq_len);
         }
+        model.reduce_grads = false;
+        router_share_stats(model.router);
         model_update(&model, schedule, (float)o.grad_clip, step);
         // the log's lr: the largest group's (-opt muon: the matrices')
         const ParamGroup& logged = model.groups[logged_group];
@@ -1491,7 +1602,12 @@ int main(int argc, char** argv) {
         window_steps++;
 
         bool checkpoint = last || (o.checkpoint_every > 0 && st.step % o.checkpoint_every == 0);
-        if (st.step % o.log_every == 0 || st.step == 1 || last || checkpoint) {
+        const bool log_step = st.step % o.log_every == 0 || st.step == 1 || last || checkpoint;
+        multi.heartbeat_step = st.step;
+        if (log_step) multi_gpu_sum(multi, model.loss_total, 1);
+        const std::string lost = multi_gpu_wait(multi);  // with several ranks: once a step, in time or not at all
+        if (!lost.empty()) run_lost(lost);
+        if (log_step) {
             float loss_total = 0, norm = 0;
             cudaCheck(cudaMemcpy(&loss_total, model.loss_total, sizeof(float), cudaMemcpyDeviceToHost));
             cudaCheck(cudaMemcpy(&norm, model.grad_norm_value, sizeof(float), cudaMemcpyDeviceToHost));
@@ -1525,7 +1641,9 @@ int main(int argc, char** argv) {
         }
         router_step_end(model.router);
         if (checkpoint) {
-            save_checkpoint(o, model, st, settings, host_buffer);
+            const std::string lost_saving = save_checkpoint(o, model, multi, st, settings, host_buffer);
+            if (!lost_saving.empty()) run_lost(lost_saving);
+            if (multi.active()) log.print("%s", check_ranks_agree(multi, model, host_buffer, st.step).c_str());
             window_start = wall_seconds();
             window_steps = 0;
         }
@@ -1533,5 +1651,6 @@ int main(int argc, char** argv) {
     evaluate_all(steps, true, o.val_every > 0, true, true);
     log.print("done: %d steps in %s\n", steps, format_duration(wall_seconds() - run_start).c_str());
     model_free(&model);
+    multi_gpu_finish(multi);
     return 0;
 }

@@ -11,7 +11,10 @@
 #      under ET, EC and TC (tok/s, MFU, the phase split, peak memory);
 #   4. a 300-step run on the synthetic corpus with each router and dense (d6,
 #      8 experts), to see them learn and route on a real GPU;
-#   5. OUTDIR/summary.md (dev/gpu_check_summary.py): each test's result, tok/s,
+#   5. on a machine with several GPUs and mpirun: the d6 ET run on one GPU and
+#      on all of them with -ep global, the same micro-batch per GPU, whose step
+#      times give the communication share;
+#   6. OUTDIR/summary.md (dev/gpu_check_summary.py): each test's result, tok/s,
 #      MFU, the phase split, and the peak memory next to the plan model_allocate
 #      made (what the emulator's dry run checks).
 #
@@ -51,17 +54,26 @@ step() {
 } >"$out/machine.log" 2>&1
 
 gpu_tests=$(ls test/gpu_test_*.cu | sed 's|^test/|build/|; s|\.cu$||' | sed 's|.*|&.bf16 &.fp32|')
-# the limits, with 5 s each to stop, add up to 8.6 minutes
+# the limits, with 5 s each to stop, add up to 8.2 minutes (8.9 with several GPUs)
 step build 140 make -j"$(nproc)" --no-print-directory train_et build/train_et_fp32 build/bench_step $gpu_tests
 step gpu_tests 50 bash -c "rc=0; for t in $gpu_tests; do \$t || rc=1; done; exit \$rc"
-step train_tests 100 python3 test/gpu_test_train.py
-step bench 140 env OUT="$out" bash dev/bench.sh -r 5 "$@"
+step train_tests 90 python3 test/gpu_test_train.py
+step bench 125 env OUT="$out" bash dev/bench.sh -r 5 "$@"
 step synthetic_runs 60 bash -c "for r in dense et ec tc; do
     rm -rf '$out/run_'\$r
     model='-e 8 -r '\$r; [ \$r = dense ] && model='-e 0'
     ./train_et -m d6 \$model -i synthetic -sv 8192 -b 8 -t 512 -d 4096 -x 300 -v 100 -vm 4 -s 0 -li 50 -n 0 \
         -o '$out/run_'\$r > '$out/run_'\$r.log 2>&1 || echo \"run \$r failed: exit \$?\"
 done"
+gpus=$(nvidia-smi -L | grep -c '^GPU')
+if [ "$gpus" -ge 2 ] && command -v mpirun >/dev/null; then
+    step ranks 40 bash -c "for n in 1 $gpus; do
+        rm -rf '$out/ranks_'\$n
+        OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 mpirun -np \$n --bind-to none ./train_et -m d6 \
+            -e 8 -r et -ep global -i synthetic -sv 8192 -b 8 -t 512 -d \$((n * 4096)) -x 60 -v 0 -s 0 -li 10 -n 0 \
+            -o '$out/ranks_'\$n > '$out/ranks_'\$n.log 2>&1 || echo \"\$n ranks failed: exit \$?\"
+    done"
+fi
 summarize
 echo "gpu_check.sh: done in $((SECONDS - start)) s; summary in $out/summary.md"
 cat "$out/summary.md"

@@ -5,7 +5,9 @@ Writes OUTDIR/summary.md (and prints it): the machine; each part's exit status
 and time; the GPU tests' and training tests' results with every failure; for
 each d12 bench configuration tok/s, MFU, the phase split, the routing share,
 attention against cuBLAS, and the peak memory next to model_allocate's plan
-(the plan the emulator's dry run checks); the synthetic-corpus runs' losses.
+(the plan the emulator's dry run checks); the synthetic-corpus runs' losses;
+on several GPUs, the step time on one GPU and on all of them (the same
+micro-batch per GPU) and the communication share it implies.
 A part that has not run (yet) shows as such, so the summary can be rewritten
 after every part. Reads bench_step's output format (dev/bench_step.cu).
 """
@@ -15,7 +17,8 @@ import re
 import sys
 
 PARTS = [("build", "build"), ("gpu_tests", "GPU tests (both precisions)"), ("train_tests", "training tests"),
-         ("bench", "make bench (d12)"), ("synthetic_runs", "synthetic-corpus runs (d6, 300 steps)")]
+         ("bench", "make bench (d12)"), ("synthetic_runs", "synthetic-corpus runs (d6, 300 steps)"),
+         ("ranks", "several GPUs (d6 ET, -ep global)")]
 BENCH_CONFIGS = ["dense", "et", "ec", "tc"]
 
 
@@ -85,6 +88,12 @@ def parse_run(text):
             routing[-1].split("|")[0].strip() if routing else "")
 
 
+def step_ms(text):
+    """The mean of a train_et log's step times, the first window (start-up, warm-up) left out."""
+    ms = [float(x) for x in re.findall(r"^step\s+\d+/\d+ \|.*\| ([\d.]+) ms \|", text, re.M)][1:]
+    return sum(ms) / len(ms) if ms else None
+
+
 def summary(out):
     lines = []
     machine = read(os.path.join(out, "machine.log")) or ""
@@ -127,6 +136,16 @@ def summary(out):
                   "|---|---|---|---|---|"]
         for name, (first, last, val, routing) in runs.items():
             lines.append(f"| {name} | {first} | {last} | {val} | {routing} |")
+    ranks = {}
+    for path in glob.glob(os.path.join(out, "ranks_*.log")):
+        n, ms = os.path.basename(path)[6:-4], step_ms(read(path))
+        if n.isdigit() and ms:
+            ranks[int(n)] = ms
+    if 1 in ranks and len(ranks) > 1:
+        n = max(ranks)
+        lines += ["", f"## Several GPUs: d6 ET, -ep global, -b 8 x -t 512 per GPU", "",
+                  f"one GPU {ranks[1]:.1f} ms per step, {n} GPUs {ranks[n]:.1f} ms: communication share "
+                  f"{1 - ranks[1] / ranks[n]:.1%} of the step (dev/comm_model.py predicts the paper's sizes)"]
     return "\n".join(lines) + "\n"
 
 

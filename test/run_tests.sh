@@ -170,17 +170,23 @@ fi
 if [ "$emulate" = yes ]; then
     echo "== GPU tests on the emulated device (test/emu: the CPU, not a GPU)"
     seed=${EMU_RANDOM_SEED:-1}
-    # longest first, so the cores stay busy to the end
-    train_tests=$(python3 -c "import gpu_test_train as m; print(' '.join(n for n in vars(m) if n.startswith('test_')))")
-    if [ -z "$train_tests" ]; then
-        echo "FAIL - test/gpu_test_train.py: cannot list its tests"
-        failed=$((failed + 1))
-    fi
-    for t in $train_tests; do
-        spawn "test/gpu_test_train.py $t" "emu:" env TRAIN_ET_EMULATED=1 python3 test/gpu_test_train.py "$t"
+    # longest first, so the cores stay busy to the end: the training and the
+    # multi-rank runs one test per job
+    for module in gpu_test_train gpu_test_ranks; do
+        tests=$(python3 -c "import $module as m; print(' '.join(n for n in vars(m) if n.startswith('test_')))")
+        if [ -z "$tests" ]; then
+            echo "FAIL - test/$module.py: cannot list its tests"
+            failed=$((failed + 1))
+        fi
+        for t in $tests; do
+            spawn "test/$module.py $t" "emu:" env TRAIN_ET_EMULATED=1 python3 "test/$module.py" "$t"
+        done
     done
     for t in test/gpu_test_*.py; do
-        [ "$t" = test/gpu_test_train.py ] || spawn "$t" "emu:" env TRAIN_ET_EMULATED=1 python3 "$t"
+        case "$t" in
+            test/gpu_test_train.py | test/gpu_test_ranks.py) ;;
+            *) spawn "$t" "emu:" env TRAIN_ET_EMULATED=1 python3 "$t" ;;
+        esac
     done
     for t in $emu_gpu_tests; do
         spawn "build/emu/asan/$t" "emu(asan):" env ASAN_OPTIONS=detect_leaks=0 build/emu/asan/"$t"

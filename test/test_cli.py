@@ -25,7 +25,7 @@ TRAIN_ET = os.path.join(REPO, "train_et")
 FLAGS = ["-i", "-j", "-o", "-eo", "-y", "-n", "-nk", "-sv", "-preset", "-m", "-e", "-r", "-k", "-kv", "-eb", "-ew", "-ec",
          "-tb", "-ta", "-tu", "-ep", "-er", "-b", "-t", "-d", "-x", "-opt", "-l", "-le", "-lh", "-lm", "-og", "-om",
          "-me", "-b1", "-b2", "-ae", "-u", "-q", "-a", "-wd", "-c", "-gc", "-v", "-vm", "-s", "-g", "-ce", "-cv", "-rf",
-         "-ro", "-li", "-sd", "-h"]
+         "-ro", "-li", "-sd", "-pd", "-pt", "-h"]
 PRESETS = ["d12-dense", "d12-tc", "d12-tc-aux", "d12-tc-lossfree", "d12-ec-2k", "d12-ec-8k", "d12-ec-64k",
            "d12-ec-512k", "d12-et", "d20-dense", "d20-tc-aux", "d20-ec-256k", "d20-et"]
 SMALL = ["-m", "tiny", "-t", "64", "-b", "4", "-d", "256"]
@@ -384,6 +384,24 @@ def test_evaluation_flags_are_checked_before_the_gpu():
         assert r.stderr.startswith("error: -rf synthetic: the synthetic corpus's text needs -i synthetic"), r.stderr
         r = train_et(*SMALL, "-i", "synthetic", "-e", "4", "-rf", f"{d}/train_000001.bin", "-ro", "100")
         assert "routes   64 tokens of " in r.stdout and "from token 100, through 1 MoE layers" in r.stdout, r.stdout
+
+
+
+def test_launcher_settings_are_checked_before_the_gpu():
+    """A rank reads its place from the launcher; a half-set environment, or a -d the ranks do not
+    divide, stops it with the reason before anything else."""
+    with tempfile.TemporaryDirectory() as d:
+        env = dict(NO_GPU, OMPI_COMM_WORLD_SIZE="2")
+        r = subprocess.run([TRAIN_ET, "-i", "synthetic", *SMALL, "-o", f"{d}/out"], capture_output=True, text=True,
+                           env=env, timeout=120)
+        assert r.returncode == 1 and r.stderr.startswith("error: OMPI_COMM_WORLD_SIZE is set but not"), r.stderr
+        env.update(OMPI_COMM_WORLD_RANK="1", OMPI_COMM_WORLD_LOCAL_RANK="1", OMPI_COMM_WORLD_LOCAL_SIZE="2")
+        r = subprocess.run([TRAIN_ET, "-i", "synthetic", *SMALL, "-o", f"{d}/out"], capture_output=True, text=True,
+                           env=env, timeout=120)
+        assert r.returncode == 1 and r.stderr == (
+            "error: rank 1: -d: 256 tokens is not a multiple of -b x -t x processes = 4 x 64 x 2 = 512; the nearest -d "
+            "that are: 512\n"), r.stderr
+        assert r.stdout == "", "a rank other than 0 printed the start-up report"
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@
 //
 //   EMU_DRY_RUN=1 build/emu/plain/dry_run -m d12 -e 16 -r et
 //   EMU_DRY_RUN=1 build/emu/plain/dry_run -preset d12-et        a row of the paper (presets.h)
+//   EMU_DRY_RUN=1 build/emu/plain/dry_run -m d20 -np 8 -ep global   rank 0 of 8 (multi_gpu.cuh)
 //
 // It runs the host side exactly as train_et does: model_allocate, then two
 // training steps of -d tokens each (gradient accumulation over micro-batches
@@ -14,11 +15,17 @@
 // train_et's evaluate() and sample() make them, a forward of every batch
 // shape CORE uses (core_eval.cuh: rows of 64, 128, ... tokens up to T, B x T
 // tokens each, with the greedy predictions) and the routes of one sequence
-// (-rf). What it prints: the
+// (-rf). With -np N it is rank 0 of N ranks: the optimizer state of its
+// shard only, every rank's router logits for -ep global, and each
+// collective checked and counted (the emulated NCCL joins no one in a dry
+// run). What it prints: the
 // estimate train_et prints before it touches the GPU (model_plan), the memory
 // model_allocate then took, and what the device reports in use after all of
 // it; test/emu/test_dry_run.py checks that the three agree with each other
 // and with the emulator's own report (at exit) of the peak memory.
+#include <stdlib.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <climits>
 #include <cstdio>
@@ -42,7 +49,7 @@ static const char* VALUES_ONLY[] = {"-om", "-lm", "-le", "-lh", "-b1", "-b2", "-
 int main(int argc, char** argv) {
     std::string preset = "d12", router = "et", optimizer = "adamw", pool = "micro", router_group = "adamw";
     std::string balance = "aux";
-    int experts = 16, B = 16, T = 2048, total_batch = 524288, top_k = 1, vocab = VOCAB;
+    int experts = 16, B = 16, T = 2048, total_batch = 524288, top_k = 1, vocab = VOCAB, ranks = 1;
     double capacity = 0.5;
     std::vector<std::string> args(argv + 1, argv + argc);
     for (size_t i = 0; i + 1 < args.size(); i += 2) {  // -preset NAME: its flags first, the others win
@@ -71,12 +78,13 @@ int main(int argc, char** argv) {
         else if (f == "-tb") balance = v;
         else if (f == "-opt") optimizer = v;
         else if (f == "-og") router_group = v;
+        else if (f == "-np") ranks = atoi(v);
         else if (f == "-preset") continue;
         else if (std::find_if(std::begin(VALUES_ONLY), std::end(VALUES_ONLY), [&](const char* x) { return f == x; }) ==
                  std::end(VALUES_ONLY))
             fail("unknown flag '%s' (usage: dry_run [-preset name] [-m model] [-e experts] [-r tc|ec|et] [-k K] "
-                 "[-b B] [-t T] [-d tokens] [-ec C] [-ep micro|seq] [-tb none|aux|lossfree] [-opt adamw|muon] "
-                 "[-og adamw|muon])", f.c_str());
+                 "[-b B] [-t T] [-d tokens] [-ec C] [-ep micro|seq|global] [-tb none|aux|lossfree] [-opt adamw|muon] "
+                 "[-og adamw|muon] [-np ranks])", f.c_str());
     }
     const char* dry = getenv("EMU_DRY_RUN");
     if (!dry || !*dry || strcmp(dry, "0") == 0)
@@ -93,20 +101,32 @@ int main(int argc, char** argv) {
     c.router.et_warmup_steps = 1;  // step 0 routes by EC, step 1 by the thresholds
     c.router.top_k = top_k;
     c.router.capacity = capacity;
-    if (pool != "micro" && pool != "seq") fail("-ep: '%s' is not micro or seq (one process)", pool.c_str());
-    c.router.ec_pool = pool == "seq" ? EcPool::Sequence : EcPool::MicroBatch;
+    if (pool != "micro" && pool != "seq" && pool != "global")
+        fail("-ep: '%s' is not micro, seq or global", pool.c_str());
+    c.router.ec_pool = pool == "seq" ? EcPool::Sequence : pool == "global" ? EcPool::Global : EcPool::MicroBatch;
+    if (ranks < 1) fail("-np: %d ranks", ranks);
     if (balance != "none" && balance != "aux" && balance != "lossfree")
         fail("-tb: '%s' is not none, aux or lossfree", balance.c_str());
     c.router.tc_balance = balance == "none" ? TcBalance::None : balance == "aux" ? TcBalance::Aux : TcBalance::LossFree;
-    if (total_batch % (B * T) != 0) fail("-d %d is not a multiple of -b x -t = %d", total_batch, B * T);
-    const int grad_accum = total_batch / (B * T);
+    if (total_batch % (B * T * ranks) != 0)
+        fail("-d %d is not a multiple of -b x -t x -np = %d", total_batch, B * T * ranks);
+    const int grad_accum = total_batch / (B * T * ranks);
 
     GpuInfo gpu;
     err = gpu_open(0, &gpu);
     if (!err.empty()) fail("%s", err.c_str());
-    printf("dry run  %s, %s, %s, B=%d x T=%d, %d micro-steps per step, %d steps, an eval and a generation pass, on %s\n",
+    printf("dry run  %s, %s, %s, B=%d x T=%d, %d micro-steps per step, %d steps, an eval and a generation pass, on %s%s\n",
            preset.c_str(), experts > 0 ? string_format("%d experts, %s router", experts, router.c_str()).c_str() : "dense",
-           optimizer.c_str(), B, T, grad_accum, STEPS, gpu.prop.name);
+           optimizer.c_str(), B, T, grad_accum, STEPS, gpu.prop.name,
+           ranks > 1 ? string_format(", rank 0 of %d", ranks).c_str() : "");
+    // rank 0 of -np ranks: the rendezvous (a dry run joins no one) and the heartbeat in a scratch directory
+    char rendezvous[] = "/tmp/dry_run_XXXXXX";
+    if (ranks > 1 && !mkdtemp(rendezvous)) fail("cannot make a scratch directory in /tmp");
+    ProcessLayout layout;
+    layout.world = ranks;
+    layout.launcher = "dry run";
+    MultiGpu multi;
+    multi_gpu_init(&multi, layout, rendezvous, 60, 1);
     Model model;
     model.config = c;
     if (optimizer != "adamw" && optimizer != "muon") fail("-opt: '%s' is not adamw or muon", optimizer.c_str());
@@ -114,7 +134,10 @@ int main(int argc, char** argv) {
     if (router_group != "adamw" && router_group != "muon") fail("-og: '%s' is not adamw or muon", router_group.c_str());
     model.optim.router = router_group == "muon" ? RouterGroup::Muon : RouterGroup::AdamW;
     const Schedule schedule{LrSchedule::Wsd, 0.0, 0.0, 0, INT_MAX};  // constant, as train_et's wsd before its warm-down
-    printf("memory   estimate %zu bytes (model_plan, before the GPU)\n", model_plan(c, model.optim, B, T).memory.total());
+    model.world = ranks;
+    model.multi = multi.active() ? &multi : nullptr;
+    printf("memory   estimate %zu bytes (model_plan, before the GPU)\n",
+           model_plan(c, model.optim, B, T, ranks, 0).memory.total());
     model_allocate(&model, B, T);
     printf("memory   plan %zu bytes: %s\n", model.memory.total(), model.memory.describe().c_str());
 
@@ -125,9 +148,14 @@ int main(int argc, char** argv) {
         cudaCheck(cudaMemsetAsync(model.loss_total, 0, sizeof(float)));
         for (int micro = 0; micro < grad_accum; micro++) {
             model_forward(&model, B, T, true, true, dloss);
+            model.reduce_grads = micro == grad_accum - 1;
             model_backward(&model, B, T);
         }
+        model.reduce_grads = false;
+        router_share_stats(model.router);
         model_update(&model, schedule, 1.0f, step);
+        multi_gpu_sum(multi, model.loss_total, 1);
+        if (!multi_gpu_wait(multi).empty()) fail("internal: a dry run lost a rank");
         float loss = 0;
         cudaCheck(cudaMemcpy(&loss, model.loss_total, sizeof(float), cudaMemcpyDeviceToHost));
         router_read_stats(model.router);
@@ -153,5 +181,7 @@ int main(int argc, char** argv) {
     printf("memory   in use after the steps: %zu bytes (%.2f GiB of %.2f GiB)\n", total_bytes - free_bytes,
            (total_bytes - free_bytes) / 1073741824.0, total_bytes / 1073741824.0);
     model_free(&model);
+    multi_gpu_finish(multi);
+    if (ranks > 1) rmdir(rendezvous);
     return 0;
 }

@@ -28,6 +28,7 @@ struct Settings {
     bool dry_run = false, trace = false, profile = false;
     std::string digest_path;
     int driver = -1;  // EMU_CUDA_DRIVER: the CUDA version of a driver that cannot start this CUDA (0: none); -1: fine
+    int gpus = 1;     // EMU_GPUS: the devices the machine reports (each process emulates the one it picks)
 };
 const Settings& settings();
 const char* order_name();

@@ -23,7 +23,9 @@
 // EMU_CUDA_DRIVER=VERSION stands in for a machine where CUDA cannot start:
 // cudaGetDeviceCount fails with cudaErrorInsufficientDriver, as CUDA's does,
 // and cudaDriverGetVersion reports VERSION: 0 for no NVIDIA driver at all,
-// 12040 (say) for a driver older than this toolkit needs.
+// 12040 (say) for a driver older than this toolkit needs. EMU_GPUS=N makes
+// the machine report N devices, for the multi-process tests: each process
+// picks one (cudaSetDevice) and emulates it alone, its own memory its own.
 #include <sys/time.h>
 #include <time.h>
 #include <unistd.h>
@@ -80,6 +82,15 @@ Settings settings_from_environment() {
             exit(2);
         }
         s.driver = (int)version;
+    }
+    if (const char* gpus = getenv("EMU_GPUS")) {
+        char* end = nullptr;
+        const long n = strtol(gpus, &end, 10);
+        if (*gpus == '\0' || *end != '\0' || n < 1 || n > 64) {
+            fprintf(stderr, "emu: error: EMU_GPUS=%s: give a device count from 1 to 64\n", gpus);
+            exit(2);
+        }
+        s.gpus = (int)n;
     }
     return s;
 }
@@ -292,22 +303,29 @@ struct CUevent_st {
 extern "C" {
 
 cudaError_t cudaGetDeviceCount(int* count) {
-    *count = settings().driver >= 0 ? 0 : 1;
+    *count = settings().driver >= 0 ? 0 : settings().gpus;
     return result(settings().driver >= 0 ? cudaErrorInsufficientDriver : cudaSuccess);
 }
 
+static int current_device = 0;  // cudaSetDevice's choice
+
 cudaError_t cudaSetDevice(int device) {
-    if (device != 0) return misuse(cudaErrorInvalidDevice, "cudaSetDevice(%d): the emulated machine has device 0 only", device);
+    if (device < 0 || device >= settings().gpus)
+        return misuse(cudaErrorInvalidDevice, "cudaSetDevice(%d): the emulated machine has %d device%s (EMU_GPUS)",
+                      device, settings().gpus, settings().gpus == 1 ? "" : "s");
+    current_device = device;
     return result(cudaSuccess);
 }
 
 cudaError_t cudaGetDevice(int* device) {
-    *device = 0;
+    *device = current_device;
     return result(cudaSuccess);
 }
 
 cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int device) {
-    if (device != 0) return misuse(cudaErrorInvalidDevice, "cudaGetDeviceProperties(device %d): only device 0", device);
+    if (device < 0 || device >= settings().gpus)
+        return misuse(cudaErrorInvalidDevice, "cudaGetDeviceProperties(device %d): the emulated machine has %d (EMU_GPUS)",
+                      device, settings().gpus);
     memset(p, 0, sizeof(*p));
     snprintf(p->name, sizeof(p->name), "NVIDIA H200 (emulated on the CPU: test/emu, %s schedule%s)", order_name(),
              settings().dry_run ? ", dry run" : "");

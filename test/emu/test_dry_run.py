@@ -61,6 +61,22 @@ def test_d20_every_router():
     assert max(plans.values()) < 141e9, f"d20 should fit an H200: {plans}"
 
 
+def test_d20_on_eight_ranks():
+    """Rank 0 of 8 (multi_gpu.cuh): an eighth of the AdamW moments; with -ep global every rank's
+    logits, and buffers for the most pairs one rank can get of the global pool's selections."""
+    for router, pool in (("dense", "micro"), ("tc", "micro"), ("et", "global")):
+        args = ["-m", "d20", "-np", "8", "-ep", pool, "-d", "262144"]
+        args += ["-e", "0"] if router == "dense" else ["-e", "16", "-r", router]
+        plan = check("d20", router, args)
+        assert plan < 141e9, f"d20 {router} at 8 ranks: {plan} bytes do not fit an H200"
+    adam = {}
+    for ranks in (1, 8):
+        r = dry_run("-m", "d20", "-e", "16", "-r", "et", "-np", str(ranks), "-d", "262144")
+        adam[ranks] = float(re.search(r"AdamW ([\d.]+)\)", r.stdout).group(1))
+        assert (f"rank 0 of {ranks}" in r.stdout) == (ranks > 1), r.stdout[:600]
+    assert abs(adam[8] - adam[1] / 8) < 0.02, f"AdamW GiB on 1 rank {adam[1]}, on rank 0 of 8 {adam[8]}"
+
+
 def presets():
     """The preset names in presets.h (the table train_et and dry_run read)."""
     with open(os.path.join(REPO, "presets.h")) as f:

@@ -59,7 +59,13 @@ def test_summary_reads_real_bench_and_run_output():
             f.write("ok - gpu_bf16_a\nok - gpu_bf16_b\nFAIL - gpu_bf16_c: relative error 1e+00\nskip - gpu_bf16_d: x\n")
         with open(f"{out}/machine.log", "w") as f:
             f.write("NVIDIA H200, 580.65.06, 1980 MHz, 2619 MHz, 35, 120.5 W\n")
+        for n, ms in ((1, (900, 100, 100)), (2, (950, 120, 130))):  # train_et's step lines; the first window is start-up
+            with open(f"{out}/ranks_{n}.log", "w") as f:
+                for i, t in enumerate(ms):
+                    f.write(f"step {10 * i + 10:6d}/60 | loss 5.0000 | lr 1.00e-03 | norm 1.000 | {t} ms | 40000 tok/s | "
+                            f"MFU 1.0% | ETA 5s\n")
         summary = run("python3", os.path.join(REPO, "dev/gpu_check_summary.py"), out)
+        assert "one GPU 100.0 ms per step, 2 GPUs 125.0 ms: communication share 20.0% of the step" in summary, summary
         assert summary == open(f"{out}/summary.md").read()
         for want in ("# gpu_check: NVIDIA H200 (driver 580.65.06)", "| build | ok | 85 s |", "| GPU tests (both "
                      "precisions) | exit 1 | 14 s |", "| make bench (d12) | timed out | 150 s |",
