@@ -1565,12 +1565,19 @@ struct Model {
     size_t num_params = 0;
     // data parallel: this rank of `world` (set before model_allocate); it
     // owns shards.begin[rank] .. begin[rank + 1] of the flat parameters: the
-    // optimizer moments of that slice alone, and its update (ZeRO-1)
+    // optimizer moments and the fp32 master weights of that slice alone, and
+    // its update (ZeRO-1)
     int rank = 0, world = 1;
     MultiGpu* multi = nullptr;  // null: one process
     ShardPlan shards;
     bool reduce_grads = false;  // model_backward reduces each layer's gradients as it finishes them (last micro-step)
-    float *master = nullptr, *grads = nullptr;
+    float* grads = nullptr;
+    // fp32 master weights: element i is parameter master_begin() + i. With
+    // several ranks only the shard's (the FP32 build keeps them all: its
+    // matmuls read them); the routers' fp32 weights, which every rank's
+    // forward reads, then live whole in router_master, (MoE layers, E, C).
+    float *master = nullptr, *router_master = nullptr;
+    std::vector<int> router_tensors;             // the storage index of each MoE layer's router
     float *adam_m = nullptr, *adam_v = nullptr;  // the shard's: element i is parameter shard_begin() + i
     floatX* params = nullptr;  // what the matmuls read; aliases master in the FP32 build
     Activations acts;
@@ -1586,6 +1593,21 @@ struct Model {
     float* grad(int tensor) const { return grads + offsets[tensor]; }
     size_t shard_begin() const { return shards.begin[rank]; }
     size_t shard_size() const { return shards.size(rank); }
+    bool master_sharded() const {
+#ifdef ENABLE_FP32
+        return false;
+#else
+        return world > 1;
+#endif
+    }
+    size_t master_begin() const { return master_sharded() ? shard_begin() : 0; }
+    size_t master_size() const { return master_sharded() ? shard_size() : num_params; }
+    // the fp32 weights of tensor t: a router's wherever they are whole, any other's on its owner
+    const float* master_of(int t) const {
+        for (size_t i = 0; router_master && i < router_tensors.size(); i++)
+            if (router_tensors[i] == t) return router_master + i * (size_t)tensors[t].numel();
+        return master + offsets[t] - master_begin();
+    }
     int tensor_index(const std::string& name) const {
         for (size_t i = 0; i < tensors.size(); i++)
             if (tensors[i].name == name) return (int)i;
@@ -1614,7 +1636,13 @@ inline size_t model_allocate(Model* model, int B, int T) {
     MemoryPlan& plan = model->memory;
     plan = MemoryPlan{};
     const size_t n = model->num_params, shard = model->shard_size();
-    model->master = device_alloc<float>(n, &plan.master);
+    model->router_tensors.clear();
+    for (int t = 0; t < (int)model->tensors.size(); t++)
+        if (param_role(model->tensors[t]) == ParamRole::Router) model->router_tensors.push_back(t);
+    model->master = device_alloc<float>(model->master_size(), &plan.master);
+    model->router_master = model->master_sharded() && c.n_experts > 0
+                               ? device_alloc<float>(model->router_tensors.size() * c.n_experts * c.n_embd, &plan.master)
+                               : nullptr;
     model->grads = device_alloc<float>(n, &plan.gradients);
     model->adam_m = device_alloc<float>(shard, &plan.adam);
     model->adam_v = device_alloc<float>(shard, &plan.adam);
@@ -1696,6 +1724,23 @@ inline Model model_plan(const ModelConfig& config, const OptimizerConfig& optim,
     return planned;
 }
 
+// Sets the weights from `whole`, all parameters in fp32 on the device: the
+// matmuls' copy, this rank's master weights and the routers' (`whole` may be
+// the gradient buffer, as a staging area between steps).
+inline void model_set_weights(Model* model, const float* whole) {
+    cudaCheck(cudaMemcpy(model->master, whole + model->master_begin(), model->master_size() * sizeof(float),
+                         cudaMemcpyDeviceToDevice));
+#ifndef ENABLE_FP32
+    copy_to_floatX(model->params, whole, model->num_params);
+#endif
+    for (size_t i = 0; model->router_master && i < model->router_tensors.size(); i++) {
+        const int t = model->router_tensors[i];
+        const size_t n = (size_t)model->tensors[t].numel();
+        cudaCheck(cudaMemcpy(model->router_master + i * n, whole + model->offsets[t], n * sizeof(float),
+                             cudaMemcpyDeviceToDevice));
+    }
+}
+
 // SPEC init (model_config.h gives each tensor its std), drawn on the host
 // from the seed in storage order, so it is the same on every GPU.
 inline void model_init_parameters(Model* model, uint64_t seed) {
@@ -1711,14 +1756,15 @@ inline void model_init_parameters(Model* model, uint64_t seed) {
             w[i] = (float)(p.init_std * std::sqrt(-2.0 * std::log(1.0 - u1)) * std::cos(2.0 * M_PI * u2));
         }
     }
-    cudaCheck(cudaMemcpy(model->master, host.data(), host.size() * sizeof(float), cudaMemcpyHostToDevice));
-    copy_to_floatX(model->params, model->master, model->num_params);
+    cudaCheck(cudaMemcpy(model->grads, host.data(), host.size() * sizeof(float), cudaMemcpyHostToDevice));
+    model_set_weights(model, model->grads);
+    cudaCheck(cudaMemset(model->grads, 0, host.size() * sizeof(float)));
 }
 
 // An MoE layer's tensors, from its router at storage index t: router,
 // shared fc and proj, experts fc and proj (model_config.h's order).
 inline MoeWeights moe_weights(const Model* model, int t) {
-    return {model->master + model->offsets[t], model->param(t + 1), model->param(t + 2), model->param(t + 3),
+    return {model->master_of(t), model->param(t + 1), model->param(t + 2), model->param(t + 3),
             model->param(t + 4)};
 }
 inline MoeGrads moe_grads(const Model* model, int t) {
@@ -1839,6 +1885,7 @@ inline void model_backward(Model* model, int B, int T) {
 inline void model_update(Model* model, const Schedule& schedule, float max_grad_norm, int step) {
     const OptimizerConfig& o = model->optim;
     const size_t lo = model->shard_begin(), hi = lo + model->shard_size();
+    float* master = model->master - model->master_begin();  // indexed by parameter: valid in [lo, hi)
     if (model->multi) multi_gpu_buckets_done(*model->multi);
     grad_norm_partial(model->norm_partial, model->grads + lo, hi - lo);
     if (model->multi) multi_gpu_sum(*model->multi, model->norm_partial, NORM_BLOCKS);
@@ -1853,7 +1900,7 @@ inline void model_update(Model* model, const Schedule& schedule, float max_grad_
                 model->shards.overlap(model->rank, first, first + mm.batch * size, &a, &b);
                 if (a == b) continue;
                 const float wd = model->tensors[mm.first_tensor].decays() ? (float)o.weight_decay : 0.0f;
-                muon_step(model->cublas, model->muon, model->master + a, model->params + a, model->adam_m + (a - lo),
+                muon_step(model->cublas, model->muon, master + a, model->params + a, model->adam_m + (a - lo),
                           model->grads + a, (int)mm.rows, (int)mm.cols, (int)((b - a) / size), lr,
                           (float)(mm.routed_experts && !o.expert_momentum_warmup ? o.momentum_end
                                                                                  : muon_momentum(o, step)),
@@ -1866,16 +1913,24 @@ inline void model_update(Model* model, const Schedule& schedule, float max_grad_
             model->shards.overlap(model->rank, model->offsets[i], model->offsets[i] + model->tensors[i].numel(), &a, &b);
             if (a == b) continue;
             const float wd = model->tensors[i].decays() ? (float)o.weight_decay : 0.0f;
-            adamw_update(model->master + a, model->params + a, model->adam_m + (a - lo), model->adam_v + (a - lo),
+            adamw_update(master + a, model->params + a, model->adam_m + (a - lo), model->adam_v + (a - lo),
                          model->grads + a, b - a, lr, (float)o.beta1, (float)o.beta2, (float)o.eps, wd, step + 1,
                          model->clip_scale);
         }
     }
     if (!model->multi || !model->multi->active()) return;
-    // fp32, so every rank's master weights stay the owner's bit for bit
+    // the owners' new weights to every rank: the matmuls' copy as the owner
+    // rounded it (the FP32 build: its master weights), and the routers' fp32
+#ifdef ENABLE_FP32
     multi_gpu_share_shards(*model->multi, model->shards, model->master);
-#ifndef ENABLE_FP32
-    copy_to_floatX(model->params, model->master, model->num_params);
+#else
+    multi_gpu_share_shards(*model->multi, model->shards, model->params);
+    for (size_t i = 0; model->router_master && i < model->router_tensors.size(); i++) {
+        const int t = model->router_tensors[i];
+        const size_t n = (size_t)model->tensors[t].numel();
+        multi_gpu_share_range(*model->multi, model->shards, model->master, model->router_master + i * n,
+                              model->offsets[t], model->offsets[t] + n);
+    }
 #endif
 }
 
@@ -1887,7 +1942,7 @@ inline void model_free(Model* model) {
             cudaCheck(cudaFree(p));
     for (void* p : {(void*)a.tokens, (void*)a.targets, (void*)a.x0, (void*)a.x0_rstd, (void*)a.residual, (void*)a.lnf,
                     (void*)a.lnf_rstd, (void*)a.logits, (void*)a.losses, (void*)a.predicted, (void*)a.dresidual, (void*)a.scratch_wide,
-                    (void*)a.scratch_narrow, (void*)a.ffn_act, (void*)a.att_delta, (void*)model->master, (void*)model->grads,
+                    (void*)a.scratch_narrow, (void*)a.ffn_act, (void*)a.att_delta, (void*)model->master, (void*)model->router_master, (void*)model->grads,
                     (void*)model->adam_m, (void*)model->adam_v, (void*)model->loss_total, (void*)model->grad_norm_value,
                     (void*)model->clip_scale, (void*)model->norm_partial})
         cudaCheck(cudaFree(p));

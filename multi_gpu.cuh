@@ -44,6 +44,7 @@ inline void nccl_check(ncclResult_t r, const char* call, const char* file, int l
 template <typename T> ncclDataType_t nccl_type();
 template <> inline ncclDataType_t nccl_type<float>() { return ncclFloat32; }
 template <> inline ncclDataType_t nccl_type<int>() { return ncclInt32; }
+template <> inline ncclDataType_t nccl_type<__nv_bfloat16>() { return ncclBfloat16; }
 #endif
 
 struct MultiGpu {
@@ -331,16 +332,40 @@ inline void multi_gpu_buckets_done(MultiGpu& m) {
 
 // Each rank's slice [begin[r], begin[r + 1]) of x, sent by rank r to all
 // (a broadcast per owner, in place, grouped: an all-gather of uneven parts).
-inline void multi_gpu_share_shards(MultiGpu& m, const ShardPlan& shards, float* x) {
+template <typename T>
+void multi_gpu_share_shards(MultiGpu& m, const ShardPlan& shards, T* x) {
 #ifdef MULTI_GPU
     if (!m.active()) return;
     ncclCheck(ncclGroupStart());
     for (int r = 0; r < m.world; r++)
         if (shards.size(r) > 0)
-            ncclCheck(ncclBroadcast(x + shards.begin[r], x + shards.begin[r], shards.size(r), ncclFloat32, r, m.comm, 0));
+            ncclCheck(ncclBroadcast(x + shards.begin[r], x + shards.begin[r], shards.size(r), nccl_type<T>(), r, m.comm,
+                                    0));
     ncclCheck(ncclGroupEnd());
 #else
     (void)m; (void)shards; (void)x;
+#endif
+}
+
+// Parameters [lo, hi) into every rank's `out` (out[0] is parameter lo),
+// each part from the rank that owns it, read from that rank's shard values
+// (`shard`: element i is parameter begin[rank] + i).
+inline void multi_gpu_share_range(MultiGpu& m, const ShardPlan& shards, const float* shard, float* out, size_t lo,
+                                  size_t hi) {
+#ifdef MULTI_GPU
+    if (!m.active()) return;
+    ncclCheck(ncclGroupStart());
+    for (int r = 0; r < m.world; r++) {
+        size_t a, b;
+        shards.overlap(r, lo, hi, &a, &b);
+        if (a == b) continue;
+        // only the owner's send buffer is read; the others name their own receive buffer
+        const float* send = r == m.rank ? shard + (a - shards.begin[r]) : out + (a - lo);
+        ncclCheck(ncclBroadcast(send, out + (a - lo), b - a, ncclFloat32, r, m.comm, 0));
+    }
+    ncclCheck(ncclGroupEnd());
+#else
+    (void)m; (void)shards; (void)shard; (void)out; (void)lo; (void)hi;
 #endif
 }
 

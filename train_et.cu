@@ -974,8 +974,11 @@ static std::string save_checkpoint(const Options& o, Model& model, MultiGpu& mul
         if (!f) fail("%s: cannot create (%s)", tmp.c_str(), strerror(errno));
         write_all(f, h, sizeof(h), tmp);
     }
-    for (const float* buf : {(const float*)model.master, (const float*)model.adam_m, (const float*)model.adam_v}) {
-        if (buf != model.master && multi.active()) {
+    const struct { const float* values; bool shard; } arrays[] = {
+        {model.master, model.master_sharded()}, {model.adam_m, multi.active()}, {model.adam_v, multi.active()}};
+    for (const auto& array : arrays) {
+        const float* buf = array.values;
+        if (array.shard) {
             multi_gpu_collect_shards(multi, model.shards, buf, model.grads);
             buf = model.grads;
         }
@@ -1003,17 +1006,17 @@ static std::string save_checkpoint(const Options& o, Model& model, MultiGpu& mul
     return "";
 }
 
-// Loads the checkpoint check_resume chose into the model: the whole master
-// weights, and the moments of this rank's shard (any number of ranks may
-// have written it).
+// Loads the checkpoint check_resume chose into the model: the weights, and
+// this rank's shard of the moments (any number of ranks may have written it).
 static TrainState load_checkpoint(RunLog& log, const std::string& path, Model* model, float* host_buffer) {
     int64_t h[CK_HEADER_FIELDS];
     FILE* f = open_checkpoint(path, h);
-    for (float* buf : {model->master, model->adam_m, model->adam_v}) {
+    read_all(f, host_buffer, model->num_params * sizeof(float), path);
+    cudaCheck(cudaMemcpy(model->grads, host_buffer, model->num_params * sizeof(float), cudaMemcpyHostToDevice));
+    model_set_weights(model, model->grads);  // the gradients as staging: the first step zeroes them
+    for (float* buf : {model->adam_m, model->adam_v}) {
         read_all(f, host_buffer, model->num_params * sizeof(float), path);
-        const bool whole = buf == model->master;
-        cudaCheck(cudaMemcpy(buf, host_buffer + (whole ? 0 : model->shard_begin()),
-                             (whole ? model->num_params : model->shard_size()) * sizeof(float),
+        cudaCheck(cudaMemcpy(buf, host_buffer + model->shard_begin(), model->shard_size() * sizeof(float),
                              cudaMemcpyHostToDevice));
     }
     read_all(f, host_buffer, router_state_floats(model->router) * sizeof(float), path);
@@ -1023,7 +1026,6 @@ static TrainState load_checkpoint(RunLog& log, const std::string& path, Model* m
     bool trailing = fread(&extra, 1, 1, f) == 1;
     fclose(f);
     if (trailing) fail("%s: longer than its header says: not a checkpoint of this run", path.c_str());
-    copy_to_floatX(model->params, model->master, model->num_params);
     TrainState st;
     st.step = (int)h[CK_STEP];
     st.elapsed = h[CK_ELAPSED_MS] / 1e3;
@@ -1378,14 +1380,19 @@ static void check_same_settings(MultiGpu& multi, const Model& model, Options& o,
 }
 
 // Several ranks must also stay one model: after the same steps every rank's
-// master weights, cutoffs and biases must be the same bits (the owners sent
-// their shards, and the routers saw the same statistics). Checked at every
-// checkpoint and at the end: a hash of each rank's, compared on every rank
-// (through the gradients: free between steps).
-// Returns the log line, or fails naming the ranks that drifted.
+// weights (the matmuls' copy and the routers' fp32 ones), cutoffs and biases
+// must be the same bits (the owners sent their shards, and the routers saw
+// the same statistics). Checked at every checkpoint and at the end: a hash
+// of each rank's, compared on every rank (through the gradients: free
+// between steps). Returns the log line, or fails naming the ranks that drifted.
 static std::string check_ranks_agree(MultiGpu& multi, const Model& model, float* host_buffer, int step) {
-    cudaCheck(cudaMemcpy(host_buffer, model.master, model.num_params * sizeof(float), cudaMemcpyDeviceToHost));
-    uint64_t hash = settings_hash(host_buffer, model.num_params * sizeof(float));
+    cudaCheck(cudaMemcpy(host_buffer, model.params, model.num_params * sizeof(floatX), cudaMemcpyDeviceToHost));
+    uint64_t hash = settings_hash(host_buffer, model.num_params * sizeof(floatX));
+    for (int t : model.router_tensors) {
+        const size_t n = (size_t)model.tensors[t].numel();
+        cudaCheck(cudaMemcpy(host_buffer, model.master_of(t), n * sizeof(float), cudaMemcpyDeviceToHost));
+        hash = settings_hash(host_buffer, n * sizeof(float), hash);
+    }
     const size_t router_floats = router_state_floats(model.router);
     router_save_state(model.router, host_buffer);
     hash = settings_hash(host_buffer, router_floats * sizeof(float), hash);

@@ -6,8 +6,10 @@ train_et on R ranks (multi_gpu.cuh) moves, per optimizer step and rank:
     to the ranks that own its shards, on a second stream as the last
     micro-step's backward pass finishes the layer: a reduce-scatter's traffic,
     4 P (R - 1) / R bytes for P parameters;
-  - the new weights, fp32, from their owners to every rank after the update:
-    an all-gather's, 4 P (R - 1) / R bytes, not overlapped (the next forward
+  - the new weights from their owners to every rank after the update: the
+    matmuls' bf16 copy, and the routers' fp32 weights (every rank's forward
+    reads them; the fp32 master weights stay sharded): an all-gather's,
+    (2 P + 4 P_router) (R - 1) / R bytes, not overlapped (the next forward
     needs them);
   - with -ep global (EC, and ET's cutoff statistic): every MoE layer's router
     logits, every micro-step, gathered from all ranks: 4 N E (R - 1) bytes
@@ -71,7 +73,8 @@ def model(c, ranks, mfu, busbw, latency, pooled):
         stream = max(stream, t_ready) + 4 * params * share / busbw + latency
     grads_exposed = max(0.0, stream - backward)
     grads_bytes = 4 * P * share
-    weights_bytes = 4 * P * share
+    router = sum(r * cols for name, r, cols, _, _ in c.tensors() if name.endswith(".moe.router"))
+    weights_bytes = (2 * P + 4 * router) * share
     weights_time = weights_bytes / busbw + latency
     moe_layers = c.L - 1 if c.E else 0
     logits_bytes = 4 * c.N * c.E * (R - 1) * moe_layers * micro if pooled else 0
@@ -98,7 +101,7 @@ def report(name, c, ranks, mfu, busbw, latency, pooled):
              f"  compute per rank at {mfu:.0%} MFU      {ms(m['compute_s'])}  (last backward pass {ms(m['backward_s'])})",
              f"  gradients (fp32, to their owners)  {gb(m['grads_bytes'])} {ms(m['grads_s'])}, exposed after the "
              f"backward pass {ms(m['grads_exposed_s'])}",
-             f"  weights (fp32, from their owners)  {gb(m['weights_bytes'])} {ms(m['weights_s'])}, exposed",
+             f"  weights (bf16, from their owners)  {gb(m['weights_bytes'])} {ms(m['weights_s'])}, exposed",
              f"  router logits (-ep global)         {gb(m['logits_bytes'])} {ms(m['logits_s'])}, exposed"
              if pooled else "  router logits                      none (the pool is each rank's own)",
              f"  norm, loss                                    {ms(m['scalars_s'])}, exposed",

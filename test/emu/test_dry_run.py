@@ -6,7 +6,8 @@ accumulation, an evaluation and a generation pass, CORE's batch shapes and the
 routes of a sequence (test/emu/dry_run.cu) under
 EMU_DRY_RUN=1: every launch configuration and cuBLAS call is checked as an H200
 checks it, and device memory is only counted. Every preset (a row of the paper's
-Tables 1 and 2, presets.h) is dry-run at its size too. Each run must pass every check,
+Tables 1 and 2, presets.h) is dry-run at its size too, and d20 as rank 0 of 8 ranks
+(its shard of the optimizer state, its NCCL calls checked). Each run must pass every check,
 route as its router does (ET: its EC warm-up, then thresholds), and leave in use
 exactly the memory model_allocate counted, which is also the emulator's peak and
 the estimate train_et prints before it touches the GPU (model_plan).
@@ -62,19 +63,22 @@ def test_d20_every_router():
 
 
 def test_d20_on_eight_ranks():
-    """Rank 0 of 8 (multi_gpu.cuh): an eighth of the AdamW moments; with -ep global every rank's
-    logits, and buffers for the most pairs one rank can get of the global pool's selections."""
+    """Rank 0 of 8 (multi_gpu.cuh): an eighth of the AdamW moments and master weights; with -ep
+    global every rank's logits, and buffers for the most pairs one rank can get of the global
+    pool's selections."""
     for router, pool in (("dense", "micro"), ("tc", "micro"), ("et", "global")):
         args = ["-m", "d20", "-np", "8", "-ep", pool, "-d", "262144"]
         args += ["-e", "0"] if router == "dense" else ["-e", "16", "-r", router]
         plan = check("d20", router, args)
         assert plan < 141e9, f"d20 {router} at 8 ranks: {plan} bytes do not fit an H200"
-    adam = {}
+    gib = {}
     for ranks in (1, 8):
         r = dry_run("-m", "d20", "-e", "16", "-r", "et", "-np", str(ranks), "-d", "262144")
-        adam[ranks] = float(re.search(r"AdamW ([\d.]+)\)", r.stdout).group(1))
+        gib[ranks] = [float(x) for x in re.search(r"fp32 master ([\d.]+), gradients [\d.]+, AdamW ([\d.]+)\)",
+                                                     r.stdout).groups()]
         assert (f"rank 0 of {ranks}" in r.stdout) == (ranks > 1), r.stdout[:600]
-    assert abs(adam[8] - adam[1] / 8) < 0.02, f"AdamW GiB on 1 rank {adam[1]}, on rank 0 of 8 {adam[8]}"
+    for part, one, eighth in zip(("master", "AdamW"), gib[1], gib[8]):
+        assert abs(eighth - one / 8) < 0.02, f"{part} GiB on 1 rank {one}, on rank 0 of 8 {eighth}"
 
 
 def presets():
