@@ -177,10 +177,22 @@ inline ncclUniqueId exchange_id_by_file(MultiGpu& m) {
 }
 #endif
 
+// Before a rank takes its GPU: a node runs at most one rank per GPU (where
+// CUDA can count them; if it cannot, opening the GPU says why).
+inline void multi_gpu_check_node(const ProcessLayout& layout) {
+    int gpus = 0;
+    if (layout.local_world == 1 || cudaGetDeviceCount(&gpus) != cudaSuccess) {
+        cudaGetLastError();  // not this check's error to keep
+        return;
+    }
+    if (layout.local_world > gpus)
+        fail("%s started %d processes on this node, which has %d GPU%s: one process per GPU (fewer ranks per node, "
+             "or more nodes)", layout.launcher.c_str(), layout.local_world, gpus, gpus == 1 ? "" : "s");
+}
+
 // Joins the run's communicator (a no-op for one process) and starts the
-// heartbeat. gpu_count: the GPUs this node's process sees.
-inline void multi_gpu_init(MultiGpu* m, const ProcessLayout& layout, const std::string& dir, double time_limit,
-                           int gpu_count) {
+// heartbeat.
+inline void multi_gpu_init(MultiGpu* m, const ProcessLayout& layout, const std::string& dir, double time_limit) {
     m->layout = layout;
     m->rank = layout.rank;
     m->world = layout.world;
@@ -188,13 +200,9 @@ inline void multi_gpu_init(MultiGpu* m, const ProcessLayout& layout, const std::
     m->time_limit = time_limit;
     if (!m->active()) return;
 #ifndef MULTI_GPU
-    (void)gpu_count;
     fail("%s started %d processes, but this train_et was built without NCCL (NO_MULTI_GPU=1, or no nccl.h): "
          "rebuild it with NCCL, or start one process", layout.launcher.c_str(), layout.world);
 #else
-    if (layout.local_world > gpu_count)
-        fail("%s started %d processes on this node, which has %d GPU%s: one process per GPU (fewer ranks per node, "
-             "or more nodes)", layout.launcher.c_str(), layout.local_world, gpu_count, gpu_count == 1 ? "" : "s");
     const std::string err = make_dirs(dir);
     if (!err.empty()) fail("-pd: %s", err.c_str());
     ncclUniqueId id;

@@ -1478,6 +1478,7 @@ int main(int argc, char** argv) {
 
     GpuInfo gpu;
     bool no_device = false;
+    multi_gpu_check_node(layout);
     err = gpu_open(layout.local_rank, &gpu, &no_device);
     // a setting too big for the GPU is named even where no GPU answers
     check_memory_fits(o, config, optim, planned.memory, err.empty() ? gpu.prop.totalGlobalMem : H200_MEMORY,
@@ -1486,11 +1487,8 @@ int main(int argc, char** argv) {
         fail("%s: train_et trains on an NVIDIA GPU; this machine has none (the CPU tests run with 'make test')",
              err.c_str());
     if (!err.empty()) fail("%s", err.c_str());
-    int gpu_count = 0;
-    cudaCheck(cudaGetDeviceCount(&gpu_count));
     MultiGpu multi;
-    multi_gpu_init(&multi, layout, o.rendezvous_dir.empty() ? o.out_dir : o.rendezvous_dir, o.rank_time_limit,
-                   gpu_count);
+    multi_gpu_init(&multi, layout, o.rendezvous_dir.empty() ? o.out_dir : o.rendezvous_dir, o.rank_time_limit);
     log.open(o.out_dir, from_checkpoint);
     log.print("gpu      %s, %d SMs, %.0f GiB, compute capability %d.%d, peak bf16 %.0f TFLOP/s\n", gpu.prop.name,
               gpu.prop.multiProcessorCount, gpu.prop.totalGlobalMem / 1073741824.0, gpu.prop.major, gpu.prop.minor,

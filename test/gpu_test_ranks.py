@@ -12,7 +12,8 @@ simulated by its SLURM_* variables) and holds them to what one GPU does:
   - a 2-rank resume continues bit-exactly, and a 2-rank checkpoint goes on
     on 1 rank;
   - a rank killed mid-run: the others name it and exit within a minute, the
-    last checkpoint whole; ranks started with different settings: refused;
+    last checkpoint whole; ranks started with different settings, or more
+    ranks on a node than it has GPUs: refused;
   - two nodes under Slurm, simulated on one machine.
 
 On the emulated device (TRAIN_ET_EMULATED=1, how make test runs it without
@@ -74,16 +75,18 @@ def one_rank(out, *args):
     return r.stdout
 
 
-def srun(n, out, rank_args, nodes=1, job="4242"):
+def srun(n, out, rank_args, nodes=1, job="4242", gpus=None):
     """n ranks as srun starts them (its SLURM_* variables), on `nodes` simulated nodes of this
-    machine; rank_args(r) gives rank r's flags. Returns the processes, running."""
-    gpus_needed(n // nodes)
+    machine with `gpus` GPUs each (default: one per rank); rank_args(r) gives rank r's flags.
+    Returns the processes, running."""
     per_node = n // nodes
+    gpus = gpus or per_node
+    gpus_needed(gpus)
     procs = []
     for r in range(n):
         env = dict(os.environ, SLURM_NTASKS=str(n), SLURM_PROCID=str(r), SLURM_LOCALID=str(r % per_node),
                    SLURM_NODEID=str(r // per_node), SLURM_TASKS_PER_NODE=f"{per_node}(x{nodes})", SLURM_JOB_ID=job,
-                   SLURM_STEP_ID="0", EMU_GPUS=str(per_node))
+                   SLURM_STEP_ID="0", EMU_GPUS=str(gpus))
         procs.append(subprocess.Popen([TRAIN_ET, *COMMON, "-o", out, *rank_args(r)], env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
     return procs
@@ -233,6 +236,16 @@ def test_ranks_with_other_settings_are_refused():
         for rank, (code, stdout, stderr) in enumerate(results):
             assert code == 1 and "rank 1 started with other settings than rank 0" in stderr, (rank, code, stderr)
             assert "step      1" not in stdout, stdout
+
+
+def test_more_ranks_than_gpus_are_refused():
+    if not EMULATED:
+        raise Skip("a node's GPU count is the machine's own here", "make test runs it on the emulated device")
+    with tempfile.TemporaryDirectory() as d:
+        args = ["-i", "synthetic", "-sv", "2048", "-e", "0", "-b", str(B), "-d", str(2 * B * T)]
+        for rank, (code, _, stderr) in enumerate(finish(srun(2, f"{d}/out", lambda r: args, gpus=1))):
+            assert code == 1 and f"error: rank {rank}: srun started 2 processes on this node, which has 1 GPU: one " \
+                "process per GPU" in stderr, (rank, code, stderr)
 
 
 def test_two_nodes_under_slurm():

@@ -2,15 +2,20 @@
 
 A build's compiler warnings fail it, make's own warnings (clock skew) do not;
 each file is named as its build starts, not when the whole build is done;
-GPU_ARCH given as 8.0 or sm_80 stops make with a one-line hint.
+GPU_ARCH given as 8.0 or sm_80 stops make with a one-line hint. The builds
+make test does not make (without NCCL: one GPU only; several ranks in the FP32
+build; without MPI) still compile warning-free: g++ reads the emulated
+device's copy of train_et.cu in each (syntax and types only, in seconds).
 """
 import os
+import shutil
 import subprocess
 import time
 
-from harness import REPO, main
+from harness import REPO, Skip, main
 
 HELPERS = os.path.join(REPO, "test", "build_output.sh")
+CUDA_HOME = os.path.dirname(os.path.dirname(shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"))  # as the Makefile
 
 MAKE_OWN = [
     "make: warning:  Clock skew detected.  Your build may be incomplete.",
@@ -75,6 +80,21 @@ def test_gpu_arch_takes_digits():
     assert r.returncode != 0 and "compute capability 8.0 or newer" in r.stderr, r.stderr
     r = subprocess.run(["make", "-n", "GPU_ARCH=80", "train_et"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "-arch=sm_80" in r.stdout, f"exit {r.returncode}: {r.stderr}"
+
+
+
+def test_other_builds_compile():
+    src = os.path.join(REPO, "build/emu/src/train_et.cu")
+    if not os.path.exists(src):
+        raise Skip("the emulated device's sources are not rewritten on this machine",
+                   "make build/emu/src/.stamp (make test does, where it emulates the GPU)")
+    base = ["g++", "-std=c++17", "-Wall", "-Wextra", "-Werror", "-Wno-unknown-pragmas", "-fsyntax-only",
+            "-I" + os.path.join(REPO, "test/emu/include"), "-I" + os.path.join(CUDA_HOME, "include"),
+            "-include", os.path.join(REPO, "test/emu/emu.h")]
+    for what, flags in (("without NCCL", ["-DENABLE_BF16"]), ("FP32 with NCCL", ["-DENABLE_FP32", "-DMULTI_GPU"]),
+                        ("BF16 with NCCL, without MPI", ["-DENABLE_BF16", "-DMULTI_GPU"])):
+        r = subprocess.run(base + flags + ["-x", "c++", src], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0 and not r.stderr, f"train_et {what}: {r.stderr[-2000:]}"
 
 
 if __name__ == "__main__":

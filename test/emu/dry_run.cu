@@ -126,7 +126,7 @@ int main(int argc, char** argv) {
     layout.world = ranks;
     layout.launcher = "dry run";
     MultiGpu multi;
-    multi_gpu_init(&multi, layout, rendezvous, 60, 1);
+    multi_gpu_init(&multi, layout, rendezvous, 60);
     Model model;
     model.config = c;
     if (optimizer != "adamw" && optimizer != "muon") fail("-opt: '%s' is not adamw or muon", optimizer.c_str());
