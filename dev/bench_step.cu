@@ -27,7 +27,9 @@
 //     layer, backward 2.5x that), against the time the same FLOPs take at
 //     the cuBLAS bf16 rate measured here on one 8192^3 product (-g) of random
 //     data; the SPEC target is attention within 2x of that.
-//   - MoE: the routers run as in training after warm-up: ET's EC warm-up is
+//   - MoE: the grouped expert matmuls next to cuBLAS on the same shapes (the
+//     shared expert's products, one pair per token, times K). The routers
+//     run as in training after warm-up: ET's EC warm-up is
 //     one step, so the timed steps route by the tracked thresholds (with the
 //     capacity clamp); TC balances with the aux loss. Expert FLOPs count the
 //     nominal N*K routed tokens (what MFU counts); ET's real count varies.
@@ -509,6 +511,23 @@ int main(int argc, char** argv) {
     cudaCheck(cudaFree(gemm_a));
     cudaCheck(cudaFree(gemm_b));
     cudaCheck(cudaFree(gemm_out));
+    // The routed experts' yardstick: cuBLAS on the same shapes. The shared
+    // expert's products are exactly one routed pair per token (N x C -> 2C ->
+    // C), forward and backward, over the MoE layers; K of them take what
+    // cuBLAS would for the routed experts' nominal N x K pairs.
+    Timing t_shared;
+    if (moe)
+        t_shared = timer.time([&] {
+            for (int l = 1; l < L; l++) {
+                Activations::Layer& Ly = a.layers[l];
+                matmul_forward(cublas, Ly.fc_pre, Ly.ln2, model.param(lt[l].fc), N, C, 2 * C);
+                matmul_forward(cublas, a.scratch_narrow, a.ffn_act, model.param(lt[l].proj), N, 2 * C, C);
+                matmul_backward(cublas, a.scratch_wide, model.grad(lt[l].proj), a.dresidual, a.ffn_act,
+                                model.param(lt[l].proj), N, 2 * C, C);
+                matmul_backward(cublas, a.scratch_narrow, model.grad(lt[l].fc), a.scratch_wide, Ly.ln2,
+                                model.param(lt[l].fc), N, C, 2 * C);
+            }
+        }, restore_grad_scratch);
 
     // ---- the table
     const double peak = gpu.peak_bf16_flops;
@@ -550,6 +569,14 @@ int main(int argc, char** argv) {
                 routing_ms += p.t.median;
         printf("moe routing       router + selection, dispatch and combine: %.3f ms, %.1f%% of the micro-step "
                "(SPEC target < 10%%)\n", routing_ms, 100.0 * routing_ms / t_micro.median);
+        double experts_ms = 0;
+        for (const Phase& p : phases)
+            if (strncmp(p.name, "moe experts", 11) == 0) experts_ms += p.t.median;
+        const double cublas_ms = c.router.top_k * t_shared.median;
+        printf("moe experts       fwd+bwd %.3f ms at %.1f TFLOP/s; the same shapes in cuBLAS (the shared expert's "
+               "products, x K): %.3f ms at %.1f TFLOP/s; ratio %.2fx\n", experts_ms,
+               3.0 * expert_fwd_flops / (experts_ms * 1e-3) / 1e12, cublas_ms,
+               3.0 * expert_fwd_flops / (cublas_ms * 1e-3) / 1e12, experts_ms / cublas_ms);
     }
     // phases[0] and [1]: attention forward and backward (pushed first).
     const double att_ms = phases[0].t.median + phases[1].t.median, att_flops = 3.5 * att_fwd_flops;

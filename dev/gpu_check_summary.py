@@ -4,7 +4,7 @@
 Writes OUTDIR/summary.md (and prints it): the machine; each part's exit status
 and time; the GPU tests' and training tests' results with every failure; for
 each d12 bench configuration tok/s, MFU, the phase split, the routing share,
-attention against cuBLAS, and the peak memory next to model_allocate's plan
+attention and the routed experts against cuBLAS, and the peak memory next to model_allocate's plan
 (the plan the emulator's dry run checks); the synthetic-corpus runs' losses;
 on several GPUs, the step time on one GPU and on all of them (the same
 micro-batch per GPU) and the communication share it implies.
@@ -64,6 +64,9 @@ def parse_bench(text):
     m = re.search(r"^moe routing\s+.*: ([\d.]+) ms, ([\d.]+)% of the micro-step", text, re.M)
     if m:
         b["routing_pct"] = float(m.group(2))
+    m = re.search(r"^moe experts\s+fwd\+bwd .*ratio ([\d.]+)x", text, re.M)
+    if m:
+        b["experts_ratio"] = float(m.group(1))
     m = re.search(r"^attention\s+fwd\+bwd ([\d.]+) ms at ([\d.]+) TFLOP/s;.*ratio ([\d.]+)x", text, re.M)
     if m:
         b["attention_ms"], b["attention_tflops"], b["attention_ratio"] = map(float, m.groups())
@@ -113,14 +116,15 @@ def summary(out):
                for path in [os.path.join(out, f"bench_d12_{c}.txt")] if read(path) is not None}
     if benches:
         lines += ["", "## make bench: d12, B = 16, T = 2048 (16 experts for the routers)", "",
-                  "| config | tok/s (train_et step) | MFU | micro-step ms | attention vs cuBLAS | routing share | "
-                  "peak / plan GiB |", "|---|---|---|---|---|---|---|"]
+                  "| config | tok/s (train_et step) | MFU | micro-step ms | attention vs cuBLAS | experts vs cuBLAS | "
+                  "routing share | peak / plan GiB |", "|---|---|---|---|---|---|---|---|"]
         for c, b in benches.items():
             ratio = f"{b['attention_ratio']:.2f}x" if "attention_ratio" in b else "-"
+            experts = f"{b['experts_ratio']:.2f}x" if "experts_ratio" in b else "-"
             routing = f"{b['routing_pct']:.1f}%" if "routing_pct" in b else "-"
             memory = f"{b['peak_gib']:.2f} / {b['plan_gib']:.2f}" if "peak_gib" in b else "-"
             lines.append(f"| {c} | {b.get('tok_s', '-')} | {b.get('mfu', '-')} | {b.get('micro_ms', '-')} | {ratio} | "
-                         f"{routing} | {memory} |")
+                         f"{experts} | {routing} | {memory} |")
         phases = []
         for b in benches.values():
             phases += [p for p in b["phases"] if p not in phases]

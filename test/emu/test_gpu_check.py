@@ -75,13 +75,15 @@ def test_summary_reads_real_bench_and_run_output():
         for config, text in benches.items():
             tok_s = re.search(r"^train_et step .*, (\d+) tokens/s, MFU (\S+)", text, re.M)
             micro = re.search(r"^micro-step\s+([\d.]+) ms", text, re.M).group(1)
-            row = re.search(rf"^\| {config} \| (\d+) \| (\S+) \| ([\d.]+) \| (\S+) \| (\S+) \| (.+) \|$", summary, re.M)
+            row = re.search(rf"^\| {config} \| (\d+) \| (\S+) \| ([\d.]+) \| (\S+) \| (\S+) \| (\S+) \| (.+) \|$", summary,
+                            re.M)
             assert row, f"no bench row for {config}:\n{summary}"
             # the summary writes the micro-step's ms as a float ("443.4"), bench_step with three decimals ("443.400")
             assert row.group(1) == tok_s.group(1) and row.group(2) == tok_s.group(2) and \
                 float(row.group(3)) == float(micro), row.group(0)
-            assert re.match(r"[\d.]+ / [\d.]+", row.group(6)), row.group(0)
-            assert (row.group(5) != "-") == (config == "et"), f"routing share: {row.group(0)}"
+            assert re.match(r"[\d.]+ / [\d.]+", row.group(7)), row.group(0)
+            assert (row.group(5) != "-") == (row.group(6) != "-") == (config == "et"), \
+                f"experts vs cuBLAS and routing share: {row.group(0)}"
         for phase in ("attention forward", "loss (softcap CE + sum)", "moe dispatch"):
             assert re.search(rf"^\| {re.escape(phase)} \| ", summary, re.M), f"phase '{phase}' missing:\n{summary}"
         run_row = re.search(r"^\| et \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| (.+) \|$", summary, re.M)
