@@ -98,12 +98,12 @@ inline void heartbeat_stop(MultiGpu& m) {
     remove(heartbeat_path(m, m.rank).c_str());
 }
 
-// Which ranks are lost, in words. A dead rank's file stops changing within a
-// second; this waits up to STALE seconds for one to go stale.
+// Which ranks are lost, in words. A dead rank's file stops changing at once
+// and is stale STALE seconds later; this waits up to 3 x STALE for one.
 inline std::string lost_ranks(const MultiGpu& m) {
-    const double STALE = 5;
+    const double STALE = 4;
     std::string dead, behind;
-    for (int attempt = 0; attempt <= 2 * STALE && dead.empty(); attempt++) {
+    for (int attempt = 0; attempt <= 6 * STALE && dead.empty(); attempt++) {  // every half second
         if (attempt > 0) std::this_thread::sleep_for(std::chrono::milliseconds(500));
         int lowest = INT32_MAX;
         std::vector<int> steps(m.world, -1);
