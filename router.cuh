@@ -762,8 +762,44 @@ __global__ void lossfree_bias_kernel(float* bias, const int* stats_int, int E, i
     bias[i] += rate * (float)((surplus > 0) - (surplus < 0));
 }
 
-// The router's input as fp32, and the router's input gradient added back
-// into the bf16 stream.
+// The router's logits, r = h W_r^T: r[n][e] = sum_c h[n][c] W[e][c] with h
+// in the activations' precision and W and every sum in fp32 (the products
+// of an fp32 GEMM on h converted to fp32, a conversion that is exact).
+// Layout: a warp owns ROUTER_TOKENS tokens and ROUTER_EXPERTS experts at a
+// time; lane l takes the columns l, l + 32, ...; the lanes' partial sums are
+// added by a butterfly, the same on every lane and in every schedule.
+// Memory: h read once (2 bytes an element in the BF16 build, where
+// converting it for an fp32 GEMM moves 2 + 4 + 4), W from L1/L2 once per
+// ROUTER_TOKENS tokens, a warp's reads of h and W 32 consecutive elements.
+static const int ROUTER_TOKENS = 4, ROUTER_EXPERTS = 16, ROUTER_THREADS = 256;
+__global__ void __launch_bounds__(ROUTER_THREADS)
+router_logits_kernel(float* logits, const floatX* h, const float* w, int N, int C, int E) {
+    const int lane = threadIdx.x % WARP;
+    const int n0 = (int)(((size_t)blockIdx.x * blockDim.x + threadIdx.x) / WARP) * ROUTER_TOKENS;
+    if (n0 >= N) return;  // the whole warp
+    for (int e0 = 0; e0 < E; e0 += ROUTER_EXPERTS) {
+        const int experts = min(ROUTER_EXPERTS, E - e0);
+        float acc[ROUTER_TOKENS][ROUTER_EXPERTS] = {};
+        for (int c = lane; c < C; c += WARP) {
+            float x[ROUTER_TOKENS];
+            for (int t = 0; t < ROUTER_TOKENS; t++) x[t] = n0 + t < N ? (float)h[(size_t)(n0 + t) * C + c] : 0.0f;
+            for (int e = 0; e < ROUTER_EXPERTS; e++) {
+                if (e >= experts) break;
+                const float we = w[(size_t)(e0 + e) * C + c];
+                for (int t = 0; t < ROUTER_TOKENS; t++) acc[t][e] += x[t] * we;
+            }
+        }
+        for (int t = 0; t < ROUTER_TOKENS; t++)
+            for (int e = 0; e < ROUTER_EXPERTS; e++) {
+                const float sum = warp_sum(acc[t][e]);
+                if (lane == (t * ROUTER_EXPERTS + e) % WARP && n0 + t < N && e < experts)
+                    logits[(size_t)(n0 + t) * E + e0 + e] = sum;
+            }
+    }
+}
+
+// The router's input as fp32 for its backward's GEMMs, and the router's
+// input gradient added back into the bf16 stream.
 __global__ void to_float_kernel(float* out, const floatX* inp, size_t n) {
     const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) out[i] = (float)inp[i];
@@ -1103,7 +1139,7 @@ inline MoeBuffers& pass_buffers(Router& r, int layer, RoutingPass pass) {
     return pass == RoutingPass::Train ? r.train[layer] : r.eval;
 }
 
-// h as fp32 for the router: converted into r.h32 (the FP32 build reads h).
+// h as fp32 for the router's backward: converted into r.h32 (the FP32 build reads h).
 inline const float* router_input(Router& r, const floatX* h, size_t n) {
 #ifdef ENABLE_FP32
     (void)r;
@@ -1116,13 +1152,12 @@ inline const float* router_input(Router& r, const floatX* h, size_t n) {
 #endif
 }
 
-// Phase "router + selection": logits = h W_r^T (fp32 cuBLAS, no TF32), then
-// the pass's selection into r.mask; a training pass of EC or ET also adds
+// Phase "router + selection": logits = h W_r^T (fp32, router_logits_kernel),
+// then the pass's selection into r.mask; a training pass of EC or ET also adds
 // its EC cutoffs to the step's statistics. A training pass whose pool spans
 // the ranks gathers every rank's logits first and selects over all of them
 // (the mask then covers every rank's tokens; moe_dispatch takes its own).
-inline void moe_route(Router& r, int layer, cublasHandle_t cublas, const floatX* h, const float* w_router, int B, int T,
-                      RoutingPass pass) {
+inline void moe_route(Router& r, int layer, const floatX* h, const float* w_router, int B, int T, RoutingPass pass) {
     MoeBuffers& buf = pass_buffers(r, layer, pass);
     const int E = r.E, C = r.C, ranks = pass == RoutingPass::Train && r.pools_ranks() ? r.ranks : 1;
     const int N = B * T * ranks;  // the tokens selected over
@@ -1132,9 +1167,10 @@ inline void moe_route(Router& r, int layer, cublasHandle_t cublas, const floatX*
         fail("internal: a %d x %d pass can route more pairs than the %d its buffers hold", B, T, buf.capacity);
     // a short generation pass launches few tiles, not the whole buffer's
     buf.launch_tiles = (int)std::min<int64_t>(buf.max_tiles, (bound + EXPERT_TILE - 1) / EXPERT_TILE + E);
-    const float one = 1.0f, zero = 0.0f;
-    cublasCheck(cublasSgemm(cublas, CUBLAS_OP_T, CUBLAS_OP_N, E, B * T, C, &one, w_router, C,
-                            router_input(r, h, (size_t)B * T * C), C, &zero, buf.own_logits, E));
+    const int own = B * T;
+    router_logits_kernel<<<ceil_div((size_t)ceil_div(own, ROUTER_TOKENS) * WARP, ROUTER_THREADS), ROUTER_THREADS>>>(
+        buf.own_logits, h, w_router, own, C, E);
+    launchCheck();
     if (ranks > 1) multi_gpu_gather(*r.multi, buf.logits, (size_t)B * T * E);
     const bool statistics = pass == RoutingPass::Train && r.config.kind != RouterKind::TC;
     int* stats_int = r.stats_int + (size_t)layer * r.stats_int_stride();
@@ -1245,7 +1281,7 @@ inline void moe_shared_forward(cublasHandle_t cublas, floatX* y, floatX* pre, fl
 inline void moe_forward(Router& r, int layer, cublasHandle_t cublas, floatX* y, floatX* shared_pre, floatX* act,
                         const floatX* h, const MoeWeights& w, int B, int T, RoutingPass pass) {
     const int N = B * T;
-    moe_route(r, layer, cublas, h, w.router, B, T, pass);
+    moe_route(r, layer, h, w.router, B, T, pass);
     moe_dispatch(r, layer, N, pass);
     moe_shared_forward(cublas, y, shared_pre, act, h, w, N, r.C);
     moe_experts_forward(r, layer, h, w, pass);

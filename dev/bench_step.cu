@@ -458,7 +458,7 @@ int main(int argc, char** argv) {
     if (moe) {
         phases.push_back({"moe router + selection (fwd + bwd)", 0, [&] {
             for (int l = 1; l < L; l++)
-                moe_route(router, l - 1, cublas, a.layers[l].ln2, moe_weights(&model, lt[l].router).router, B, T, train);
+                moe_route(router, l - 1, a.layers[l].ln2, moe_weights(&model, lt[l].router).router, B, T, train);
             for (int l = L - 1; l >= 1; l--)
                 moe_router_backward(router, l - 1, cublas, a.scratch_narrow, a.layers[l].ln2,
                                     moe_weights(&model, lt[l].router).router, model.grad(lt[l].router), N);

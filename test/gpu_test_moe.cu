@@ -921,6 +921,28 @@ static void check_layers(Test& t, bool (*selected)(const LayerCase&)) {
     for (size_t i = 0; i < cases.size(); i++)
         if (selected(cases[i])) check_layer(t, cases[i], 1501 + i);
 }
+// The router's logits kernel alone, on shapes the layer cases do not reach:
+// tokens not a multiple of its ROUTER_TOKENS, experts past one tile of
+// ROUTER_EXPERTS and not a multiple of it, a width not a multiple of a warp.
+static void test_moe_router_logits(Test& t) {
+    Rng rng(1201);
+    for (int N : {5, 37})
+        for (int C : {40, 96})
+            for (int E : {3, 16, 20, 33}) {
+                const std::vector<floatX> h = random_floatX(rng, (size_t)N * C, -1, 1);
+                const std::vector<float> w = random_float(rng, (size_t)E * C, -0.5, 0.5);
+                DeviceBuffer<floatX> d_h(h);
+                DeviceBuffer<float> d_w(w), d_logits((size_t)N * E);
+                d_logits.poison(INT_POISON);
+                router_logits_kernel<<<ceil_div((size_t)ceil_div(N, ROUTER_TOKENS) * WARP, ROUTER_THREADS),
+                                       ROUTER_THREADS>>>(d_logits.ptr, d_h.ptr, d_w.ptr, N, C, E);
+                launchCheck();
+                sync_after("router_logits_kernel");
+                check_close(t, string_format("N=%d C=%d E=%d", N, C, E), to_doubles(d_logits.download()),
+                            host_logits(h, w, N, C, E), TOL_FP32);
+            }
+}
+
 static void test_moe_layer_tc(Test& t) {
     check_layers(t, [](const LayerCase& c) { return c.router.kind == RouterKind::TC; });
 }
@@ -1351,7 +1373,7 @@ static void test_moe_causality(Test& t) {
 int main() {
     return run_gpu_tests("gpu_moe", {
         GPU_TEST(moe_tc_select), GPU_TEST(moe_pool_select_top_k), GPU_TEST(moe_threshold_select),
-        GPU_TEST(moe_dispatch),
+        GPU_TEST(moe_dispatch), GPU_TEST(moe_router_logits),
         GPU_TEST(moe_layer_tc), GPU_TEST(moe_layer_ec), GPU_TEST(moe_layer_et), GPU_TEST(moe_layer_eval),
         GPU_TEST(moe_step_end),
         GPU_TEST(moe_layer_determinism),
