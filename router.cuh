@@ -10,10 +10,11 @@
 // holds their settings, test/reference_moe.h states their math in plain C++.
 //
 // Reading order:
-//   1. selection kernels: TC top-K per token; one kernel for EC top-k per
-//      (pool, expert) by radix select, which also does the ET training
-//      threshold with its capacity clamp and the k-th-largest statistic;
-//      the plain ET threshold for eval;
+//   1. selection kernels: TC top-K per token; EC top-k per (pool, expert)
+//      by a radix select over tiles of the pool (per-tile histograms, merged
+//      per pool), which also serves the ET training threshold with its
+//      capacity clamp and the k-th-largest statistic; the plain ET threshold
+//      for eval;
 //   2. dispatch: each expert's tokens listed in token order (per-tile counts
 //      scanned over tiles, then each tile numbers its own tokens), their
 //      gates, and a tile schedule for the experts;
@@ -114,120 +115,391 @@ __device__ __forceinline__ float key_value(unsigned int key) {
     return __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
 }
 
-static const int SELECT_THREADS = 512;
-
-// The m-th largest key (1 <= m <= pool) of expert e's column over a pool of
-// tokens, by radix select: four passes over the column, each builds a
-// 256-bucket histogram of the next byte among the keys that match the bytes
-// chosen so far, and picks the bucket holding the m-th largest. Returns the
-// key, and in *ties how many of the tokens equal to it belong to the top m
-// (the lowest-indexed ones). The whole block calls it.
-__device__ unsigned int block_select_rank(const float* logits, int first, int pool, int E, int e, int m, int* ties) {
-    __shared__ int hist[256];
-    __shared__ unsigned int s_prefix;
-    __shared__ int s_remaining;
-    unsigned int prefix = 0, known = 0;  // the high bytes decided so far, and their bit mask
-    int remaining = m;                   // rank still to find among the keys matching prefix
-    for (int shift = 24; shift >= 0; shift -= 8) {
-        for (int b = threadIdx.x; b < 256; b += blockDim.x) hist[b] = 0;
-        __syncthreads();
-        for (int n = threadIdx.x; n < pool; n += blockDim.x) {
-            const unsigned int key = order_key(logits[(size_t)(first + n) * E + e]);
-            if ((key & known) == prefix) atomicAdd(&hist[(key >> shift) & 255], 1);
-        }
-        __syncthreads();
-        if (threadIdx.x == 0) {
-            int above = 0, b = 255;
-            for (; b > 0 && above + hist[b] < remaining; b--) above += hist[b];
-            s_prefix = prefix | ((unsigned int)b << shift);
-            s_remaining = remaining - above;
-        }
-        __syncthreads();
-        prefix = s_prefix;
-        remaining = s_remaining;
-        known |= 255u << shift;
-        __syncthreads();  // everyone has read s_prefix before it is written again
-    }
-    *ties = remaining;
-    return prefix;
-}
-
-// Marks expert e's top tokens of the pool: every key above `key`, and the
-// first `ties` tokens equal to it in token order (a block-wide exclusive scan
-// of "equal" flags over chunks of the pool, carried from chunk to chunk).
-__device__ void block_mark_top(uint8_t* mask, const float* logits, int first, int pool, int E, int e, unsigned int key,
-                               int ties) {
-    using BlockScan = cub::BlockScan<int, SELECT_THREADS>;
+// Two block-wide tools the selection and the dispatch share.
+//
+// block_exclusive_scan: store(i, sum over j < i of load(j)) for i < n, in
+// order, by a block-wide scan in chunks of THREADS_ items carried from chunk
+// to chunk; returns the sum of all n (to every thread). The whole block calls
+// it; integer sums, so the result is exact.
+template <int THREADS_, typename Load, typename Store>
+__device__ int block_exclusive_scan(int n, Load load, Store store) {
+    using BlockScan = cub::BlockScan<int, THREADS_>;
     __shared__ typename BlockScan::TempStorage scan;
-    int carry = 0;  // tokens equal to key in the chunks before this one
-    for (int base = 0; base < pool; base += SELECT_THREADS) {
-        const int n = base + threadIdx.x;
-        const unsigned int k = n < pool ? order_key(logits[(size_t)(first + n) * E + e]) : 0u;
-        const int equal = n < pool && k == key;
+    int carry = 0;  // the items of the chunks before this one
+    for (int base = 0; base < n; base += THREADS_) {
+        const int i = base + threadIdx.x;
+        const int value = i < n ? load(i) : 0;
         int before, total;
-        BlockScan(scan).ExclusiveSum(equal, before, total);
-        if (n < pool) mask[(size_t)(first + n) * E + e] = k > key || (equal && carry + before < ties);
+        BlockScan(scan).ExclusiveSum(value, before, total);
+        if (i < n) store(i, carry + before);
         carry += total;
         __syncthreads();  // the scan storage is reused by the next chunk
     }
+    return carry;
 }
 
-// Marks expert e's tokens at or above its cutoff; returns their count (to
-// every thread).
-__device__ int block_mark_threshold(uint8_t* mask, const float* logits, int first, int pool, int E, int e,
-                                    float cutoff) {
-    using BlockReduce = cub::BlockReduce<int, SELECT_THREADS>;
-    __shared__ typename BlockReduce::TempStorage reduce;
-    __shared__ int s_count;
-    int count = 0;
-    for (int n = threadIdx.x; n < pool; n += SELECT_THREADS) {
-        const size_t at = (size_t)(first + n) * E + e;
-        const int taken = logits[at] >= cutoff;
-        mask[at] = taken;
-        count += taken;
-    }
-    count = BlockReduce(reduce).Sum(count);
-    if (threadIdx.x == 0) s_count = count;
-    __syncthreads();
-    return s_count;
+// Ranks of flagged items in thread order, one item per thread and E flags an
+// item (one per expert). warp_flag_count records each warp's count of flag e
+// in warp_count[warp][e]; after a __syncthreads, block_flag_rank gives the
+// flagged threads before this one in the block (its rank if it is flagged).
+// Every lane of the warp calls both (each is one ballot).
+__device__ __forceinline__ void warp_flag_count(int* warp_count, int E, int e, bool flag) {
+    const unsigned votes = __ballot_sync(0xffffffffu, flag);
+    if (threadIdx.x % WARP == 0) warp_count[threadIdx.x / WARP * E + e] = __popc(votes);
+}
+__device__ __forceinline__ int block_flag_rank(const int* warp_count, int E, int e, bool flag) {
+    const unsigned votes = __ballot_sync(0xffffffffu, flag);
+    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    int rank = __popc(votes & ((1u << lane) - 1));  // the lanes before this one
+    for (int w = 0; w < warp; w++) rank += warp_count[w * E + e];
+    return rank;
 }
 
-enum PoolSelect { SELECT_TOP_K, SELECT_THRESHOLD, SELECT_THRESHOLD_CLAMPED };
-
-// One block per (expert e, pool p) of `pool` consecutive tokens:
+// EC top-k and the ET training threshold, per (pool p, expert e) of `pool`
+// consecutive tokens:
 //   kth[p][e] = the k-th largest logit (the EC cutoff of this pool; skipped
 //               when kth is null);
 //   SELECT_TOP_K (EC): the top-k tokens;
 //   SELECT_THRESHOLD (ET, training without the clamp): r >= c_e;
 //   SELECT_THRESHOLD_CLAMPED (ET training): r >= c_e, and if that is more
 //               than hi or fewer than lo tokens, the top hi or lo instead
-//               (*clamped += 1: an integer, so the order of adds is moot).
+//               (*clamped += 1 for each such (p, e): an integer, so the order
+//               of adds is moot).
 // c_e = raw_cutoff[e] / correction (the EMA's bias correction). The clamp
 // looks at the whole pool, so it is the one non-causal step of ET training:
 // a later token can push an earlier one out of a full expert (thresholds
-// alone, and eval, are causal). Memory: a few
-// strided passes over one column of the logits (L2-resident), one byte
-// written per token.
+// alone, and eval, are causal).
+//
+// The m-th largest key of a column is found by a radix select over the
+// 32-bit order keys, one byte a pass from the top: a pass histograms the
+// next byte of the keys that match the bytes chosen so far and picks the
+// bucket that holds the m-th largest. So that a pool of 32k tokens, or of
+// 8 x 32k, keeps every SM busy and reads the (N, E) logits row by row, the
+// pools are cut into tiles of consecutive tokens (select_tiling: about
+// SELECT_TILES tiles over all pools, whatever N) and every pass is two
+// kernels: select_histogram_kernel, one block per tile, histograms all E
+// experts of its tile at once; select_pick_kernel, one block per (pool,
+// expert), adds its pool's tile histograms (integers: exact in any order) and
+// picks the byte. After the last byte, the chosen key is the m-th largest
+// and `ties` of the tokens equal to it belong to the top m: the lowest-indexed
+// ones, so the pick also scans the tiles' counts of that key (the last pass's
+// bucket) into each tile's first rank among the equal tokens, and
+// select_mark_top_kernel marks each tile. All integer: the selection is
+// exactly the reference's (ties included) in any schedule.
+//
+// The state of a (pool, expert) between kernels: sel_key, the key's bytes
+// chosen so far (after the last pass: the key), and sel_rank, the rank still
+// to find among the keys matching them (after the last pass: the ties taken);
+// sel_rank 0 marks a (pool, expert) that is not selecting (the ET clamp
+// selects only for the experts it clamps).
+enum PoolSelect { SELECT_TOP_K, SELECT_THRESHOLD, SELECT_THRESHOLD_CLAMPED };
+
+static const int SELECT_THREADS = 256;       // threads of the tile kernels
+static const int SELECT_PICK_THREADS = 1024; // threads of the pick: 4 per bucket of a byte
+static const int SELECT_TILES = 256;         // the tiles a selection aims at over all pools: ~2 per SM of an H200
+static const int SELECT_MIN_TILE = 64;       // tokens; smaller pools are one tile
+static const int SELECT_HIST_EXPERTS = 16;   // experts histogrammed at once: 16 x 256 ints of shared memory
+
+// How a selection cuts its pools: pool p's tile t holds its tokens
+// t * tile .. min((t + 1) * tile, pool) - 1; tile g of all is t + p * per_pool.
+struct SelectTiling {
+    int pool, pools, tile, per_pool;
+    int tiles() const { return pools * per_pool; }
+};
+inline SelectTiling select_tiling(int N, int pool) {
+    SelectTiling s;
+    s.pool = pool;
+    s.pools = N / pool;
+    const int wanted = ceil_div(SELECT_TILES, s.pools);  // tiles per pool
+    s.tile = std::min(pool, std::max(SELECT_MIN_TILE, ceil_div(pool, wanted)));
+    s.per_pool = ceil_div(pool, s.tile);
+    return s;
+}
+// The most tiles a pass of at most B sequences cuts (pools <= B): per pool
+// at most ceil(SELECT_TILES / pools).
+inline int64_t select_tiles_bound(int64_t B) { return SELECT_TILES + B; }
+
+// First token of tile g and its number of tokens.
+__device__ __forceinline__ int tile_first_token(const SelectTiling& s, int g, int* rows) {
+    const int p = g / s.per_pool, t = g % s.per_pool;
+    *rows = min(s.tile, s.pool - t * s.tile);
+    return p * s.pool + t * s.tile;
+}
+
+// The radix select's bits decided before the pass on byte `shift`.
+__device__ __forceinline__ unsigned int known_bits(int shift) { return shift == 24 ? 0u : ~0u << (shift + 8); }
+
+// Every (pool, expert) starts a selection of its m-th largest key (m >= 1).
+// One thread per (pool, expert).
+__global__ void select_start_kernel(unsigned int* sel_key, int* sel_rank, int pairs, int m) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= pairs) return;
+    sel_key[i] = 0u;
+    sel_rank[i] = m;
+}
+
+// One pass of the radix select, step 1: hist[g][e][b] = the keys of tile g's
+// column e whose decided bytes match sel_key[p][e] and whose byte at `shift`
+// is b, for each selecting expert e (others are not written).
+// Layout: one block per tile; its threads stride over the tile's rows,
+// SELECT_HIST_EXPERTS experts at a time (all of them for E <= 16), so
+// consecutive threads read consecutive floats of a row: coalesced. Shared
+// histograms take integer atomics (order does not matter). Memory: the
+// tile's logits read once (E floats a token), 1 KB written per expert.
 __global__ void __launch_bounds__(SELECT_THREADS)
-pool_select_kernel(uint8_t* mask, float* kth, int* clamped, const float* logits, const float* raw_cutoff,
-                   float correction, int E, int pool, int k, int lo, int hi, int mode) {
-    const int e = blockIdx.x, p = blockIdx.y, first = p * pool;
-    int ties = 0;
-    unsigned int kth_key = 0;
-    if (kth || mode == SELECT_TOP_K) kth_key = block_select_rank(logits, first, pool, E, e, k, &ties);
-    if (kth && threadIdx.x == 0) kth[(size_t)p * E + e] = key_value(kth_key);
+select_histogram_kernel(int* hist, const float* logits, const unsigned int* sel_key, const int* sel_rank,
+                        SelectTiling s, int E, int shift) {
+    __shared__ int tile_hist[SELECT_HIST_EXPERTS][256];
+    __shared__ unsigned int prefix[SELECT_HIST_EXPERTS];
+    __shared__ bool selecting[SELECT_HIST_EXPERTS];
+    const int g = blockIdx.x, p = g / s.per_pool;
+    int rows;
+    const int first = tile_first_token(s, g, &rows);
+    const unsigned int known = known_bits(shift);
+    for (int e0 = 0; e0 < E; e0 += SELECT_HIST_EXPERTS) {
+        const int width = min(SELECT_HIST_EXPERTS, E - e0);
+        for (int i = threadIdx.x; i < width * 256; i += SELECT_THREADS) tile_hist[i / 256][i % 256] = 0;
+        if ((int)threadIdx.x < width) {
+            prefix[threadIdx.x] = sel_key[(size_t)p * E + e0 + threadIdx.x];
+            selecting[threadIdx.x] = sel_rank[(size_t)p * E + e0 + threadIdx.x] > 0;
+        }
+        __syncthreads();
+        for (int i = threadIdx.x; i < rows * width; i += SELECT_THREADS) {
+            const int n = first + i / width, j = i % width;
+            if (!selecting[j]) continue;
+            const unsigned int key = order_key(logits[(size_t)n * E + e0 + j]);
+            if ((key & known) == prefix[j]) atomicAdd(&tile_hist[j][(key >> shift) & 255], 1);
+        }
+        __syncthreads();
+        for (int i = threadIdx.x; i < width * 256; i += SELECT_THREADS)
+            if (selecting[i / 256]) hist[((size_t)g * E + e0 + i / 256) * 256 + i % 256] = tile_hist[i / 256][i % 256];
+        __syncthreads();  // the shared histograms are reset for the next experts
+    }
+}
+
+// One pass of the radix select, step 2, for a selecting (pool p, expert e):
+// the pool's histogram of byte `shift` (the sum of its tiles'), and the
+// bucket b holding the sel_rank-th largest of the matching keys: the bucket
+// where the count of keys in buckets above it first reaches the rank.
+// sel_key gets b, sel_rank the rank left within b. After the last byte
+// (shift 0) the key is the m-th largest itself, kth[p][e] its logit (kth not
+// null), and tile_ties[g][e], for each tile g of the pool, the pool's tokens
+// equal to it in the tiles before g (an exclusive scan of the last
+// histograms' bucket b).
+// Layout: one block per (expert, pool), few blocks (E at one pool), so each
+// has many threads to keep loads in flight: thread i adds bucket 255 - i % 256
+// of every fourth tile from i / 256 on (integers: exact in any order); the
+// four partial sums meet in shared memory, and a block-wide exclusive scan
+// in thread order counts the keys above each bucket (threads 0..255, the
+// others adding 0 after them). Memory: per_pool x 1 KB of histogram read,
+// coalesced; after the last byte one int per tile read again and written.
+__global__ void __launch_bounds__(SELECT_PICK_THREADS)
+select_pick_kernel(unsigned int* sel_key, int* sel_rank, int* tile_ties, float* kth, const int* hist, SelectTiling s,
+                   int E, int shift) {
+    static const int GROUPS = SELECT_PICK_THREADS / 256;  // tile groups
+    static_assert(SELECT_PICK_THREADS % 256 == 0, "whole groups of one thread per bucket");
+    using BlockScan = cub::BlockScan<int, SELECT_PICK_THREADS>;
+    __shared__ typename BlockScan::TempStorage scan;
+    __shared__ int group_count[GROUPS][256];
+    __shared__ int s_bucket, s_above;
+    const int e = blockIdx.x, p = blockIdx.y;
+    const size_t pe = (size_t)p * E + e;
+    const int rank = sel_rank[pe];
+    if (rank == 0) return;  // not selecting: the whole block leaves
+    const unsigned int prefix = sel_key[pe];  // read before thread 0 writes it below
+    const int bucket = 255 - threadIdx.x % 256, group = threadIdx.x / 256;
+    const int* pool_hist = hist + ((size_t)p * s.per_pool * E + e) * 256;
+    int count = 0;
+    for (int t = group; t < s.per_pool; t += GROUPS) count += pool_hist[(size_t)t * E * 256 + bucket];
+    group_count[group][threadIdx.x % 256] = count;
+    __syncthreads();
+    count = 0;
+    if (threadIdx.x < 256)
+        for (int gr = 0; gr < GROUPS; gr++) count += group_count[gr][threadIdx.x];
+    int above;
+    BlockScan(scan).ExclusiveSum(count, above);
+    // exactly one bucket holds the rank-th largest (1 <= rank <= the matching keys);
+    // bucket 0 takes it otherwise, as a plain loop down the buckets would
+    if (threadIdx.x < 256 && above < rank && (above + count >= rank || bucket == 0)) {
+        s_bucket = bucket;
+        s_above = above;
+    }
+    __syncthreads();
+    const unsigned int key = prefix | ((unsigned int)s_bucket << shift);
+    if (threadIdx.x == 0) {
+        sel_key[pe] = key;
+        sel_rank[pe] = rank - s_above;
+        if (shift == 0 && kth) kth[pe] = key_value(key);
+    }
+    if (shift != 0) return;
+    int* ties = tile_ties + (size_t)p * s.per_pool * E + e;
+    block_exclusive_scan<SELECT_PICK_THREADS>(
+        s.per_pool, [&](int t) { return pool_hist[(size_t)t * E * 256 + s_bucket]; },
+        [&](int t, int before) { ties[(size_t)t * E] = before; });
+}
+
+// Marks the top of every selecting (pool, expert) in tile g, after the last
+// pass: mask[n][e] = key > sel_key, or key == sel_key and fewer than sel_rank
+// (the ties taken) equal tokens before n in the pool: tile_ties[g][e] in the
+// tiles before, the rest ranked in the tile. Non-selecting experts' mask is
+// left as it is.
+// Layout: one block per tile, one thread per token, the tile in chunks of
+// SELECT_THREADS tokens; per expert a warp ballot ranks the equal tokens
+// within the warp, the warps' counts (shared) within the chunk, a carry
+// (shared) across chunks. Dynamic shared memory: (SELECT_THREADS / 32 + 1) E
+// ints. Memory: each warp reads its 32 rows (contiguous, every sector used;
+// the second look hits L1), one byte written per selecting pair.
+__global__ void __launch_bounds__(SELECT_THREADS)
+select_mark_top_kernel(uint8_t* mask, const float* logits, const unsigned int* sel_key, const int* sel_rank,
+                       const int* tile_ties, SelectTiling s, int E) {
+    extern __shared__ int mark_smem[];
+    int* warp_count = mark_smem;                             // (SELECT_THREADS / 32, E)
+    int* carry = warp_count + SELECT_THREADS / WARP * E;     // (E) equal tokens in the chunks before
+    const int g = blockIdx.x, p = g / s.per_pool;
+    const unsigned int* key = sel_key + (size_t)p * E;
+    const int* ties = sel_rank + (size_t)p * E;
+    int rows;
+    const int first = tile_first_token(s, g, &rows);
+    for (int e = threadIdx.x; e < E; e += SELECT_THREADS) carry[e] = tile_ties[(size_t)g * E + e];
+    for (int base = 0; base < rows; base += SELECT_THREADS) {
+        const int i = base + threadIdx.x;
+        const float* row = logits + (size_t)(first + i) * E;
+        for (int e = 0; e < E; e++)
+            warp_flag_count(warp_count, E, e, i < rows && ties[e] > 0 && order_key(row[e]) == key[e]);
+        __syncthreads();
+        for (int e = 0; e < E; e++) {
+            if (ties[e] == 0) continue;  // the same for the whole block
+            const unsigned int k = i < rows ? order_key(row[e]) : 0u;
+            const bool equal = i < rows && k == key[e];
+            const int rank = carry[e] + block_flag_rank(warp_count, E, e, equal);
+            if (i < rows) mask[(size_t)(first + i) * E + e] = k > key[e] || (equal && rank < ties[e]);
+        }
+        __syncthreads();  // every thread has read carry
+        for (int e = threadIdx.x; e < E; e += SELECT_THREADS)
+            for (int w = 0; w < SELECT_THREADS / WARP; w++) carry[e] += warp_count[w * E + e];
+        __syncthreads();  // carry is updated before the next chunk, warp_count read before it is written again
+    }
+}
+
+// The ET threshold for tile g: mask[n][e] = r[n][e] >= c_e, and (when
+// tile_count is not null) tile_count[g][e] = the tile's tokens taken.
+// Layout: one block per tile; its threads stride over the tile's rows x E
+// logits (one contiguous span, read coalesced) and count into a shared
+// histogram of E ints (integer atomics). Dynamic shared memory: E floats
+// (the cutoffs) and E ints. Memory: the logits read once, a byte written
+// per pair, E ints per tile.
+__global__ void __launch_bounds__(SELECT_THREADS)
+select_mark_threshold_kernel(uint8_t* mask, int* tile_count, const float* logits, const float* raw_cutoff,
+                             float correction, SelectTiling s, int E) {
+    extern __shared__ float threshold_smem[];
+    float* cutoff = threshold_smem;                  // (E)
+    int* taken = (int*)(threshold_smem + E);         // (E)
+    const int g = blockIdx.x;
+    int rows;
+    const int first = tile_first_token(s, g, &rows);
+    for (int e = threadIdx.x; e < E; e += SELECT_THREADS) {
+        cutoff[e] = raw_cutoff[e] / correction;
+        taken[e] = 0;
+    }
+    __syncthreads();
+    const float* r = logits + (size_t)first * E;
+    uint8_t* m = mask + (size_t)first * E;
+    for (int i = threadIdx.x; i < rows * E; i += SELECT_THREADS) {
+        const bool take = r[i] >= cutoff[i % E];
+        m[i] = take;
+        if (take && tile_count) atomicAdd(&taken[i % E], 1);
+    }
+    __syncthreads();
+    if (tile_count)
+        for (int e = threadIdx.x; e < E; e += SELECT_THREADS) tile_count[(size_t)g * E + e] = taken[e];
+}
+
+// The ET clamp: count = the pool's tokens at or above the cutoff (the sum of
+// its tiles' counts), keep = clamp(count, lo, hi). An expert whose count
+// changes starts a selection of its keep-th largest key (keep >= 1: a changed
+// count is hi >= k >= 1, or lo > count >= 0) and is counted in *clamped; the
+// others select nothing. One thread per (pool, expert), its tiles in order.
+__global__ void select_clamp_kernel(unsigned int* sel_key, int* sel_rank, int* clamped, const int* tile_count,
+                                    SelectTiling s, int E, int lo, int hi) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= s.pools * E) return;
+    const int p = i / E, e = i % E;
+    int count = 0;
+    for (int t = 0; t < s.per_pool; t++) count += tile_count[((size_t)p * s.per_pool + t) * E + e];
+    const int keep = min(max(count, lo), hi);
+    if (keep != count) atomicAdd(clamped, 1);
+    sel_key[i] = 0u;
+    sel_rank[i] = keep != count ? keep : 0;
+}
+
+// Scratch of the selection: allocated once for passes of at most N tokens in
+// at most B pools.
+struct SelectScratch {
+    int* hist = nullptr;              // (tiles, E, 256) the tiles' histograms of a pass
+    int* tile_ints = nullptr;         // (tiles, E) the clamp's counts, then tile_ties
+    unsigned int* sel_key = nullptr;  // (pools, E)
+    int* sel_rank = nullptr;          // (pools, E)
+};
+inline SelectScratch select_scratch_allocate(int64_t B, int64_t E, size_t* bytes) {
+    SelectScratch s;
+    s.hist = device_alloc<int>(select_tiles_bound(B) * E * 256, bytes);
+    s.tile_ints = device_alloc<int>(select_tiles_bound(B) * E, bytes);
+    s.sel_key = device_alloc<unsigned int>(B * E, bytes);
+    s.sel_rank = device_alloc<int>(B * E, bytes);
+    return s;
+}
+inline void select_scratch_free(SelectScratch& s) {
+    for (void* p : {(void*)s.hist, (void*)s.tile_ints, (void*)s.sel_key, (void*)s.sel_rank}) cudaCheck(cudaFree(p));
+}
+
+// The radix select of each selecting (pool, expert), started by
+// select_start_kernel or select_clamp_kernel: four passes of a byte.
+inline void radix_select(const SelectScratch& scratch, float* kth, const float* logits, const SelectTiling& s, int E) {
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        select_histogram_kernel<<<s.tiles(), SELECT_THREADS>>>(scratch.hist, logits, scratch.sel_key,
+                                                               scratch.sel_rank, s, E, shift);
+        launchCheck();
+        select_pick_kernel<<<dim3(E, s.pools), SELECT_PICK_THREADS>>>(scratch.sel_key, scratch.sel_rank,
+                                                                      scratch.tile_ints, kth, scratch.hist, s, E,
+                                                                      shift);
+        launchCheck();
+    }
+}
+
+inline void select_mark_top(uint8_t* mask, const SelectScratch& scratch, const float* logits, const SelectTiling& s, int E) {
+    const size_t smem = (size_t)(SELECT_THREADS / WARP + 1) * E * sizeof(int);
+    if (smem > 48 * 1024) fail("MoE: the selection of %d experts needs %zu bytes of shared memory per block", E, smem);
+    select_mark_top_kernel<<<s.tiles(), SELECT_THREADS, smem>>>(mask, logits, scratch.sel_key, scratch.sel_rank,
+                                                                scratch.tile_ints, s, E);
+    launchCheck();
+}
+
+// The selection of a pass of N tokens in pools of `pool` (see PoolSelect),
+// each expert's target k in a pool; lo, hi: the clamp's bounds.
+inline void pool_select(uint8_t* mask, float* kth, int* clamped, const SelectScratch& scratch, const float* logits,
+                        const float* raw_cutoff, float correction, int N, int E, int pool, int k, int lo, int hi,
+                        PoolSelect mode) {
+    const SelectTiling s = select_tiling(N, pool);
+    const int pairs = s.pools * E;
+    if (kth || mode == SELECT_TOP_K) {
+        select_start_kernel<<<ceil_div(pairs, THREADS), THREADS>>>(scratch.sel_key, scratch.sel_rank, pairs, k);
+        launchCheck();
+        radix_select(scratch, kth, logits, s, E);
+    }
     if (mode == SELECT_TOP_K) {
-        block_mark_top(mask, logits, first, pool, E, e, kth_key, ties);
+        select_mark_top(mask, scratch, logits, s, E);
         return;
     }
-    const int count = block_mark_threshold(mask, logits, first, pool, E, e, raw_cutoff[e] / correction);
-    if (mode == SELECT_THRESHOLD) return;
-    const int keep = min(max(count, lo), hi);
-    if (keep == count) return;
-    if (threadIdx.x == 0) atomicAdd(clamped, 1);
-    // keep >= 1 here: a changed count is hi >= k >= 1, or lo > count >= 0
-    unsigned int keep_key = block_select_rank(logits, first, pool, E, e, keep, &ties);
-    block_mark_top(mask, logits, first, pool, E, e, keep_key, ties);
+    const bool clamp = mode == SELECT_THRESHOLD_CLAMPED;
+    select_mark_threshold_kernel<<<s.tiles(), SELECT_THREADS, 2 * E * sizeof(float)>>>(
+        mask, clamp ? scratch.tile_ints : nullptr, logits, raw_cutoff, correction, s, E);
+    launchCheck();
+    if (!clamp) return;
+    select_clamp_kernel<<<ceil_div(pairs, THREADS), THREADS>>>(scratch.sel_key, scratch.sel_rank, clamped,
+                                                               scratch.tile_ints, s, E, lo, hi);
+    launchCheck();
+    radix_select(scratch, nullptr, logits, s, E);
+    select_mark_top(mask, scratch, logits, s, E);
 }
 
 // ET at eval and generation: mask[n][i] = r[n][i] >= raw[i] / correction,
@@ -298,28 +570,17 @@ expert_tile_count_kernel(int* tile_counts, const uint8_t* mask, int N, int E) {
 // Pass 2: for expert e, tile_counts[e][t] <- sum over t' < t of
 // tile_counts[e][t'] (in place), and counts[e] = the sum over all tiles (and
 // step_counts[e] += it when not null). Layout: one block per expert, a
-// block-wide scan over its row of tiles in chunks of DISPATCH_THREADS
-// (carried from chunk to chunk). Little work: N / DISPATCH_TILE ints per
-// expert, read and written once, contiguous.
+// block-wide scan over its row of tiles (block_exclusive_scan). Little work:
+// N / DISPATCH_TILE ints per expert, read and written once, contiguous.
 __global__ void __launch_bounds__(DISPATCH_THREADS)
 expert_tile_scan_kernel(int* tile_counts, int* counts, int* step_counts, int tiles) {
-    using BlockScan = cub::BlockScan<int, DISPATCH_THREADS>;
-    __shared__ typename BlockScan::TempStorage scan;
     const int e = blockIdx.x;
     int* row = tile_counts + (size_t)e * tiles;
-    int carry = 0;
-    for (int base = 0; base < tiles; base += DISPATCH_THREADS) {
-        const int t = base + threadIdx.x;
-        const int count = t < tiles ? row[t] : 0;
-        int before, total;
-        BlockScan(scan).ExclusiveSum(count, before, total);
-        if (t < tiles) row[t] = carry + before;
-        carry += total;
-        __syncthreads();  // the scan storage is reused by the next chunk
-    }
+    const int total = block_exclusive_scan<DISPATCH_THREADS>(
+        tiles, [&](int t) { return row[t]; }, [&](int t, int before) { row[t] = before; });
     if (threadIdx.x == 0) {
-        counts[e] = carry;
-        if (step_counts) step_counts[e] += carry;
+        counts[e] = total;
+        if (step_counts) step_counts[e] += total;
     }
 }
 
@@ -350,11 +611,12 @@ inline void expert_count(int* counts, int* step_counts, int* tile_counts, const 
 // Thread 0 first lays out every expert's first slot, kept count and first row
 // tile in shared memory (O(E), serial: E is small). Then, per expert, a warp
 // ballot gives each token its rank within its warp, the warps' totals (in
-// shared memory) its rank within the tile. Dynamic shared memory: 3 E + 1
-// ints + (DISPATCH_TILE / 32) E ints (E up to about 1700). Memory: each warp reads its 32 rows of the
-// mask and logits (contiguous spans of 32 E bytes and floats, every sector
-// used, the second pass over the mask from L1); writes E ints of slot_of per
-// token and two words per routed slot.
+// shared memory) its rank within the tile (warp_flag_count, block_flag_rank).
+// Dynamic shared memory: 3 E + 1 ints + (DISPATCH_TILE / 32) E ints (E up to
+// about 1700). Memory: each warp reads its 32 rows of the mask and logits
+// (contiguous spans of 32 E bytes and floats, every sector used, the second
+// pass over the mask from L1); writes E ints of slot_of per token and two
+// words per routed slot.
 __global__ void __launch_bounds__(DISPATCH_TILE)
 expert_dispatch_kernel(int* slot_of, int* slot_token, float* slot_gate, int* offsets, int* tile_expert, int* tile_row,
                        int* num_tiles, int* dropped, const int* counts, const int* tile_first, const uint8_t* mask,
@@ -397,23 +659,17 @@ expert_dispatch_kernel(int* slot_of, int* slot_token, float* slot_gate, int* off
         tile_expert[g] = lo;
         tile_row[g] = first_slot[lo] + (g - first_tile[lo]) * EXPERT_TILE;
     }
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int n = tile * DISPATCH_TILE + threadIdx.x;
     const uint8_t* row = mask + (size_t)n * E;
-    const unsigned below = (1u << lane) - 1;  // the lanes before this one
-    for (int e = 0; e < E; e++) {
-        const unsigned routed = __ballot_sync(0xffffffffu, n < N && row[e]);
-        if (lane == 0) warp_count[warp * E + e] = __popc(routed);
-    }
+    for (int e = 0; e < E; e++) warp_flag_count(warp_count, E, e, n < N && row[e]);
     __syncthreads();
     for (int e = 0; e < E; e++) {
         const bool routed = n < N && row[e];
-        const unsigned in_warp = __ballot_sync(0xffffffffu, routed);  // every lane: n >= N ones vote 0
+        const int in_tile = block_flag_rank(warp_count, E, e, routed);  // every lane: n >= N ones vote no
         if (n >= N) continue;
         int slot = -1;
         if (routed) {
-            int rank = tile_first[(size_t)e * tiles + tile] + __popc(in_warp & below);  // e's tokens before n
-            for (int w = 0; w < warp; w++) rank += warp_count[w * E + e];
+            const int rank = tile_first[(size_t)e * tiles + tile] + in_tile;  // e's tokens before n
             if (rank < kept[e]) {
                 slot = first_slot[e] + rank;
                 slot_token[slot] = n;
@@ -699,16 +955,51 @@ __global__ void gate_backward_kernel(float* dr, const floatX* dy, const floatX* 
     }
 }
 
-// TC aux loss, step 1: gate_mean[e] = sum over this rank's N tokens of
-// sigmoid(r[n][e]) / N_all (N_all = N on one rank; with several, summing the
-// ranks' results gives the mean over all their tokens). One block per
-// expert, a fixed-order block reduction.
-__global__ void gate_mean_kernel(float* gate_mean, const float* logits, int N, int E, int N_all) {
+// TC aux loss, step 1: gate_mean[e] = the sum over this rank's tokens of
+// sigmoid(r[n][e]) / N_all (N_all = N on one rank; with several, summing
+// the ranks' results gives the mean over all their tokens), summed in a
+// fixed order at two levels, so it is the same bits every run.
+// Level 1, gate_partial_kernel: gate_partial[e][tile] = the sum over the
+// tile's DISPATCH_TILE tokens. Layout: one block per tile (256 blocks at
+// N = 32k); for a span of `width` experts (all of them for E <= 256), thread
+// i owns expert i % width and the rows i / width, + groups, ... of the tile
+// (groups = DISPATCH_THREADS / width), so consecutive threads read
+// consecutive floats of a row (coalesced); the groups' sums then meet in
+// shared memory and the expert's thread adds them in group order. Memory:
+// the logits read once, E floats written per tile.
+__global__ void __launch_bounds__(DISPATCH_THREADS)
+gate_partial_kernel(float* gate_partial, const float* logits, int N, int E) {
+    __shared__ float group_sum[DISPATCH_THREADS];
+    const int tile = blockIdx.x, tiles = gridDim.x;
+    const int first = tile * DISPATCH_TILE, rows = min(DISPATCH_TILE, N - first);
+    for (int e0 = 0; e0 < E; e0 += DISPATCH_THREADS) {
+        const int width = min(DISPATCH_THREADS, E - e0), groups = DISPATCH_THREADS / width;
+        const int j = threadIdx.x % width, group = threadIdx.x / width;
+        if (group < groups) {
+            float sum = 0.0f;
+            for (int n = group; n < rows; n += groups) sum += sigmoidf(logits[(size_t)(first + n) * E + e0 + j]);
+            group_sum[group * width + j] = sum;
+        }
+        __syncthreads();
+        if ((int)threadIdx.x < width) {
+            float sum = 0.0f;
+            for (int gr = 0; gr < groups; gr++) sum += group_sum[gr * width + threadIdx.x];
+            gate_partial[(size_t)(e0 + threadIdx.x) * tiles + tile] = sum;
+        }
+        __syncthreads();  // group_sum is read before the next span writes it
+    }
+}
+
+// Level 2: gate_mean[e] = (the sum of gate_partial[e][...] over the tiles) / N_all.
+// One block per expert, a fixed-order block reduction over its tiles (a
+// contiguous row of floats).
+__global__ void __launch_bounds__(DISPATCH_THREADS)
+gate_mean_kernel(float* gate_mean, const float* gate_partial, int tiles, int N_all) {
     using BlockReduce = cub::BlockReduce<float, DISPATCH_THREADS>;
     __shared__ typename BlockReduce::TempStorage reduce;
     const int e = blockIdx.x;
     float sum = 0.0f;
-    for (int n = threadIdx.x; n < N; n += DISPATCH_THREADS) sum += sigmoidf(logits[(size_t)n * E + e]);
+    for (int t = threadIdx.x; t < tiles; t += DISPATCH_THREADS) sum += gate_partial[(size_t)e * tiles + t];
     sum = BlockReduce(reduce).Sum(sum);
     if (threadIdx.x == 0) gate_mean[e] = sum / N_all;
 }
@@ -864,7 +1155,9 @@ struct Router {
     int* counts = nullptr;           // (E)
     int* aux_counts = nullptr;       // (layers, E) TC aux: each layer's counts (summed over the ranks)
     int* tile_counts = nullptr;      // (E, dispatch_tiles(N)): expert_count's per-tile counts, then first ranks
+    SelectScratch select;            // the EC / ET pool selection's scratch
     float *kth = nullptr, *gate_mean = nullptr, *dr = nullptr, *h32 = nullptr;  // (pools, E), (E), (N, E), (N, C)
+    float* gate_partial = nullptr;   // (E, dispatch_tiles(N)): gate_mean's per-tile sums
     floatX *grad_pre = nullptr, *grad_x = nullptr;  // (train capacity, 2C), (train capacity, C)
     size_t bytes = 0;
 
@@ -999,8 +1292,10 @@ inline void router_allocate(Router* r, const ModelConfig& c, int B, int T, int r
     r->counts = device_alloc<int>(E, &bytes);
     r->aux_counts = device_alloc<int>(L * E, &bytes);
     r->tile_counts = device_alloc<int>(E * dispatch_tiles(pooled * N), &bytes);
+    r->select = select_scratch_allocate(B, E, &bytes);
     r->kth = device_alloc<float>((int64_t)B * E, &bytes);  // (pools, E): at most one pool per sequence
     r->gate_mean = device_alloc<float>(E, &bytes);
+    r->gate_partial = device_alloc<float>(E * dispatch_tiles(N), &bytes);
     r->dr = device_alloc<float>(N * E, &bytes);
     r->h32 = device_alloc<float>(N * C, &bytes);
     r->grad_pre = device_alloc<floatX>(capacity * 2 * C, &bytes);
@@ -1014,10 +1309,10 @@ inline void router_free(Router* r) {
     for (MoeBuffers& b : r->train) moe_buffers_free(b);
     if (r->eval_owned) moe_buffers_free(r->eval);
     r->train.clear();
+    select_scratch_free(r->select);
     for (void* p : {(void*)r->raw_cutoff, (void*)r->tc_bias, (void*)r->stats_int, (void*)r->stats_float,
                     (void*)r->dropped, (void*)r->mask, (void*)r->route_record, (void*)r->counts, (void*)r->aux_counts,
-                    (void*)r->tile_counts,
-                    (void*)r->kth, (void*)r->gate_mean,
+                    (void*)r->tile_counts, (void*)r->kth, (void*)r->gate_mean, (void*)r->gate_partial,
                     (void*)r->dr, (void*)r->h32, (void*)r->grad_pre, (void*)r->grad_x})
         cudaCheck(cudaFree(p));
 }
@@ -1190,16 +1485,14 @@ inline void moe_route(Router& r, int layer, const floatX* h, const float* w_rout
     }
     int pool, k, lo = 0, hi = 0;
     pool_shape(r, B, T, &pool, &k);
-    int mode = SELECT_TOP_K;
+    PoolSelect mode = SELECT_TOP_K;
     if (how == Routing::Threshold) {
         mode = r.config.capacity < 0 ? SELECT_THRESHOLD : SELECT_THRESHOLD_CLAMPED;
         et_capacity_bounds(k, r.config.capacity, &lo, &hi);
     }
     const int pools = N / pool;
-    pool_select_kernel<<<dim3(E, pools), SELECT_THREADS>>>(r.mask, statistics ? r.kth : nullptr, stats_int + E + 4,
-                                                           buf.logits, r.raw_cutoff + (size_t)layer * E,
-                                                           cutoff_correction(r), E, pool, k, lo, hi, mode);
-    launchCheck();
+    pool_select(r.mask, statistics ? r.kth : nullptr, stats_int + E + 4, r.select, buf.logits,
+                r.raw_cutoff + (size_t)layer * E, cutoff_correction(r), N, E, pool, k, lo, hi, mode);
     if (statistics) {
         kth_accumulate_kernel<<<ceil_div(E, THREADS), THREADS>>>(stats_float, r.kth, pools, E);
         launchCheck();
@@ -1233,7 +1526,9 @@ inline void moe_dispatch(Router& r, int layer, int N, RoutingPass pass) {
     fanout_kernel<<<ceil_div(N, THREADS), THREADS>>>(stats_int + E, r.mask, N, E);
     launchCheck();
     if (r.config.kind == RouterKind::TC && r.config.tc_balance == TcBalance::Aux) {
-        gate_mean_kernel<<<E, DISPATCH_THREADS>>>(r.gate_mean, buf.own_logits, N, E, N * r.ranks);
+        gate_partial_kernel<<<dispatch_tiles(N), DISPATCH_THREADS>>>(r.gate_partial, buf.own_logits, N, E);
+        launchCheck();
+        gate_mean_kernel<<<E, DISPATCH_THREADS>>>(r.gate_mean, r.gate_partial, dispatch_tiles(N), N * r.ranks);
         launchCheck();
         int* counts = r.aux_counts + (size_t)layer * E;  // kept for the backward
         cudaCheck(cudaMemcpyAsync(counts, r.counts, E * sizeof(int), cudaMemcpyDeviceToDevice));

@@ -4,14 +4,17 @@
 //
 // What it checks, and why:
 //   1. Selection, exactly: TC top-K (with and without the loss-free bias), the
-//      pool kernel's EC top-k with its k-th-largest statistic, ET's threshold
+//      pool selection's EC top-k with its k-th-largest statistic, ET's threshold
 //      with and without the capacity clamp (and the clamp counter), the eval
 //      threshold. A selection is a step function of the logits, so both sides
 //      get the same fp32 logits and must pick the same pairs, bit for bit.
 //      The logits are drawn to provoke the tie rules: nine values (many ties,
 //      -0 and +0 among them), values distinct per column (so a cutoff admits
 //      an exact count), magnitudes across the whole float range (every byte
-//      of the radix select), and a pool whose tokens all have one logit.
+//      of the radix select), a pool whose tokens all have one logit, and
+//      NaN logits (ranked last). The pool selection works on tiles of a pool
+//      (router.cuh), so the pools span many tiles, the last one partial,
+//      with ties across tile boundaries, up to pools of 80,000 tokens.
 //   2. Dispatch: counts, offsets, each expert's tokens in increasing order,
 //      slot_of, the gates, the row-tile schedule, the fan-out histogram; with
 //      an expert that gets no token, one that gets them all, tokens with none,
@@ -22,10 +25,11 @@
 //      selection (which must equal the GPU's mask), then through the reference
 //      layer in double: y, the intermediates, dh (with the router's share
 //      dr W_r), dr and every weight gradient are compared.
-//   4. The step's end over two micro-steps and two MoE layers: the statistics
-//      a logging step reads (counts, fan-out, clamped pairs, EC cutoffs, the
-//      tracked cutoff, aux loss) and the state updates (the cutoff EMA with
-//      its bias correction, the TC loss-free biases).
+//   4. The TC aux loss's mean gate over many tiles and experts, the same
+//      bits run to run; the step's end over two micro-steps and two MoE
+//      layers: the statistics a logging step reads (counts, fan-out, clamped
+//      pairs, EC cutoffs, the tracked cutoff, aux loss) and the state updates
+//      (the cutoff EMA with its bias correction, the TC loss-free biases).
 //   5. Determinism: the layer run twice gives the same bits everywhere.
 //   6. Causality of a whole model: the predictions at positions <= t ignore
 //      the tokens after t for TC, ET (thresholds at eval and generation; in
@@ -59,6 +63,7 @@
 // namespace ref. Everything they include is included here first, at global
 // scope; their own #includes are then no-ops.
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstring>
 #include <map>
@@ -140,10 +145,13 @@ static void check_mask(Test& t, const std::string& what, const std::vector<uint8
 }
 
 // The k-th largest logits, compared as floats: -0 and +0 are one logit (the
-// radix key merges them); an unwritten NaN never compares equal.
+// radix key merges them); a NaN logit (ranked last) gives a NaN. The tests
+// poison kth with INT_POISON bytes, a number no test logit equals, so an
+// unwritten value never passes.
 static void check_kth(Test& t, const std::string& what, const std::vector<float>& gpu, const std::vector<float>& want) {
     size_t wrong = 0;
-    for (size_t i = 0; i < want.size(); i++) wrong += !(gpu[i] == want[i]);
+    for (size_t i = 0; i < want.size(); i++)
+        wrong += !(gpu[i] == want[i] || (std::isnan(gpu[i]) && std::isnan(want[i])));
     CHECK(t, wrong == 0, "%s: %zu of %zu k-th largest logits differ from the reference", what.c_str(), wrong,
           want.size());
 }
@@ -155,18 +163,29 @@ struct SelectShape {
     int B, T, E;
     int N() const { return B * T; }
 };
+// The pool selection cuts a pool into tiles of SELECT_MIN_TILE = 64 tokens
+// or more (select_tiling), so most shapes below have pools of many tiles,
+// the last one partial, with the tie rule deciding across tile boundaries.
 static const SelectShape select_shapes[] = {
-    {1, 8, 4},    // tiny: k from 1 to the whole pool
+    {1, 8, 4},    // tiny: k from 1 to the whole pool, one tile
     {2, 24, 4},   // the layer tests' shape
     {2, 24, 6},   //
-    {2, 40, 16},  // many experts
-    {2, 600, 5},  // pools of 600 and 1200: more than one 512-token chunk in the scans
+    {2, 40, 16},  // many experts; a pool of 80: a tile of 64 and one of 16
+    {2, 600, 5},  // pools of 600 and 1200: 10 and 19 tiles, the last partial
+    {8, 100, 3},  // eight pools of two tiles (64 + 36), or one of 13; E = 3
+    {1, 2000, 20},  // 32 tiles; more experts than one shared histogram holds (16)
 };
 
-enum class Dist { Quarters, Distinct, Wide, Constant };
+enum class Dist { Quarters, Distinct, Wide, Constant, WithNaN };
 static const Dist all_dists[] = {Dist::Quarters, Dist::Distinct, Dist::Wide, Dist::Constant};
+// The pool selection also sees NaN logits (a diverged run): ranked last.
+static const Dist pool_dists[] = {Dist::Quarters, Dist::Distinct, Dist::Wide, Dist::Constant, Dist::WithNaN};
 static const char* dist_name(Dist d) {
-    return d == Dist::Quarters ? "quarters" : d == Dist::Distinct ? "distinct" : d == Dist::Wide ? "wide" : "constant";
+    return d == Dist::Quarters   ? "quarters"
+           : d == Dist::Distinct ? "distinct"
+           : d == Dist::Wide     ? "wide"
+           : d == Dist::Constant ? "constant"
+                                 : "quarters with NaN";
 }
 
 // Router logits (N, E) drawn to exercise one tie rule or another:
@@ -176,7 +195,8 @@ static const char* dist_name(Dist d) {
 //             cutoff at a column's m-th largest admits exactly m tokens;
 //   Wide:     +-2^-100 .. 2^101, so every byte of the radix key matters; each
 //             eighth token repeats the one before it (ties far from zero);
-//   Constant: Quarters, but every logit of pool 0 is 0.5: all its tokens tie.
+//   Constant: Quarters, but every logit of pool 0 is 0.5: all its tokens tie;
+//   WithNaN:  Quarters, but every eighth token (n % 8 == 3) has NaN logits.
 static std::vector<float> selection_logits(Rng& rng, Dist d, int N, int E, int pool) {
     std::vector<float> r((size_t)N * E);
     if (d == Dist::Distinct) {
@@ -199,6 +219,7 @@ static std::vector<float> selection_logits(Rng& rng, Dist d, int N, int E, int p
                 const int q = (int)rng.below(9) - 4;
                 x = q == 0 && rng.below(2) ? -0.0f : 0.25f * q;
                 if (d == Dist::Constant && n < pool) x = 0.5f;
+                if (d == Dist::WithNaN && n % 8 == 3) x = NAN;
             }
         }
     return r;
@@ -240,12 +261,44 @@ static void test_moe_tc_select(Test& t) {
 // The k worth testing for a pool: 1, the targets of K = 1 and 2, the whole pool.
 static std::vector<int> test_ks(int pool, int E) { return {1, std::max(1, pool / E), std::max(1, 2 * pool / E), pool}; }
 
+// The pool selection's scratch for the selection tests, poisoned before
+// each use (0x55 bytes: nothing may read what the selection did not write).
+struct SelectScratchBuffers {
+    SelectScratch s;
+    size_t bytes = 0;
+    SelectScratchBuffers(int B, int E) : s(select_scratch_allocate(B, E, &bytes)) {}
+    ~SelectScratchBuffers() { select_scratch_free(s); }
+    SelectScratchBuffers(const SelectScratchBuffers&) = delete;
+    SelectScratchBuffers& operator=(const SelectScratchBuffers&) = delete;
+    const SelectScratch& poisoned(int B, int E) {
+        poison(s.hist, (size_t)select_tiles_bound(B) * E * 256, INT_POISON);
+        poison(s.tile_ints, (size_t)select_tiles_bound(B) * E, INT_POISON);
+        poison(s.sel_key, (size_t)B * E, INT_POISON);
+        poison(s.sel_rank, (size_t)B * E, INT_POISON);
+        return s;
+    }
+};
+
+// The logits the reference ranks: a NaN (ranked last by the GPU) becomes
+// -inf, below every logit of the tests (none is -inf), and the k-th largest
+// statistic of a NaN is NaN.
+static std::vector<float> nan_ranked_last(const std::vector<float>& logits) {
+    std::vector<float> r = logits;
+    for (float& x : r)
+        if (std::isnan(x)) x = -INFINITY;
+    return r;
+}
+static void kth_of_nan(std::vector<float>& kth) {
+    for (float& x : kth)
+        if (x == -INFINITY) x = NAN;
+}
+
 // EC: the top-k tokens of each (pool, expert), with and without the k-th
 // largest statistic (an EC eval pass skips it; the mask must not change).
 static void test_moe_pool_select_top_k(Test& t) {
     Rng rng(1201);
     for (const SelectShape& s : select_shapes)
-        for (Dist d : all_dists)
+        for (Dist d : pool_dists)
             for (int pool : {s.N(), s.T})
                 for (int k : test_ks(pool, s.E)) {
                     const int N = s.N(), E = s.E, pools = N / pool;
@@ -253,20 +306,21 @@ static void test_moe_pool_select_top_k(Test& t) {
                     const std::vector<float> logits = selection_logits(rng, d, N, E, pool);
                     std::vector<int> want((size_t)N * E);
                     std::vector<float> want_kth((size_t)pools * E);
-                    ref::ec_select<float>(want.data(), want_kth.data(), logits.data(), N, E, pool, k);
+                    ref::ec_select<float>(want.data(), want_kth.data(), nan_ranked_last(logits).data(), N, E, pool, k);
+                    kth_of_nan(want_kth);
 
+                    SelectScratchBuffers scratch(s.B, E);
                     DeviceBuffer<float> d_logits(logits), d_kth((size_t)pools * E);
                     DeviceBuffer<float> d_raw(std::vector<float>(E, 1.0f));  // read only by the threshold modes
                     DeviceBuffer<int> d_clamped(std::vector<int>{7});
                     DeviceBuffer<uint8_t> d_mask((size_t)N * E);
                     for (bool statistic : {true, false}) {
                         d_mask.poison(INT_POISON);
-                        d_kth.poison();
-                        pool_select_kernel<<<dim3(E, pools), SELECT_THREADS>>>(
-                            d_mask.ptr, statistic ? d_kth.ptr : nullptr, d_clamped.ptr, d_logits.ptr, d_raw.ptr, 1.0f,
-                            E, pool, k, 0, 0, SELECT_TOP_K);
-                        launchCheck();
-                        sync_after("pool_select_kernel (top-k)");
+                        d_kth.poison(INT_POISON);
+                        pool_select(d_mask.ptr, statistic ? d_kth.ptr : nullptr, d_clamped.ptr,
+                                    scratch.poisoned(s.B, E), d_logits.ptr, d_raw.ptr, 1.0f, N, E, pool, k, 0, 0,
+                                    SELECT_TOP_K);
+                        sync_after("pool_select (top-k)");
                         check_mask(t, what + (statistic ? "" : " (no statistic)"), d_mask.download(), want);
                         if (statistic) check_kth(t, what, d_kth.download(), want_kth);
                     }
@@ -278,13 +332,17 @@ static void test_moe_pool_select_top_k(Test& t) {
 // cycling over the experts through lo - 1, k and hi + 1, so that the clamp
 // pulls some experts up, pushes some down and leaves some (exactly so for
 // Distinct logits; ties at the cutoff admit more).
+// NaN logits (ranked last) never reach a cutoff: where the m-th is one, the
+// cutoff is -FLT_MAX, which no NaN passes either.
 static std::vector<float> clamp_test_cutoffs(const std::vector<float>& logits, int E, int pool, int k, int lo, int hi) {
     std::vector<float> cutoff(E), column(pool);
     for (int e = 0; e < E; e++) {
         for (int n = 0; n < pool; n++) column[n] = logits[(size_t)n * E + e];
-        std::sort(column.begin(), column.end(), [](float a, float b) { return a > b; });
+        std::sort(column.begin(), column.end(),
+                  [](float a, float b) { return a > b || (std::isnan(b) && !std::isnan(a)); });
         const int m = e % 3 == 0 ? lo - 1 : e % 3 == 1 ? k : hi + 1;
         cutoff[e] = column[std::clamp(m, 1, pool) - 1];
+        if (std::isnan(cutoff[e])) cutoff[e] = -FLT_MAX;
     }
     return cutoff;
 }
@@ -299,16 +357,19 @@ static void test_moe_threshold_select(Test& t) {
     const float correction = 0.5f;
     int under = 0, over = 0, within = 0;  // (pool, expert) pairs the clamp pulled up, pushed down, left
     for (const SelectShape& s : select_shapes)
-        for (Dist d : all_dists)
+        for (Dist d : pool_dists)
             for (int pool : {s.N(), s.T})
                 for (int K : {1, 2}) {
                     const int N = s.N(), E = s.E, pools = N / pool, k = std::max(1, pool * K / E);
                     const std::vector<float> logits = selection_logits(rng, d, N, E, pool);
+                    const std::vector<float> ranked = nan_ranked_last(logits);  // what the reference sees
                     DeviceBuffer<float> d_logits(logits), d_kth((size_t)pools * E);
                     DeviceBuffer<uint8_t> d_mask((size_t)N * E);
+                    SelectScratchBuffers select_scratch(s.B, E);
                     std::vector<float> want_kth((size_t)pools * E);
                     std::vector<int> scratch((size_t)N * E);
-                    ref::ec_select<float>(scratch.data(), want_kth.data(), logits.data(), N, E, pool, k);
+                    ref::ec_select<float>(scratch.data(), want_kth.data(), ranked.data(), N, E, pool, k);
+                    kth_of_nan(want_kth);
                     for (double capacity : {-1.0, 0.5, 0.0}) {
                         int lo, hi;
                         et_capacity_bounds(k, capacity < 0 ? 0.5 : capacity, &lo, &hi);
@@ -320,18 +381,16 @@ static void test_moe_threshold_select(Test& t) {
                         DeviceBuffer<float> d_raw(raw);
                         DeviceBuffer<int> d_clamped(std::vector<int>{7});  // it counts on from wherever it is
                         d_mask.poison(INT_POISON);
-                        d_kth.poison();
-                        const int mode = capacity < 0 ? SELECT_THRESHOLD : SELECT_THRESHOLD_CLAMPED;
-                        pool_select_kernel<<<dim3(E, pools), SELECT_THREADS>>>(d_mask.ptr, d_kth.ptr, d_clamped.ptr,
-                                                                               d_logits.ptr, d_raw.ptr, correction, E,
-                                                                               pool, k, lo, hi, mode);
-                        launchCheck();
-                        sync_after("pool_select_kernel (threshold)");
+                        d_kth.poison(INT_POISON);
+                        const PoolSelect mode = capacity < 0 ? SELECT_THRESHOLD : SELECT_THRESHOLD_CLAMPED;
+                        pool_select(d_mask.ptr, d_kth.ptr, d_clamped.ptr, select_scratch.poisoned(s.B, E),
+                                    d_logits.ptr, d_raw.ptr, correction, N, E, pool, k, lo, hi, mode);
+                        sync_after("pool_select (threshold)");
 
                         std::vector<float> ref_cutoff(E);
                         for (int e = 0; e < E; e++) ref_cutoff[e] = raw[e] / correction;
                         std::vector<int> want((size_t)N * E);
-                        const int clamped = ref::et_select<float>(want.data(), logits.data(), ref_cutoff.data(), N, E,
+                        const int clamped = ref::et_select<float>(want.data(), ranked.data(), ref_cutoff.data(), N, E,
                                                                   pool, k, capacity, true);
                         check_mask(t, what, d_mask.download(), want);
                         check_kth(t, what, d_kth.download(), want_kth);
@@ -360,11 +419,109 @@ static void test_moe_threshold_select(Test& t) {
                     sync_after("threshold_select_kernel");
                     for (int e = 0; e < E; e++) cutoff[e] = raw[e] / correction;
                     std::vector<int> want((size_t)N * E);
-                    ref::et_select<float>(want.data(), logits.data(), cutoff.data(), N, E, pool, k, 0.5, false);
+                    ref::et_select<float>(want.data(), ranked.data(), cutoff.data(), N, E, pool, k, 0.5, false);
                     check_mask(t, select_name(s, d, pool, k) + " eval threshold", d_mask.download(), want);
                 }
     CHECK(t, under > 0 && over > 0 && within > 0,
           "the clamp cases are not all exercised: %d pulled up, %d pushed down, %d left alone", under, over, within);
+}
+
+// Each token's rank in its pool's column of expert e (0 = its best), in the
+// reference's order (ref::outranks: the higher logit, of equal logits the
+// lower token), by sorting: the reference's rank_in_pool counts in O(pool^2),
+// too slow for the large pools below. NaN-free logits (see nan_ranked_last).
+static std::vector<int> sorted_pool_ranks(const std::vector<float>& r, int N, int E, int pool) {
+    std::vector<int> rank((size_t)N * E), order(pool);
+    for (int first = 0; first < N; first += pool)
+        for (int e = 0; e < E; e++) {
+            for (int j = 0; j < pool; j++) order[j] = first + j;
+            std::sort(order.begin(), order.end(), [&](int a, int b) {
+                return ref::outranks(r[(size_t)a * E + e], a, r[(size_t)b * E + e], b);
+            });
+            for (int j = 0; j < pool; j++) rank[(size_t)order[j] * E + e] = j;
+        }
+    return rank;
+}
+
+// Pools of tens of thousands of tokens, as a micro-batch of 16 x 2048 or the
+// logits of 8 ranks will be: tiles of more than SELECT_THREADS tokens (each
+// marked in several chunks, ties carried from chunk to chunk), many tiles a
+// pool, few distinct logits (quarters, with NaN: ties in every tile). EC
+// top-k with its statistic and the ET clamp, against the reference's rules
+// at scale: EC takes rank < k (ref::ec_select); the clamp keeps the
+// threshold's tokens when their count is within [lo, hi], else rank < keep
+// (ref::et_select).
+static void test_moe_pool_select_large(Test& t) {
+    Rng rng(1401);
+    const float correction = 0.5f;
+    const SelectShape shapes[] = {{1, 80000, 3}, {4, 20000, 3}};
+    for (const SelectShape& s : shapes)
+        for (Dist d : {Dist::Quarters, Dist::WithNaN})
+            for (int pool : {s.N(), s.T}) {
+                const int N = s.N(), E = s.E, pools = N / pool, k = pool / E;
+                const SelectTiling tiling = select_tiling(N, pool);
+                CHECK(t, tiling.tile > SELECT_THREADS && tiling.per_pool > 1,
+                      "B=%d T=%d pool=%d: tiles of %d tokens, %d a pool: not the large case", s.B, s.T, pool,
+                      tiling.tile, tiling.per_pool);
+                const std::vector<float> logits = selection_logits(rng, d, N, E, pool);
+                const std::vector<float> ranked = nan_ranked_last(logits);
+                const std::vector<int> rank = sorted_pool_ranks(ranked, N, E, pool);
+                SelectScratchBuffers scratch(s.B, E);
+                DeviceBuffer<float> d_logits(logits), d_kth((size_t)pools * E);
+                DeviceBuffer<uint8_t> d_mask((size_t)N * E);
+                DeviceBuffer<int> d_clamped(std::vector<int>{0});
+
+                const std::string what = select_name(s, d, pool, k);
+                std::vector<int> want((size_t)N * E);
+                std::vector<float> want_kth((size_t)pools * E);
+                for (size_t i = 0; i < want.size(); i++) {
+                    want[i] = rank[i] < k;
+                    if (rank[i] == k - 1) want_kth[i / E / pool * E + i % E] = ranked[i];
+                }
+                kth_of_nan(want_kth);
+                DeviceBuffer<float> d_raw(std::vector<float>(E, 1.0f));
+                d_mask.poison(INT_POISON);
+                d_kth.poison(INT_POISON);
+                pool_select(d_mask.ptr, d_kth.ptr, d_clamped.ptr, scratch.poisoned(s.B, E), d_logits.ptr, d_raw.ptr,
+                            1.0f, N, E, pool, k, 0, 0, SELECT_TOP_K);
+                sync_after("pool_select (top-k, large)");
+                check_mask(t, what + " top-k", d_mask.download(), want);
+                check_kth(t, what + " top-k", d_kth.download(), want_kth);
+
+                // ET, clamped: expert 2's cutoff admits more than hi tokens,
+                // so it is pushed down to hi; 0 and 1 as their ties fall
+                int lo, hi;
+                et_capacity_bounds(k, 0.5, &lo, &hi);
+                const std::vector<float> cutoff = clamp_test_cutoffs(logits, E, pool, k, lo, hi);
+                std::vector<float> raw(E), ref_cutoff(E);
+                for (int e = 0; e < E; e++) {
+                    raw[e] = cutoff[e] * correction;
+                    ref_cutoff[e] = raw[e] / correction;
+                }
+                int clamped = 0;
+                for (int first = 0; first < N; first += pool)
+                    for (int e = 0; e < E; e++) {
+                        int count = 0;
+                        for (int n = first; n < first + pool; n++) count += ranked[(size_t)n * E + e] >= ref_cutoff[e];
+                        const int keep = std::clamp(count, lo, hi);
+                        clamped += keep != count;
+                        for (int n = first; n < first + pool; n++) {
+                            const size_t i = (size_t)n * E + e;
+                            want[i] = keep != count ? rank[i] < keep : ranked[i] >= ref_cutoff[e];
+                        }
+                    }
+                CHECK(t, clamped > 0, "%s: no expert clamped", what.c_str());
+                DeviceBuffer<float> d_raw_et(raw);
+                d_mask.poison(INT_POISON);
+                d_kth.poison(INT_POISON);
+                pool_select(d_mask.ptr, d_kth.ptr, d_clamped.ptr, scratch.poisoned(s.B, E), d_logits.ptr,
+                            d_raw_et.ptr, correction, N, E, pool, k, lo, hi, SELECT_THRESHOLD_CLAMPED);
+                sync_after("pool_select (threshold clamped, large)");
+                check_mask(t, what + " threshold clamped", d_mask.download(), want);
+                check_kth(t, what + " threshold clamped", d_kth.download(), want_kth);
+                CHECK(t, d_clamped.download()[0] == clamped, "%s: %d clamped, the reference %d", what.c_str(),
+                      d_clamped.download()[0], clamped);
+            }
 }
 
 // ----------------------------------------------------------------------------
@@ -1127,6 +1284,43 @@ static void check_step(Test& t, const StepCase& sc, uint64_t seed) {
     router_free(&r);
 }
 
+// The TC aux loss's mean gate per expert, summed at two levels in a fixed
+// order: many dispatch tiles (the last partial), and more experts than one
+// block's threads (two spans of experts); against the mean in double, and
+// the same bits a second time.
+static void test_moe_gate_mean(Test& t) {
+    Rng rng(1801);
+    const struct {
+        int N, E;
+    } shapes[] = {{1000, 5}, {300, 300}};
+    for (const auto& shape : shapes) {
+        const int N = shape.N, E = shape.E, tiles = dispatch_tiles(N);
+        const std::vector<float> logits = random_float(rng, (size_t)N * E, -4.0, 4.0);
+        std::vector<double> want(E, 0.0);
+        for (int n = 0; n < N; n++)
+            for (int e = 0; e < E; e++) want[e] += ref::sigmoid((double)logits[(size_t)n * E + e]) / N;
+        DeviceBuffer<float> d_logits(logits), d_partial((size_t)E * tiles), d_mean(E);
+        std::vector<float> first;
+        for (int run = 0; run < 2; run++) {
+            d_partial.poison();
+            d_mean.poison();
+            gate_partial_kernel<<<tiles, DISPATCH_THREADS>>>(d_partial.ptr, d_logits.ptr, N, E);
+            launchCheck();
+            gate_mean_kernel<<<E, DISPATCH_THREADS>>>(d_mean.ptr, d_partial.ptr, tiles, N);
+            launchCheck();
+            sync_after("gate_partial_kernel, gate_mean_kernel");
+            const std::vector<float> got = d_mean.download();
+            if (run == 0) {
+                check_close(t, string_format("N=%d E=%d gate mean", N, E), to_doubles(got), want, TOL_FP32);
+                first = got;
+            } else {
+                CHECK(t, std::memcmp(first.data(), got.data(), E * sizeof(float)) == 0,
+                      "N=%d E=%d: the gate mean differs from run to run", N, E);
+            }
+        }
+    }
+}
+
 static void test_moe_step_end(Test& t) {
     const StepCase cases[] = {
         {"et after warm-up, clamp on", 2, 24, 48, 4, et_router(1, 0.5), 3},
@@ -1373,9 +1567,10 @@ static void test_moe_causality(Test& t) {
 int main() {
     return run_gpu_tests("gpu_moe", {
         GPU_TEST(moe_tc_select), GPU_TEST(moe_pool_select_top_k), GPU_TEST(moe_threshold_select),
+        GPU_TEST(moe_pool_select_large),
         GPU_TEST(moe_dispatch), GPU_TEST(moe_router_logits),
         GPU_TEST(moe_layer_tc), GPU_TEST(moe_layer_ec), GPU_TEST(moe_layer_et), GPU_TEST(moe_layer_eval),
-        GPU_TEST(moe_step_end),
+        GPU_TEST(moe_gate_mean), GPU_TEST(moe_step_end),
         GPU_TEST(moe_layer_determinism),
         GPU_TEST(moe_causality),
     });
