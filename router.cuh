@@ -31,7 +31,10 @@
 // reads the real sizes and leaves at once when it has nothing to do. The
 // bound per micro-batch of N tokens: TC and EC exactly N*K routed pairs;
 // ET with the capacity clamp at most hi = floor(k(1+C)) per pool and expert;
-// ET without the clamp, and eval, up to N*E.
+// ET without the clamp, and eval by thresholds, up to N*E. Eval and
+// generation reuse the training buffers: a pass that could route more pairs
+// than they hold selects over all its tokens, then dispatches, runs the
+// experts and combines in sub-batches of tokens (see pass_chunk_tokens).
 //
 // Determinism: every list is built by scans in token order, every sum has
 // one owner that adds in a fixed order; the only atomics add integers
@@ -774,7 +777,7 @@ __global__ void add_float_kernel(floatX* y, const float* x, size_t n) {
 // 5. The router: buffers, state, statistics, and the layer's passes.
 
 // One layer's routing of one micro-batch: what the forward pass leaves for
-// the backward pass. In eval and generation all layers share one set.
+// the backward pass. Eval and generation passes use layer 0's set.
 struct MoeBuffers {
     int capacity = 0, max_tiles = 0;  // routed pairs it can hold; row tiles for that many
     int launch_tiles = 0;             // row tiles the expert kernels launch for the current pass (host's bound)
@@ -796,9 +799,7 @@ struct Router {
     RouterConfig config;
     int E = 0, C = 0, B = 0, T = 0;
     std::vector<int> layers;         // the model layer of each MoE layer
-    std::vector<MoeBuffers> train;   // per MoE layer
-    MoeBuffers eval;                 // eval and generation passes (may alias train[0])
-    bool eval_owned = false;
+    std::vector<MoeBuffers> train;   // per MoE layer; eval and generation passes use train[0]
     // state, saved in checkpoints: (layers, E) each
     float *raw_cutoff = nullptr, *tc_bias = nullptr;
     int updates = 0;  // cutoff EMA updates so far (host; EC and ET track cutoffs)
@@ -917,9 +918,6 @@ inline void router_allocate(Router* r, const ModelConfig& c, int B, int T) {
         capacity = std::max(capacity, routed_pairs_bound(*r, RoutingPass::Train, Routing::Threshold, B, T));
     size_t bytes = 0;
     for (int64_t l = 0; l < L; l++) r->train.push_back(moe_buffers_allocate(N, r->E, r->C, capacity, &bytes));
-    const int64_t eval_capacity = r->config.kind == RouterKind::TC ? N * r->config.top_k : N * E;
-    r->eval_owned = eval_capacity > capacity;
-    r->eval = r->eval_owned ? moe_buffers_allocate(N, r->E, r->C, eval_capacity, &bytes) : r->train[0];
     r->raw_cutoff = device_alloc<float>(L * E, &bytes);
     r->tc_bias = device_alloc<float>(L * E, &bytes);
     device_zero(r->raw_cutoff, L * E * sizeof(float));
@@ -947,7 +945,6 @@ inline void router_allocate(Router* r, const ModelConfig& c, int B, int T) {
 
 inline void router_free(Router* r) {
     for (MoeBuffers& b : r->train) moe_buffers_free(b);
-    if (r->eval_owned) moe_buffers_free(r->eval);
     r->train.clear();
     for (void* p : {(void*)r->raw_cutoff, (void*)r->tc_bias, (void*)r->stats_int, (void*)r->stats_float,
                     (void*)r->dropped, (void*)r->mask, (void*)r->route_record, (void*)r->counts, (void*)r->tile_counts,
@@ -1057,7 +1054,22 @@ struct MoeGrads {
 };
 
 inline MoeBuffers& pass_buffers(Router& r, int layer, RoutingPass pass) {
-    return pass == RoutingPass::Train ? r.train[layer] : r.eval;
+    return r.train[pass == RoutingPass::Train ? layer : 0];
+}
+
+// Tokens per sub-batch of a pass's dispatch, experts and combine: all N when
+// the pass can route no more pairs than the buffers hold. Else the pass
+// routes each token alone (eval and generation by thresholds: up to E pairs
+// per token, N*E in all, which would need 2.4 GB of expert activations at
+// d12) and a sub-batch is as many tokens as the buffers hold E pairs for.
+// The result is the same as one pass over all tokens: the selection runs
+// over the whole pass first, and a token's dispatch, expert rows and
+// combine depend on its own pairs only.
+inline int pass_chunk_tokens(const Router& r, RoutingPass pass, Routing how, int B, int T, int capacity) {
+    if (routed_pairs_bound(r, pass, how, B, T) <= capacity) return B * T;
+    if (pass == RoutingPass::Train || how != Routing::Threshold)
+        fail("internal: a %d x %d pass can route more pairs than the %d its buffers hold", B, T, capacity);
+    return capacity / r.E;  // >= 1: the training capacity holds at least E pairs (k >= 1 per expert)
 }
 
 // h as fp32 for the router: converted into r.h32 (the FP32 build reads h).
@@ -1081,10 +1093,9 @@ inline void moe_route(Router& r, int layer, cublasHandle_t cublas, const floatX*
     MoeBuffers& buf = pass_buffers(r, layer, pass);
     const int N = B * T, E = r.E, C = r.C;
     const Routing how = pass_routing(r, pass);
-    const int64_t bound = routed_pairs_bound(r, pass, how, B, T);
-    if (bound > buf.capacity)
-        fail("internal: a %d x %d pass can route more pairs than the %d its buffers hold", B, T, buf.capacity);
-    // a short generation pass launches few tiles, not the whole buffer's
+    // a short generation pass launches few tiles, not the whole buffer's;
+    // a pass in sub-batches at most the buffer's
+    const int64_t bound = std::min<int64_t>(routed_pairs_bound(r, pass, how, B, T), buf.capacity);
     buf.launch_tiles = (int)std::min<int64_t>(buf.max_tiles, (bound + EXPERT_TILE - 1) / EXPERT_TILE + E);
     const float one = 1.0f, zero = 0.0f;
     cublasCheck(cublasSgemm(cublas, CUBLAS_OP_T, CUBLAS_OP_N, E, N, C, &one, w_router, C,
@@ -1123,21 +1134,29 @@ inline void moe_route(Router& r, int layer, cublasHandle_t cublas, const floatX*
     }
 }
 
-// Phase "dispatch": the experts' token lists, gates and row tiles from r.mask;
-// in training also the step's counts and fanout, and the TC aux loss.
-inline void moe_dispatch(Router& r, int layer, int N, RoutingPass pass) {
+// An eval or generation pass of one sequence while record_routes is set:
+// the layer's selection into route_record.
+inline void moe_record_routes(Router& r, int layer, int N, RoutingPass pass) {
+    if (pass == RoutingPass::Train || !r.record_routes) return;
+    if (N > r.T) fail("internal: recording the routes of %d tokens, more than one sequence (%d)", N, r.T);
+    cudaCheck(cudaMemcpyAsync(r.route_record + (size_t)layer * r.T * r.E, r.mask, (size_t)N * r.E,
+                              cudaMemcpyDeviceToDevice));
+}
+
+// Phase "dispatch": the experts' token lists, gates and row tiles from the
+// rows first .. first+N-1 of r.mask (a sub-batch of the pass, or all of it;
+// token numbers and slot_of's rows count from `first`); in training (all
+// tokens) also the step's counts and fanout, and the TC aux loss.
+inline void moe_dispatch(Router& r, int layer, int first, int N, RoutingPass pass) {
     MoeBuffers& buf = pass_buffers(r, layer, pass);
     const int E = r.E;
     const bool train = pass == RoutingPass::Train;
     int* stats_int = r.stats_int + (size_t)layer * r.stats_int_stride();
-    expert_count(r.counts, train ? stats_int : nullptr, r.tile_counts, r.mask, N, E);
+    const uint8_t* mask = r.mask + (size_t)first * E;
+    expert_count(r.counts, train ? stats_int : nullptr, r.tile_counts, mask, N, E);
     expert_dispatch(buf.slot_of, buf.slot_token, buf.slot_gate, buf.offsets, buf.tile_expert, buf.tile_row,
-                    buf.num_tiles, r.dropped, r.counts, r.tile_counts, r.mask, buf.logits, N, E, buf.capacity);
-    if (!train && r.record_routes) {
-        if (N > r.T) fail("internal: recording the routes of %d tokens, more than one sequence (%d)", N, r.T);
-        cudaCheck(cudaMemcpyAsync(r.route_record + (size_t)layer * r.T * E, r.mask, (size_t)N * E,
-                                  cudaMemcpyDeviceToDevice));
-    }
+                    buf.num_tiles, r.dropped, r.counts, r.tile_counts, mask, buf.logits + (size_t)first * E, N, E,
+                    buf.capacity);
     if (!train) return;
     fanout_kernel<<<ceil_div(N, THREADS), THREADS>>>(stats_int + E, r.mask, N, E);
     launchCheck();
@@ -1180,15 +1199,22 @@ inline void moe_shared_forward(cublasHandle_t cublas, floatX* y, floatX* pre, fl
 }
 
 // The MoE FFN of MoE layer `layer` on h (B*T, C): y (N, C) overwritten.
-// shared_pre (N, 2C) is kept for the backward; act (N, 2C) is scratch.
+// shared_pre (N, 2C) is kept for the backward; act (N, 2C) is scratch. The
+// routed experts run in sub-batches of tokens when the pass could route
+// more pairs than the buffers hold (pass_chunk_tokens); training never does.
 inline void moe_forward(Router& r, int layer, cublasHandle_t cublas, floatX* y, floatX* shared_pre, floatX* act,
                         const floatX* h, const MoeWeights& w, int B, int T, RoutingPass pass) {
-    const int N = B * T;
+    const int N = B * T, C = r.C;
     moe_route(r, layer, cublas, h, w.router, B, T, pass);
-    moe_dispatch(r, layer, N, pass);
-    moe_shared_forward(cublas, y, shared_pre, act, h, w, N, r.C);
-    moe_experts_forward(r, layer, h, w, pass);
-    moe_combine(r, layer, y, N, pass);
+    moe_record_routes(r, layer, N, pass);
+    moe_shared_forward(cublas, y, shared_pre, act, h, w, N, C);
+    const int chunk = pass_chunk_tokens(r, pass, pass_routing(r, pass), B, T, pass_buffers(r, layer, pass).capacity);
+    for (int first = 0; first < N; first += chunk) {
+        const int n = std::min(chunk, N - first);
+        moe_dispatch(r, layer, first, n, pass);
+        moe_experts_forward(r, layer, h + (size_t)first * C, w, pass);
+        moe_combine(r, layer, y + (size_t)first * C, n, pass);
+    }
 }
 
 // Backward of the shared expert: dh overwritten; its weight gradients added.

@@ -21,7 +21,8 @@
 //      model.cuh calls it. The GPU's own logits go through the reference
 //      selection (which must equal the GPU's mask), then through the reference
 //      layer in double: y, the intermediates, dh (with the router's share
-//      dr W_r), dr and every weight gradient are compared.
+//      dr W_r), dr and every weight gradient are compared. Eval by
+//      thresholds in sub-batches of tokens gives the bits of one pass.
 //   4. The step's end over two micro-steps and two MoE layers: the statistics
 //      a logging step reads (counts, fan-out, clamped pairs, EC cutoffs, the
 //      tracked cutoff, aux loss) and the state updates (the cutoff EMA with
@@ -848,9 +849,19 @@ static void check_layer(Test& t, const LayerCase& lc, uint64_t seed) {
     const std::vector<int> mask = reference_selection(lc.router, lc.expect, train, run.logits, L.bias.data(),
                                                       L.raw.data(), cutoff_correction(L.r), lc.B, lc.T, E, nullptr);
     check_mask(t, name + " mask", run.mask, mask);
+    // An eval pass by thresholds runs in sub-batches of tokens when the
+    // buffers cannot hold E pairs per token: they hold the dispatch and the
+    // expert rows of the last one, tokens `last` .. N-1 (all: last = 0).
     const MoeBuffers& buf = pass_buffers(L.r, 0, lc.pass);
-    check_dispatch(t, name, mask, run.logits, N, E, buf.capacity, run.dispatch);
-    const std::vector<size_t> pairs = slot_pairs(mask, N, E, buf.capacity);
+    const int chunk = pass_chunk_tokens(L.r, lc.pass, how, lc.B, lc.T, buf.capacity);
+    const int last = (N - 1) / chunk * chunk;
+    const std::vector<int> last_mask(mask.begin() + (size_t)last * E, mask.end());
+    Dispatch last_dispatch = run.dispatch;
+    last_dispatch.slot_of.resize(last_mask.size());
+    check_dispatch(t, name, last_mask, std::vector<float>(run.logits.begin() + (size_t)last * E, run.logits.end()),
+                   N - last, E, buf.capacity, last_dispatch);
+    std::vector<size_t> pairs = slot_pairs(last_mask, N - last, E, buf.capacity);
+    for (size_t& p : pairs) p += (size_t)last * E;
     std::vector<int> counts(E);
     ref::expert_counts(counts.data(), mask.data(), N, E);
     CHECK(t, !pairs.empty(), "%s: nothing routed: the case tests nothing", lc.name);
@@ -932,6 +943,46 @@ static void test_moe_layer_et(Test& t) {
 }
 static void test_moe_layer_eval(Test& t) {
     check_layers(t, [](const LayerCase& c) { return c.pass == RoutingPass::Eval; });
+}
+
+// Eval by thresholds in sub-batches of tokens (buffers sized for training
+// hold fewer than E pairs per token: ET with the clamp, EC) must give what
+// one pass over all tokens gives: the same inputs, weights and cutoffs
+// through a router whose buffers hold N*E pairs (ET without the clamp) give
+// the same mask and the same bits of y. With several sub-batches, the last
+// one shorter; an expert with no token and one with every token (two row
+// tiles per sub-batch); K = 3 over 8 experts.
+static void test_moe_eval_sub_batches(Test& t) {
+    struct Case {
+        const char* name;
+        int B, T, C, E;
+        RouterConfig router;
+        bool edge_cutoffs;
+    };
+    const Case cases[] = {
+        {"et eval, buffers of the clamp", 2, 24, 48, 4, et_router(1, 0.5), false},
+        {"et eval, an expert with no token, one with every token", 2, 100, 32, 4, et_router(1, 0.5), true},
+        {"ec eval with tracked cutoffs, K=3 of 8 experts", 3, 24, 64, 8, ec_router(3, EcPool::MicroBatch), false},
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        const Case& c = cases[i];
+        const LayerCase sub{c.name, c.B, c.T, c.C, c.E, c.router, 3, RoutingPass::Eval, Routing::Threshold,
+                            c.edge_cutoffs};
+        LayerCase whole = sub;
+        whole.router = et_router(c.router.top_k, -1, c.router.ec_pool);
+        MoeLayer a(sub, 1601 + i), b(whole, 1601 + i);
+        const int N = c.B * c.T;
+        const int chunk = pass_chunk_tokens(a.r, RoutingPass::Eval, Routing::Threshold, c.B, c.T,
+                                            a.r.train[0].capacity);
+        const int whole_chunk = pass_chunk_tokens(b.r, RoutingPass::Eval, Routing::Threshold, c.B, c.T,
+                                                  b.r.train[0].capacity);
+        CHECK(t, chunk < N && N % chunk != 0 && whole_chunk == N,
+              "%s: sub-batches of %d and %d tokens of %d: the case does not test a short last sub-batch against one "
+              "pass", c.name, chunk, whole_chunk, N);
+        const LayerRun ra = a.run(), rb = b.run();
+        CHECK(t, same_bits(ra.mask, rb.mask), "%s: the two routers select differently", c.name);
+        CHECK(t, same_bits(ra.y, rb.y), "%s: y in sub-batches of %d tokens differs from one pass", c.name, chunk);
+    }
 }
 
 // ----------------------------------------------------------------------------
@@ -1353,6 +1404,7 @@ int main() {
         GPU_TEST(moe_tc_select), GPU_TEST(moe_pool_select_top_k), GPU_TEST(moe_threshold_select),
         GPU_TEST(moe_dispatch),
         GPU_TEST(moe_layer_tc), GPU_TEST(moe_layer_ec), GPU_TEST(moe_layer_et), GPU_TEST(moe_layer_eval),
+        GPU_TEST(moe_eval_sub_batches),
         GPU_TEST(moe_step_end),
         GPU_TEST(moe_layer_determinism),
         GPU_TEST(moe_causality),
