@@ -27,8 +27,10 @@
 //
 // No host sync inside a step: the number of tokens an expert gets lives on
 // the device only. The expert kernels are launched for a bound on the work
-// that is known on the host (the training capacity below) and every block
-// reads the real sizes and leaves at once when it has nothing to do. The
+// that is known on the host (the training capacity below) and read the real
+// sizes on the device: the row-tile matmuls loop over the real tiles with a
+// grid of at most one wave, the weight-gradient blocks of an expert without
+// tokens leave at once. The
 // bound per micro-batch of N tokens: TC and EC exactly N*K routed pairs;
 // ET with the capacity clamp at most hi = floor(k(1+C)) per pool and expert;
 // ET without the clamp, and eval by thresholds, up to N*E. Eval and
@@ -498,6 +500,11 @@ struct SlotRows {  // m[s][j]
 };
 
 static const int EXPERT_BN = 64, EXPERT_BK = 32, EXPERT_THREADS = 256;
+// Blocks of expert_matmul_kernel resident on one SM: its __launch_bounds__
+// keep the registers to what 2 blocks of 256 threads can hold (128 per
+// thread; 3 blocks' 80 make ptxas spill), and 2 x its static shared memory
+// fits an SM of sm_80 or later.
+static const int EXPERT_BLOCKS_PER_SM = 2;
 static const int TILE_LD = 72;  // row stride of the staged tiles: 64 + 8
 static_assert(EXPERT_TILE == 64 && EXPERT_BN == 64 && EXPERT_BK % 16 == 0 && EXPERT_THREADS == 256,
               "TileAccumulator's layout: a 64 x 64 tile, 8 warps (or 16 x 16 threads), k in steps of 16");
@@ -569,53 +576,65 @@ struct TileAccumulator {
 };
 #endif
 
-// out[s][o] = sum_j rows(s, j) * W_e(o, j), for the slots of one row tile of
-// one expert e and EXPERT_BN outputs o. W_e is weights + e*OC*IC, stored
-// (OC, IC) when OUT_BY_IN, else (IC, OC) (the backward's products with the
+// out[s][o] = sum_j rows(s, j) * W_e(o, j) for every routed slot s, its
+// expert e and all OC outputs o. W_e is weights + e*OC*IC, stored (OC, IC)
+// when OUT_BY_IN, else (IC, OC) (the backward's products with the
 // untransposed weight). RELU2_GRAD multiplies by relu2'(pre[s][o]) =
 // 2 relu(pre[s][o]) on the way out (dpre from dact).
-// Grid: (row tiles bound, OC / EXPERT_BN); a block past the real tile count
-// returns at once. 256 threads stage 64 rows and 64 weight columns per K
-// step of 32 in shared memory (as floatX), TileAccumulator multiplies, and
-// the 64 x 64 result leaves through shared memory, written row by row.
-// Traffic: each weight tile is read once per row tile, each row once per
-// output tile.
+// Work items: (row tile of EXPERT_TILE slots of one expert, EXPERT_BN output
+// columns), numbered row tile by row tile, *num_tiles x ceil(OC / EXPERT_BN)
+// of them; every item costs the same (one pass over IC).
+// Grid: persistent, 1-D, at most one wave (SMs x EXPERT_BLOCKS_PER_SM
+// blocks; fewer when the host's bound on the items is smaller); block b
+// takes items b, b + gridDim.x, ... below the real count. So the host's
+// bound (ET without the clamp: N*E pairs, N*E/64 row tiles, almost all
+// empty) costs nothing: no block is scheduled for an empty tile, where one
+// block per bound tile would launch about 200k blocks at d12 that only read
+// num_tiles and leave. Neighbouring blocks take the column tiles of one row
+// tile (its rows and its expert's weights shared in L2).
+// Per item: 256 threads stage 64 rows and 64 weight columns per K step of 32
+// in shared memory (as floatX), TileAccumulator multiplies, and the 64 x 64
+// result leaves through shared memory, written row by row. Traffic: each
+// weight tile is read once per row tile, each row once per output tile.
 template <class Rows, bool OUT_BY_IN, bool RELU2_GRAD>
-__global__ void __launch_bounds__(EXPERT_THREADS)
+__global__ void __launch_bounds__(EXPERT_THREADS, EXPERT_BLOCKS_PER_SM)
 expert_matmul_kernel(floatX* out, Rows rows, const floatX* weights, const floatX* pre, const int* tile_expert,
                      const int* tile_row, const int* num_tiles, const int* offsets, int IC, int OC) {
-    const int tile = blockIdx.x;
-    if (tile >= *num_tiles) return;
-    const int e = tile_expert[tile], row0 = tile_row[tile], row_end = offsets[e + 1], col0 = blockIdx.y * EXPERT_BN;
-    const floatX* W = weights + (size_t)e * OC * IC;
     __shared__ __align__(32) floatX As[EXPERT_BK][TILE_LD], Ws[EXPERT_BK][TILE_LD];
     __shared__ __align__(32) float Cs[EXPERT_TILE][TILE_LD];
-    TileAccumulator acc;
-    for (int k0 = 0; k0 < IC; k0 += EXPERT_BK) {
-        for (int i = threadIdx.x; i < EXPERT_TILE * EXPERT_BK; i += EXPERT_THREADS) {
-            const int r = i / EXPERT_BK, kk = i % EXPERT_BK, s = row0 + r, j = k0 + kk;
-            As[kk][r] = from_float<floatX>(s < row_end && j < IC ? rows(s, j) : 0.0f);
+    const int col_tiles = (OC + EXPERT_BN - 1) / EXPERT_BN, items = *num_tiles * col_tiles;
+    for (int item = blockIdx.x; item < items; item += gridDim.x) {
+        const int tile = item / col_tiles, col0 = item % col_tiles * EXPERT_BN;
+        const int e = tile_expert[tile], row0 = tile_row[tile], row_end = offsets[e + 1];
+        const floatX* W = weights + (size_t)e * OC * IC;
+        TileAccumulator acc;
+        for (int k0 = 0; k0 < IC; k0 += EXPERT_BK) {
+            for (int i = threadIdx.x; i < EXPERT_TILE * EXPERT_BK; i += EXPERT_THREADS) {
+                const int r = i / EXPERT_BK, kk = i % EXPERT_BK, s = row0 + r, j = k0 + kk;
+                As[kk][r] = from_float<floatX>(s < row_end && j < IC ? rows(s, j) : 0.0f);
+            }
+            for (int i = threadIdx.x; i < EXPERT_BN * EXPERT_BK; i += EXPERT_THREADS) {
+                // walk the stored rows contiguously: along j for (OC, IC), along o for (IC, OC)
+                const int o = OUT_BY_IN ? i / EXPERT_BK : i % EXPERT_BN, kk = OUT_BY_IN ? i % EXPERT_BK : i / EXPERT_BN;
+                const int oo = col0 + o, j = k0 + kk;
+                floatX w = from_float<floatX>(0.0f);
+                if (oo < OC && j < IC) w = OUT_BY_IN ? W[(size_t)oo * IC + j] : W[(size_t)j * OC + oo];
+                Ws[kk][o] = w;
+            }
+            __syncthreads();
+            acc.multiply_add(As, Ws);
+            __syncthreads();
         }
-        for (int i = threadIdx.x; i < EXPERT_BN * EXPERT_BK; i += EXPERT_THREADS) {
-            // walk the stored rows contiguously: along j for (OC, IC), along o for (IC, OC)
-            const int o = OUT_BY_IN ? i / EXPERT_BK : i % EXPERT_BN, kk = OUT_BY_IN ? i % EXPERT_BK : i / EXPERT_BN;
-            const int oo = col0 + o, j = k0 + kk;
-            floatX w = from_float<floatX>(0.0f);
-            if (oo < OC && j < IC) w = OUT_BY_IN ? W[(size_t)oo * IC + j] : W[(size_t)j * OC + oo];
-            Ws[kk][o] = w;
+        acc.store(Cs);
+        __syncthreads();
+        for (int i = threadIdx.x; i < EXPERT_TILE * EXPERT_BN; i += EXPERT_THREADS) {
+            const int r = i / EXPERT_BN, o = col0 + i % EXPERT_BN, s = row0 + r;
+            if (s >= row_end || o >= OC) continue;
+            float v = Cs[r][i % EXPERT_BN];
+            if (RELU2_GRAD) v *= 2.0f * fmaxf((float)pre[(size_t)s * OC + o], 0.0f);
+            out[(size_t)s * OC + o] = from_float<floatX>(v);
         }
-        __syncthreads();
-        acc.multiply_add(As, Ws);
-        __syncthreads();
-    }
-    acc.store(Cs);
-    __syncthreads();
-    for (int i = threadIdx.x; i < EXPERT_TILE * EXPERT_BN; i += EXPERT_THREADS) {
-        const int r = i / EXPERT_BN, o = col0 + i % EXPERT_BN, s = row0 + r;
-        if (s >= row_end || o >= OC) continue;
-        float v = Cs[r][i % EXPERT_BN];
-        if (RELU2_GRAD) v *= 2.0f * fmaxf((float)pre[(size_t)s * OC + o], 0.0f);
-        out[(size_t)s * OC + o] = from_float<floatX>(v);
+        __syncthreads();  // every thread has read Cs before the next item writes it
     }
 }
 
@@ -780,7 +799,7 @@ __global__ void add_float_kernel(floatX* y, const float* x, size_t n) {
 // the backward pass. Eval and generation passes use layer 0's set.
 struct MoeBuffers {
     int capacity = 0, max_tiles = 0;  // routed pairs it can hold; row tiles for that many
-    int launch_tiles = 0;             // row tiles the expert kernels launch for the current pass (host's bound)
+    int launch_tiles = 0;             // the most row tiles the current pass can have (host's bound): caps the expert grid
     float* logits = nullptr;          // (N, E) fp32 router logits
     int* slot_of = nullptr;           // (N, E) slot of each routed pair, -1 if not routed
     int* slot_token = nullptr;        // (capacity) token of each slot
@@ -1169,18 +1188,28 @@ inline void moe_dispatch(Router& r, int layer, int first, int N, RoutingPass pas
     }
 }
 
+// expert_matmul_kernel over buf's row tiles (the pass's bound, launch_tiles,
+// and the device's count): a grid of one wave at most, SMs x
+// EXPERT_BLOCKS_PER_SM blocks, fewer when the bound has fewer items.
+template <bool OUT_BY_IN, bool RELU2_GRAD, class Rows>
+inline void expert_matmul(floatX* out, Rows rows, const floatX* weights, const floatX* pre, const MoeBuffers& buf,
+                          int IC, int OC) {
+    int device = 0, sms = 0;
+    cudaCheck(cudaGetDevice(&device));
+    cudaCheck(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    const int64_t items = (int64_t)buf.launch_tiles * ceil_div(OC, EXPERT_BN);
+    const int grid = (int)std::min<int64_t>(items, (int64_t)sms * EXPERT_BLOCKS_PER_SM);
+    expert_matmul_kernel<Rows, OUT_BY_IN, RELU2_GRAD><<<grid, EXPERT_THREADS>>>(
+        out, rows, weights, pre, buf.tile_expert, buf.tile_row, buf.num_tiles, buf.offsets, IC, OC);
+    launchCheck();
+}
+
 // Phase "experts": pre = fc_e x for every routed slot, out = proj_e relu(pre)^2.
 inline void moe_experts_forward(Router& r, int layer, const floatX* h, const MoeWeights& w, RoutingPass pass) {
     MoeBuffers& buf = pass_buffers(r, layer, pass);
     const int C = r.C, W = 2 * C;
-    expert_matmul_kernel<TokenRows, true, false><<<dim3(buf.launch_tiles, ceil_div(W, EXPERT_BN)), EXPERT_THREADS>>>(
-        buf.expert_pre, TokenRows{h, buf.slot_token, C}, w.experts_fc, nullptr, buf.tile_expert, buf.tile_row,
-        buf.num_tiles, buf.offsets, C, W);
-    launchCheck();
-    expert_matmul_kernel<Relu2Rows, true, false><<<dim3(buf.launch_tiles, ceil_div(C, EXPERT_BN)), EXPERT_THREADS>>>(
-        buf.expert_out, Relu2Rows{buf.expert_pre, W}, w.experts_proj, nullptr, buf.tile_expert, buf.tile_row,
-        buf.num_tiles, buf.offsets, W, C);
-    launchCheck();
+    expert_matmul<true, false>(buf.expert_pre, TokenRows{h, buf.slot_token, C}, w.experts_fc, nullptr, buf, C, W);
+    expert_matmul<true, false>(buf.expert_out, Relu2Rows{buf.expert_pre, W}, w.experts_proj, nullptr, buf, W, C);
 }
 
 // Phase "combine": y += the gated expert outputs (y holds the shared expert's output).
@@ -1240,10 +1269,7 @@ inline void moe_experts_backward(Router& r, int layer, const floatX* dy, const f
     launchCheck();
     const GatedTokenRows gated_dy{dy, buf.slot_token, buf.slot_gate, C};
     // dpre = (gate dy) proj_e * relu2'(pre): proj_e (C, 2C) read as (IC, OC)
-    expert_matmul_kernel<GatedTokenRows, false, true><<<dim3(buf.launch_tiles, ceil_div(W, EXPERT_BN)), EXPERT_THREADS>>>(
-        r.grad_pre, gated_dy, w.experts_proj, buf.expert_pre, buf.tile_expert, buf.tile_row, buf.num_tiles, buf.offsets,
-        C, W);
-    launchCheck();
+    expert_matmul<false, true>(r.grad_pre, gated_dy, w.experts_proj, buf.expert_pre, buf, C, W);
     // dproj_e += (gate dy)^T relu(pre)^2; dfc_e += dpre^T x
     expert_weight_grad_kernel<<<dim3(ceil_div(W, EXPERT_BN), ceil_div(C, EXPERT_TILE), E), EXPERT_THREADS>>>(
         g.experts_proj, gated_dy, Relu2Rows{buf.expert_pre, W}, buf.offsets, C, W);
@@ -1252,10 +1278,7 @@ inline void moe_experts_backward(Router& r, int layer, const floatX* dy, const f
         g.experts_fc, SlotRows{r.grad_pre, W}, TokenRows{h, buf.slot_token, C}, buf.offsets, W, C);
     launchCheck();
     // dx = dpre fc_e: fc_e (2C, C) read as (IC, OC)
-    expert_matmul_kernel<SlotRows, false, false><<<dim3(buf.launch_tiles, ceil_div(C, EXPERT_BN)), EXPERT_THREADS>>>(
-        r.grad_x, SlotRows{r.grad_pre, W}, w.experts_fc, nullptr, buf.tile_expert, buf.tile_row, buf.num_tiles,
-        buf.offsets, W, C);
-    launchCheck();
+    expert_matmul<false, false>(r.grad_x, SlotRows{r.grad_pre, W}, w.experts_fc, nullptr, buf, W, C);
 }
 
 // Backward of combine: dh += each routed slot's input gradient (r.grad_x).
