@@ -28,11 +28,16 @@
 //
 // No host sync inside a step: the number of tokens an expert gets lives on
 // the device only. The expert kernels are launched for a bound on the work
-// that is known on the host (the training capacity below) and every block
-// reads the real sizes and leaves at once when it has nothing to do. The
+// that is known on the host (the training capacity below) and read the real
+// sizes on the device: the row-tile matmuls loop over the real tiles with a
+// grid of at most one wave, the weight-gradient blocks of an expert without
+// tokens leave at once. The
 // bound per micro-batch of N tokens: TC and EC exactly N*K routed pairs;
 // ET with the capacity clamp at most hi = floor(k(1+C)) per pool and expert;
-// ET without the clamp, and eval, up to N*E.
+// ET without the clamp, and eval by thresholds, up to N*E. Eval and
+// generation reuse the training buffers: a pass that could route more pairs
+// than they hold selects over all its tokens, then dispatches, runs the
+// experts and combines in sub-batches of tokens (see pass_chunk_tokens).
 //
 // Determinism: every list is built by scans in token order, every sum has
 // one owner that adds in a fixed order; the only atomics add integers
@@ -42,6 +47,7 @@
 // cudaCheck, the matmul and relu2 launchers).
 #pragma once
 
+#include <cuda_pipeline.h>
 #include <mma.h>
 
 #include <cstdint>
@@ -716,69 +722,134 @@ __global__ void fanout_kernel(int* fanout, const uint8_t* mask, int N, int E) {
 // with fc_e (2C, C) and proj_e (C, 2C) slices of the stacked expert tensors.
 // cuBLAS has no grouped GEMM whose group sizes stay on the device, so these
 // are our own tiled kernels: 64 x 64 output tiles, operands staged in shared
-// memory; tensor cores (wmma) in the BF16 build, exact fp32 in the FP32
-// build. (Simple, not yet tuned: no cp.async pipelining, no wgmma.)
+// memory by cp.async, two K steps in flight (the next step's tiles load
+// while the tensor cores multiply this one's); tensor cores (wmma) in the
+// BF16 build, exact fp32 in the FP32 build. (No wgmma yet.)
 //
-// The left operand is read through a "rows" functor giving element (s, j) as
-// float, which fuses the gather of token rows, the gate and ReLU^2 into the
-// loads instead of materialising them.
+// The left operand's rows are read through a "rows" functor: row(s) is
+// where slot s's row starts in global memory (the gather of token rows), and
+// finish(s, v) turns a staged element into the operand (the gate, ReLU^2),
+// applied in shared memory once the copy has landed, so the copies stay
+// plain 16-byte cp.async and nothing is materialised in global memory.
+// STAGED_AS_LOADED rows skip that pass.
 
 struct TokenRows {  // x[slot_token[s]][j]: the tokens' inputs, gathered
+    static constexpr bool STAGED_AS_LOADED = true;
     const floatX* x;
     const int* slot_token;
     int width;
-    __device__ float operator()(int s, int j) const { return (float)x[(size_t)slot_token[s] * width + j]; }
+    __device__ const floatX* row(int s) const { return x + (size_t)slot_token[s] * width; }
+    __device__ floatX finish(int, floatX v) const { return v; }
 };
 struct GatedTokenRows {  // gate[s] * dy[slot_token[s]][j]: the gradient at an expert's output
+    static constexpr bool STAGED_AS_LOADED = false;
     const floatX* dy;
     const int* slot_token;
     const float* gate;
     int width;
-    __device__ float operator()(int s, int j) const { return gate[s] * (float)dy[(size_t)slot_token[s] * width + j]; }
+    __device__ const floatX* row(int s) const { return dy + (size_t)slot_token[s] * width; }
+    __device__ floatX finish(int s, floatX v) const { return from_float<floatX>(gate[s] * (float)v); }
 };
 struct Relu2Rows {  // relu(pre[s][j])^2: the hidden activation, recomputed from the pre-activation
+    static constexpr bool STAGED_AS_LOADED = false;
     const floatX* pre;
     int width;
-    __device__ float operator()(int s, int j) const {
-        const float p = fmaxf((float)pre[(size_t)s * width + j], 0.0f);
-        return p * p;
+    __device__ const floatX* row(int s) const { return pre + (size_t)s * width; }
+    __device__ floatX finish(int, floatX v) const {
+        const float p = fmaxf((float)v, 0.0f);
+        return from_float<floatX>(p * p);
     }
 };
 struct SlotRows {  // m[s][j]
+    static constexpr bool STAGED_AS_LOADED = true;
     const floatX* m;
     int width;
-    __device__ float operator()(int s, int j) const { return (float)m[(size_t)s * width + j]; }
+    __device__ const floatX* row(int s) const { return m + (size_t)s * width; }
+    __device__ floatX finish(int, floatX v) const { return v; }
 };
 
 static const int EXPERT_BN = 64, EXPERT_BK = 32, EXPERT_THREADS = 256;
-static const int TILE_LD = 72;  // row stride of the staged tiles: 64 + 8
-static_assert(EXPERT_TILE == 64 && EXPERT_BN == 64 && EXPERT_BK % 16 == 0 && EXPERT_THREADS == 256,
-              "TileAccumulator's layout: a 64 x 64 tile, 8 warps (or 16 x 16 threads), k in steps of 16");
-static_assert(TILE_LD % 8 == 0 && 16 * TILE_LD * sizeof(floatX) % 32 == 0 && 16 * TILE_LD * sizeof(float) % 32 == 0,
-              "wmma: ldm a multiple of 8 elements, and 16-row steps that keep fragments 32-byte aligned");
+// Blocks of expert_matmul_kernel resident on one SM: its __launch_bounds__
+// keep the registers to what that many blocks of 256 threads can hold, and
+// that many times its shared memory (20 KB in BF16, 40 KB in FP32) fits an
+// SM of sm_80 or later. BF16: 4 blocks, 64 registers a thread, no spills;
+// the FP32 build (the tests' exact path) spills at 3 blocks' 80 and runs 2.
+#ifdef ENABLE_FP32
+static const int EXPERT_BLOCKS_PER_SM = 2;
+#else
+static const int EXPERT_BLOCKS_PER_SM = 4;
+#endif
+// The copies move chunks of CHUNK consecutive elements (16 bytes in BF16, 32
+// in FP32: whole 16-byte cp.async), so every width (C and 2C) must be a
+// multiple of CHUNK (router_allocate checks). A stage of 64 x 32 elements is
+// 256 chunks: one per thread.
+static const int CHUNK = 8;
+// Row strides of the staged panels, padded by 8 elements: a panel 32 wide
+// (64 rows by K) and one 64 wide (32 K rows by 64). TILE_LD is also the
+// fp32 output tile's.
+static const int PANEL_LD = EXPERT_BK + 8, TILE_LD = EXPERT_BN + 8;
+static const int STAGE_ELEMS = EXPERT_TILE * PANEL_LD;  // one operand's panel, either shape (64 x 40 >= 32 x 72)
+static_assert(EXPERT_TILE == 64 && EXPERT_BN == 64 && EXPERT_BK == 32 && EXPERT_THREADS == 256,
+              "TileAccumulator's layout (a 64 x 64 tile, 8 warps or 16 x 16 threads, k in steps of 16) and one "
+              "chunk per thread per operand and K step");
+static_assert(EXPERT_BK * TILE_LD <= STAGE_ELEMS, "a 32 x 64 panel fits a stage");
+static_assert(PANEL_LD % 8 == 0 && TILE_LD % 8 == 0 && 16 * PANEL_LD * sizeof(floatX) % 32 == 0 &&
+                  16 * TILE_LD * sizeof(floatX) % 32 == 0 && 16 * TILE_LD * sizeof(float) % 32 == 0 &&
+                  STAGE_ELEMS * sizeof(floatX) % 32 == 0 && PANEL_LD * sizeof(floatX) % 16 == 0 &&
+                  TILE_LD * sizeof(floatX) % 16 == 0,
+              "wmma: ldm a multiple of 8 elements, fragments 32-byte aligned; cp.async: 16-byte aligned rows");
 
-// The product of two staged 64-wide panels, accumulated over the K steps:
-// acc (64 x 64) += left^T right, with left and right (EXPERT_BK, TILE_LD)
-// panels in shared memory, element [k][m] and [k][n]. The operands are
-// staged as floatX, so the FP32 build multiplies exact fp32 on CUDA cores
-// (the tight tests) and the BF16 build uses the tensor cores.
+// The shared memory of one expert kernel block: two stages of both operands,
+// and the fp32 output tile, which reuses them once the K loop is done.
+static constexpr size_t EXPERT_SMEM = std::max(4 * STAGE_ELEMS * sizeof(floatX), EXPERT_TILE * TILE_LD * sizeof(float));
+
+// Stages CHUNK consecutive elements from global src to shared dst by
+// cp.async (landing at the __pipeline_wait_prior that covers the next
+// commit), or zeros when the chunk lies outside the operand (plain stores,
+// visible at the next barrier).
+__device__ __forceinline__ void stage_chunk(floatX* dst, const floatX* src, bool inside) {
+#pragma unroll
+    for (int b = 0; b < CHUNK * (int)sizeof(floatX); b += 16) {
+        if (inside) __pipeline_memcpy_async((char*)dst + b, (const char*)src + b, 16);
+        else *(uint4*)((char*)dst + b) = make_uint4(0, 0, 0, 0);
+    }
+}
+// The rows' finish on a chunk this thread staged, once it has landed (a row
+// outside the operand stays zero).
+template <class Rows>
+__device__ __forceinline__ void finish_chunk(floatX* chunk, const Rows& rows, int s, bool inside) {
+    if constexpr (!Rows::STAGED_AS_LOADED) {
+        if (!inside) return;
+#pragma unroll
+        for (int i = 0; i < CHUNK; i++) chunk[i] = rows.finish(s, chunk[i]);
+    }
+}
+
+// The product of two staged panels, accumulated over the K steps:
+// acc (64 x 64) += A B, A (64 x EXPERT_BK) and B (EXPERT_BK x 64) in shared
+// memory, each stored row-major (element (m, k) at a[m * lda + k]) or
+// column-major (at a[k * lda + m]) as its copies found it contiguous.
+// The FP32 build multiplies exact fp32 on CUDA cores (the tight tests), the
+// BF16 build uses the tensor cores.
 #ifdef ENABLE_FP32
 struct TileAccumulator {
     float acc[4][4] = {};  // thread (ty, tx) of 16 x 16 owns rows 4ty..4ty+3, columns 4tx..4tx+3
-    __device__ void multiply_add(const floatX (*left)[TILE_LD], const floatX (*right)[TILE_LD]) {
+    template <bool A_ROW_MAJOR, bool B_ROW_MAJOR>
+    __device__ void multiply_add(const floatX* a, int lda, const floatX* b, int ldb) {
         const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
 #pragma unroll
         for (int kk = 0; kk < EXPERT_BK; kk++) {
-            float a[4], b[4];
+            float av[4], bv[4];
 #pragma unroll
             for (int i = 0; i < 4; i++) {
-                a[i] = left[kk][ty * 4 + i];
-                b[i] = right[kk][tx * 4 + i];
+                const int m = ty * 4 + i, n = tx * 4 + i;
+                av[i] = A_ROW_MAJOR ? a[m * lda + kk] : a[kk * lda + m];
+                bv[i] = B_ROW_MAJOR ? b[kk * ldb + n] : b[n * ldb + kk];
             }
 #pragma unroll
             for (int i = 0; i < 4; i++)
 #pragma unroll
-                for (int j = 0; j < 4; j++) acc[i][j] += a[i] * b[j];
+                for (int j = 0; j < 4; j++) acc[i][j] += av[i] * bv[j];
         }
     }
     __device__ void store(float (*out)[TILE_LD]) const {
@@ -791,26 +862,29 @@ struct TileAccumulator {
 };
 #else
 // wmma 16 x 16 x 16, bf16 in, fp32 accumulate: warp w of 8 owns rows
-// 16 (w / 2) .. +15 and columns 32 (w % 2) .. +31 (two fragments). left is
-// read as a column-major 64 x K matrix (element (m, k) at left[k][m]).
+// 16 (w / 2) .. +15 and columns 32 (w % 2) .. +31 (two fragments).
 struct TileAccumulator {
     nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc[2];
     __device__ TileAccumulator() {
         nvcuda::wmma::fill_fragment(acc[0], 0.0f);
         nvcuda::wmma::fill_fragment(acc[1], 0.0f);
     }
-    __device__ void multiply_add(const floatX (*left)[TILE_LD], const floatX (*right)[TILE_LD]) {
+    template <bool A_ROW_MAJOR, bool B_ROW_MAJOR>
+    __device__ void multiply_add(const floatX* a, int lda, const floatX* b, int ldb) {
         using namespace nvcuda;
+        using LayoutA = std::conditional_t<A_ROW_MAJOR, wmma::row_major, wmma::col_major>;
+        using LayoutB = std::conditional_t<B_ROW_MAJOR, wmma::row_major, wmma::col_major>;
         const int warp = threadIdx.x / WARP, row = 16 * (warp / 2), col = 32 * (warp % 2);
 #pragma unroll
         for (int kk = 0; kk < EXPERT_BK; kk += 16) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, floatX, wmma::col_major> a;
-            wmma::load_matrix_sync(a, &left[kk][row], TILE_LD);
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, floatX, LayoutA> fa;
+            wmma::load_matrix_sync(fa, A_ROW_MAJOR ? a + row * lda + kk : a + kk * lda + row, lda);
 #pragma unroll
             for (int f = 0; f < 2; f++) {
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, floatX, wmma::row_major> b;
-                wmma::load_matrix_sync(b, &right[kk][col + 16 * f], TILE_LD);
-                wmma::mma_sync(acc[f], a, b, acc[f]);
+                const int n = col + 16 * f;
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, floatX, LayoutB> fb;
+                wmma::load_matrix_sync(fb, B_ROW_MAJOR ? b + kk * ldb + n : b + n * ldb + kk, ldb);
+                wmma::mma_sync(acc[f], fa, fb, acc[f]);
             }
         }
     }
@@ -822,53 +896,86 @@ struct TileAccumulator {
 };
 #endif
 
-// out[s][o] = sum_j rows(s, j) * W_e(o, j), for the slots of one row tile of
-// one expert e and EXPERT_BN outputs o. W_e is weights + e*OC*IC, stored
-// (OC, IC) when OUT_BY_IN, else (IC, OC) (the backward's products with the
+// out[s][o] = sum_j rows(s, j) * W_e(o, j) for every routed slot s, its
+// expert e and all OC outputs o. W_e is weights + e*OC*IC, stored (OC, IC)
+// when OUT_BY_IN, else (IC, OC) (the backward's products with the
 // untransposed weight). RELU2_GRAD multiplies by relu2'(pre[s][o]) =
 // 2 relu(pre[s][o]) on the way out (dpre from dact).
-// Grid: (row tiles bound, OC / EXPERT_BN); a block past the real tile count
-// returns at once. 256 threads stage 64 rows and 64 weight columns per K
-// step of 32 in shared memory (as floatX), TileAccumulator multiplies, and
-// the 64 x 64 result leaves through shared memory, written row by row.
-// Traffic: each weight tile is read once per row tile, each row once per
-// output tile.
+// Work items: (row tile of EXPERT_TILE slots of one expert, EXPERT_BN output
+// columns), numbered row tile by row tile, *num_tiles x ceil(OC / EXPERT_BN)
+// of them; every item costs the same (one pass over IC).
+// Grid: persistent, 1-D, at most one wave (SMs x EXPERT_BLOCKS_PER_SM
+// blocks; fewer when the host's bound on the items is smaller); block b
+// takes items b, b + gridDim.x, ... below the real count. So the host's
+// bound (ET without the clamp: N*E pairs, N*E/64 row tiles, almost all
+// empty) costs nothing: no block is scheduled for an empty tile, where one
+// block per bound tile would launch about 200k blocks at d12 that only read
+// num_tiles and leave. Neighbouring blocks take the column tiles of one row
+// tile (its rows and its expert's weights shared in L2).
+// Per item, K steps of 32, two in flight: each thread copies one 8-element
+// chunk of the 64 rows (row r = tid / 4, row-major, the gathered row's
+// address from rows.row) and one of the 64 weight columns (stored rows
+// contiguous along j for (OC, IC): column-major B; along o for (IC, OC):
+// row-major B) for step i + 1 by cp.async, then waits for its step i
+// copies, finishes its row chunk (gate, ReLU^2), and after a barrier
+// TileAccumulator multiplies step i. The 64 x 64 result leaves through
+// shared memory (over the stages), written row by row. Traffic: each weight
+// tile is read once per row tile, each row once per output tile.
 template <class Rows, bool OUT_BY_IN, bool RELU2_GRAD>
-__global__ void __launch_bounds__(EXPERT_THREADS)
+__global__ void __launch_bounds__(EXPERT_THREADS, EXPERT_BLOCKS_PER_SM)
 expert_matmul_kernel(floatX* out, Rows rows, const floatX* weights, const floatX* pre, const int* tile_expert,
                      const int* tile_row, const int* num_tiles, const int* offsets, int IC, int OC) {
-    const int tile = blockIdx.x;
-    if (tile >= *num_tiles) return;
-    const int e = tile_expert[tile], row0 = tile_row[tile], row_end = offsets[e + 1], col0 = blockIdx.y * EXPERT_BN;
-    const floatX* W = weights + (size_t)e * OC * IC;
-    __shared__ __align__(32) floatX As[EXPERT_BK][TILE_LD], Ws[EXPERT_BK][TILE_LD];
-    __shared__ __align__(32) float Cs[EXPERT_TILE][TILE_LD];
-    TileAccumulator acc;
-    for (int k0 = 0; k0 < IC; k0 += EXPERT_BK) {
-        for (int i = threadIdx.x; i < EXPERT_TILE * EXPERT_BK; i += EXPERT_THREADS) {
-            const int r = i / EXPERT_BK, kk = i % EXPERT_BK, s = row0 + r, j = k0 + kk;
-            As[kk][r] = from_float<floatX>(s < row_end && j < IC ? rows(s, j) : 0.0f);
+    __shared__ __align__(128) unsigned char smem[EXPERT_SMEM];
+    floatX* As = (floatX*)smem;          // [2][64][PANEL_LD]: rows by k
+    floatX* Ws = As + 2 * STAGE_ELEMS;   // [2]: [64][PANEL_LD] o by k (OUT_BY_IN), else [32][TILE_LD] k by o
+    float(*Cs)[TILE_LD] = (float(*)[TILE_LD])smem;
+    const int ldw = OUT_BY_IN ? PANEL_LD : TILE_LD;
+    // this thread's chunks: row a_row, elements a_k..+7 of the K step; weight
+    // chunk at (w_major, w_minor) of the stored layout
+    const int a_row = threadIdx.x / 4, a_k = threadIdx.x % 4 * CHUNK;
+    const int w_major = OUT_BY_IN ? threadIdx.x / 4 : threadIdx.x / 8;
+    const int w_minor = OUT_BY_IN ? threadIdx.x % 4 * CHUNK : threadIdx.x % 8 * CHUNK;
+    const int col_tiles = (OC + EXPERT_BN - 1) / EXPERT_BN, items = *num_tiles * col_tiles;
+    const int steps = (IC + EXPERT_BK - 1) / EXPERT_BK;
+    for (int item = blockIdx.x; item < items; item += gridDim.x) {
+        const int tile = item / col_tiles, col0 = item % col_tiles * EXPERT_BN;
+        const int e = tile_expert[tile], row0 = tile_row[tile], row_end = offsets[e + 1];
+        const floatX* W = weights + (size_t)e * OC * IC;
+        const int s = row0 + a_row;
+        const floatX* a_src = s < row_end ? rows.row(s) : nullptr;
+        TileAccumulator acc;
+        // iteration i starts step i's copies (none at i = steps) and multiplies step i - 1
+        for (int step = 0; step <= steps; step++) {
+            if (step < steps) {
+                floatX* a_dst = As + step % 2 * STAGE_ELEMS + a_row * PANEL_LD + a_k;
+                const int j = step * EXPERT_BK + a_k;
+                stage_chunk(a_dst, a_src && j < IC ? a_src + j : nullptr, a_src && j < IC);
+                // OUT_BY_IN: output o = col0 + w_major, k = w_minor; else k = w_major, o = col0 + w_minor
+                const int o = col0 + (OUT_BY_IN ? w_major : w_minor);
+                const int jw = step * EXPERT_BK + (OUT_BY_IN ? w_minor : w_major);
+                const bool w_inside = o < OC && jw < IC;
+                const floatX* w_src = !w_inside ? nullptr : OUT_BY_IN ? W + (size_t)o * IC + jw : W + (size_t)jw * OC + o;
+                stage_chunk(Ws + step % 2 * STAGE_ELEMS + w_major * ldw + w_minor, w_src, w_inside);
+            }
+            __pipeline_commit();  // empty at step = steps: step - 1's batch is always the second most recent
+            if (step == 0) continue;
+            __pipeline_wait_prior(1);
+            const int buf = (step - 1) % 2, j = (step - 1) * EXPERT_BK + a_k;
+            finish_chunk(As + buf * STAGE_ELEMS + a_row * PANEL_LD + a_k, rows, s, a_src && j < IC);
+            __syncthreads();  // every thread's chunks of step - 1 have landed
+            acc.multiply_add<true, !OUT_BY_IN>(As + buf * STAGE_ELEMS, PANEL_LD, Ws + buf * STAGE_ELEMS, ldw);
+            __syncthreads();  // step - 1's stage is read before step + 1 copies over it
         }
-        for (int i = threadIdx.x; i < EXPERT_BN * EXPERT_BK; i += EXPERT_THREADS) {
-            // walk the stored rows contiguously: along j for (OC, IC), along o for (IC, OC)
-            const int o = OUT_BY_IN ? i / EXPERT_BK : i % EXPERT_BN, kk = OUT_BY_IN ? i % EXPERT_BK : i / EXPERT_BN;
-            const int oo = col0 + o, j = k0 + kk;
-            floatX w = from_float<floatX>(0.0f);
-            if (oo < OC && j < IC) w = OUT_BY_IN ? W[(size_t)oo * IC + j] : W[(size_t)j * OC + oo];
-            Ws[kk][o] = w;
+        acc.store(Cs);
+        __syncthreads();
+        for (int i = threadIdx.x; i < EXPERT_TILE * EXPERT_BN; i += EXPERT_THREADS) {
+            const int r = i / EXPERT_BN, o = col0 + i % EXPERT_BN, so = row0 + r;
+            if (so >= row_end || o >= OC) continue;
+            float v = Cs[r][i % EXPERT_BN];
+            if (RELU2_GRAD) v *= 2.0f * fmaxf((float)pre[(size_t)so * OC + o], 0.0f);
+            out[(size_t)so * OC + o] = from_float<floatX>(v);
         }
-        __syncthreads();
-        acc.multiply_add(As, Ws);
-        __syncthreads();
-    }
-    acc.store(Cs);
-    __syncthreads();
-    for (int i = threadIdx.x; i < EXPERT_TILE * EXPERT_BN; i += EXPERT_THREADS) {
-        const int r = i / EXPERT_BN, o = col0 + i % EXPERT_BN, s = row0 + r;
-        if (s >= row_end || o >= OC) continue;
-        float v = Cs[r][i % EXPERT_BN];
-        if (RELU2_GRAD) v *= 2.0f * fmaxf((float)pre[(size_t)s * OC + o], 0.0f);
-        out[(size_t)s * OC + o] = from_float<floatX>(v);
+        __syncthreads();  // every thread has read Cs before the next item stages over it
     }
 }
 
@@ -876,29 +983,43 @@ expert_matmul_kernel(floatX* out, Rows rows, const floatX* weights, const floatX
 // dW_e the fp32 (OC, IC) slice dweights + e*OC*IC. Grid (IC / 64, OC / 64, E):
 // each block owns a 64 x 64 tile of one expert's gradient and walks that
 // expert's slots in order, 32 at a time (one owner, a fixed order: no
-// atomics). An expert with no tokens adds nothing. Traffic: each slot's rows
-// are read once per output tile.
+// atomics), two steps in flight as in expert_matmul_kernel: each thread
+// copies one 8-element chunk of a grad row (slot kk = tid / 8) and one of
+// the same slot's input row per step, both panels K (slot) by 64, so A is
+// column-major and B row-major. An expert with no tokens adds nothing: its
+// blocks leave at once (E x (IC / 64) x (OC / 64) blocks in all, not a
+// bound that grows with N). Traffic: each slot's rows are read once per
+// output tile.
 template <class GradRows, class InputRows>
 __global__ void __launch_bounds__(EXPERT_THREADS)
 expert_weight_grad_kernel(float* dweights, GradRows grad, InputRows input, const int* offsets, int OC, int IC) {
     const int e = blockIdx.z, o0 = blockIdx.y * EXPERT_TILE, j0 = blockIdx.x * EXPERT_BN;
     const int first = offsets[e], end = offsets[e + 1];
     if (first == end) return;
-    __shared__ __align__(32) floatX Gs[EXPERT_BK][TILE_LD], Xs[EXPERT_BK][TILE_LD];
-    __shared__ __align__(32) float Cs[EXPERT_TILE][TILE_LD];
+    __shared__ __align__(128) unsigned char smem[EXPERT_SMEM];
+    floatX* Gs = (floatX*)smem;          // [2][32][TILE_LD]: slots by o
+    floatX* Xs = Gs + 2 * STAGE_ELEMS;   // [2][32][TILE_LD]: slots by j
+    float(*Cs)[TILE_LD] = (float(*)[TILE_LD])smem;
+    const int kk = threadIdx.x / 8, c = threadIdx.x % 8 * CHUNK;  // this thread's chunks: slot kk, elements c..+7
+    const int steps = (end - first + EXPERT_BK - 1) / EXPERT_BK;
     TileAccumulator acc;
-    for (int s0 = first; s0 < end; s0 += EXPERT_BK) {
-        for (int i = threadIdx.x; i < EXPERT_BK * EXPERT_TILE; i += EXPERT_THREADS) {
-            const int kk = i / EXPERT_TILE, o = i % EXPERT_TILE, s = s0 + kk;
-            Gs[kk][o] = from_float<floatX>(s < end && o0 + o < OC ? grad(s, o0 + o) : 0.0f);
+    // iteration i starts step i's copies (none at i = steps) and multiplies step i - 1
+    for (int step = 0; step <= steps; step++) {
+        if (step < steps) {
+            const int s = first + step * EXPERT_BK + kk, buf = step % 2;
+            const bool g_inside = s < end && o0 + c < OC, x_inside = s < end && j0 + c < IC;
+            stage_chunk(Gs + buf * STAGE_ELEMS + kk * TILE_LD + c, g_inside ? grad.row(s) + o0 + c : nullptr, g_inside);
+            stage_chunk(Xs + buf * STAGE_ELEMS + kk * TILE_LD + c, x_inside ? input.row(s) + j0 + c : nullptr, x_inside);
         }
-        for (int i = threadIdx.x; i < EXPERT_BK * EXPERT_BN; i += EXPERT_THREADS) {
-            const int kk = i / EXPERT_BN, j = i % EXPERT_BN, s = s0 + kk;
-            Xs[kk][j] = from_float<floatX>(s < end && j0 + j < IC ? input(s, j0 + j) : 0.0f);
-        }
-        __syncthreads();
-        acc.multiply_add(Gs, Xs);
-        __syncthreads();
+        __pipeline_commit();  // empty at step = steps: step - 1's batch is always the second most recent
+        if (step == 0) continue;
+        __pipeline_wait_prior(1);
+        const int s = first + (step - 1) * EXPERT_BK + kk, buf = (step - 1) % 2;
+        finish_chunk(Gs + buf * STAGE_ELEMS + kk * TILE_LD + c, grad, s, s < end && o0 + c < OC);
+        finish_chunk(Xs + buf * STAGE_ELEMS + kk * TILE_LD + c, input, s, s < end && j0 + c < IC);
+        __syncthreads();  // every thread's chunks of step - 1 have landed
+        acc.multiply_add<false, true>(Gs + buf * STAGE_ELEMS, TILE_LD, Xs + buf * STAGE_ELEMS, TILE_LD);
+        __syncthreads();  // step - 1's stage is read before step + 1 copies over it
     }
     acc.store(Cs);
     __syncthreads();
@@ -1104,12 +1225,12 @@ __global__ void add_float_kernel(floatX* y, const float* x, size_t n) {
 // 5. The router: buffers, state, statistics, and the layer's passes.
 
 // One layer's routing of one micro-batch: what the forward pass leaves for
-// the backward pass. In eval and generation all layers share one set.
+// the backward pass. Eval and generation passes use layer 0's set.
 struct MoeBuffers {
     int capacity = 0, max_tiles = 0;  // routed pairs it can hold; row tiles for that many
-    int launch_tiles = 0;             // row tiles the expert kernels launch for the current pass (host's bound)
+    int launch_tiles = 0;             // the most row tiles the current pass can have (host's bound): caps the expert grid
     float* logits = nullptr;          // (N, E) fp32 router logits; (ranks x N, E) where the pool spans the ranks
-    float* own_logits = nullptr;      // this rank's (N, E) of them
+    float* own_logits = nullptr;      // this rank's (N, E) of them in a training pass
     int* slot_of = nullptr;           // (N, E) slot of each routed pair, -1 if not routed
     int* slot_token = nullptr;        // (capacity) token of each slot
     float* slot_gate = nullptr;       // (capacity) sigmoid(r) of each slot
@@ -1133,9 +1254,7 @@ struct Router {
     int ranks = 1, rank = 0;
     MultiGpu* multi = nullptr;
     std::vector<int> layers;         // the model layer of each MoE layer
-    std::vector<MoeBuffers> train;   // per MoE layer
-    MoeBuffers eval;                 // eval and generation passes (may alias train[0])
-    bool eval_owned = false;
+    std::vector<MoeBuffers> train;   // per MoE layer; eval and generation passes use train[0]
     // state, saved in checkpoints: (layers, E) each
     float *raw_cutoff = nullptr, *tc_bias = nullptr;
     int updates = 0;  // cutoff EMA updates so far (host; EC and ET track cutoffs)
@@ -1175,11 +1294,18 @@ inline float cutoff_correction(const Router& r) {
     return 1.0f - powf((float)r.config.et_beta, (float)r.updates);
 }
 
+// The ranks whose tokens a pass selects over: every rank's for a training
+// pass pooled over them, else this rank's alone (eval and generation route
+// their own tokens).
+inline int pass_ranks(const Router& r, RoutingPass pass) {
+    return pass == RoutingPass::Train && r.pools_ranks() ? r.ranks : 1;
+}
+
 // Tokens per pool and each expert's target k in it, for a pass of B x T.
 // Training shapes give a whole k (train_et checks); a generation pass of one
 // short sequence may not, and takes k = max(1, floor).
-inline void pool_shape(const Router& r, int B, int T, int* pool, int* k) {
-    *pool = (int)routing_pool_tokens(r.config.ec_pool, B, T, r.ranks);
+inline void pool_shape(const Router& r, RoutingPass pass, int B, int T, int* pool, int* k) {
+    *pool = (int)routing_pool_tokens(r.config.ec_pool, B, T, pass_ranks(r, pass));
     *k = std::max<int>(1, (int)((int64_t)*pool * r.config.top_k / r.E));
 }
 
@@ -1208,7 +1334,7 @@ inline const char* router_routing_now(const Router& r) {
 inline int64_t routed_pairs_bound(const Router& r, RoutingPass pass, Routing how, int B, int T) {
     const int64_t N = (int64_t)B * T;
     int pool, k;
-    pool_shape(r, B, T, &pool, &k);
+    pool_shape(r, pass, B, T, &pool, &k);
     if (how == Routing::TopK) return N * r.config.top_k;
     const int64_t pools = std::max<int64_t>(1, N / pool), tokens = std::min<int64_t>(pool, N);
     if (how == Routing::Choice) return pools * r.E * std::min<int64_t>(k, tokens);
@@ -1260,6 +1386,9 @@ inline void router_allocate(Router* r, const ModelConfig& c, int B, int T, int r
     r->C = c.n_embd;
     r->B = B;
     r->T = T;
+    if (c.n_experts > 0 && c.n_embd % CHUNK != 0)
+        fail("MoE: the expert kernels copy rows in chunks of %d elements, so the width (-m's n_embd %d) must be a "
+             "multiple of %d", CHUNK, c.n_embd, CHUNK);
     r->layers.clear();
     for (int l = 0; l < c.n_layer; l++)
         if (c.is_moe_layer(l)) r->layers.push_back(l);
@@ -1273,10 +1402,6 @@ inline void router_allocate(Router* r, const ModelConfig& c, int B, int T, int r
     size_t bytes = 0;
     for (int64_t l = 0; l < L; l++)
         r->train.push_back(moe_buffers_allocate(N, r->E, r->C, capacity, &bytes, (int)pooled, pooled > 1 ? rank : 0));
-    const int64_t eval_capacity = r->config.kind == RouterKind::TC ? N * r->config.top_k : N * E;
-    r->eval_owned = eval_capacity > capacity;
-    r->eval = r->eval_owned ? moe_buffers_allocate(N, r->E, r->C, eval_capacity, &bytes) : r->train[0];
-    r->eval.own_logits = r->eval.logits;  // an eval pass routes this rank's tokens alone
     r->raw_cutoff = device_alloc<float>(L * E, &bytes);
     r->tc_bias = device_alloc<float>(L * E, &bytes);
     device_zero(r->raw_cutoff, L * E * sizeof(float));
@@ -1307,7 +1432,6 @@ inline void router_allocate(Router* r, const ModelConfig& c, int B, int T, int r
 
 inline void router_free(Router* r) {
     for (MoeBuffers& b : r->train) moe_buffers_free(b);
-    if (r->eval_owned) moe_buffers_free(r->eval);
     r->train.clear();
     select_scratch_free(r->select);
     for (void* p : {(void*)r->raw_cutoff, (void*)r->tc_bias, (void*)r->stats_int, (void*)r->stats_float,
@@ -1431,7 +1555,27 @@ struct MoeGrads {
 };
 
 inline MoeBuffers& pass_buffers(Router& r, int layer, RoutingPass pass) {
-    return pass == RoutingPass::Train ? r.train[layer] : r.eval;
+    return r.train[pass == RoutingPass::Train ? layer : 0];
+}
+// The pass's own tokens' logits: a training pass's block of every rank's,
+// an eval or generation pass's (which routes its own tokens alone) the first.
+inline float* pass_logits(const MoeBuffers& buf, RoutingPass pass) {
+    return pass == RoutingPass::Train ? buf.own_logits : buf.logits;
+}
+
+// Tokens per sub-batch of a pass's dispatch, experts and combine: all N when
+// the pass can route no more pairs than the buffers hold. Else the pass
+// routes each token alone (eval and generation by thresholds: up to E pairs
+// per token, N*E in all, which would need 2.4 GB of expert activations at
+// d12) and a sub-batch is as many tokens as the buffers hold E pairs for.
+// The result is the same as one pass over all tokens: the selection runs
+// over the whole pass first, and a token's dispatch, expert rows and
+// combine depend on its own pairs only.
+inline int pass_chunk_tokens(const Router& r, RoutingPass pass, Routing how, int B, int T, int capacity) {
+    if (routed_pairs_bound(r, pass, how, B, T) <= capacity) return B * T;
+    if (pass == RoutingPass::Train || how != Routing::Threshold)
+        fail("internal: a %d x %d pass can route more pairs than the %d its buffers hold", B, T, capacity);
+    return capacity / r.E;  // >= 1: the training capacity holds at least E pairs (k >= 1 per expert)
 }
 
 // h as fp32 for the router's backward: converted into r.h32 (the FP32 build reads h).
@@ -1454,17 +1598,16 @@ inline const float* router_input(Router& r, const floatX* h, size_t n) {
 // (the mask then covers every rank's tokens; moe_dispatch takes its own).
 inline void moe_route(Router& r, int layer, const floatX* h, const float* w_router, int B, int T, RoutingPass pass) {
     MoeBuffers& buf = pass_buffers(r, layer, pass);
-    const int E = r.E, C = r.C, ranks = pass == RoutingPass::Train && r.pools_ranks() ? r.ranks : 1;
+    const int E = r.E, C = r.C, ranks = pass_ranks(r, pass);
     const int N = B * T * ranks;  // the tokens selected over
     const Routing how = pass_routing(r, pass);
-    const int64_t bound = routed_pairs_bound(r, pass, how, B, T);
-    if (bound > buf.capacity)
-        fail("internal: a %d x %d pass can route more pairs than the %d its buffers hold", B, T, buf.capacity);
-    // a short generation pass launches few tiles, not the whole buffer's
+    // a short generation pass launches few tiles, not the whole buffer's;
+    // a pass in sub-batches at most the buffer's
+    const int64_t bound = std::min<int64_t>(routed_pairs_bound(r, pass, how, B, T), buf.capacity);
     buf.launch_tiles = (int)std::min<int64_t>(buf.max_tiles, (bound + EXPERT_TILE - 1) / EXPERT_TILE + E);
     const int own = B * T;
     router_logits_kernel<<<ceil_div((size_t)ceil_div(own, ROUTER_TOKENS) * WARP, ROUTER_THREADS), ROUTER_THREADS>>>(
-        buf.own_logits, h, w_router, own, C, E);
+        pass_logits(buf, pass), h, w_router, own, C, E);
     launchCheck();
     if (ranks > 1) multi_gpu_gather(*r.multi, buf.logits, (size_t)B * T * E);
     const bool statistics = pass == RoutingPass::Train && r.config.kind != RouterKind::TC;
@@ -1484,7 +1627,7 @@ inline void moe_route(Router& r, int layer, const floatX* h, const float* w_rout
         return;
     }
     int pool, k, lo = 0, hi = 0;
-    pool_shape(r, B, T, &pool, &k);
+    pool_shape(r, pass, B, T, &pool, &k);
     PoolSelect mode = SELECT_TOP_K;
     if (how == Routing::Threshold) {
         mode = r.config.capacity < 0 ? SELECT_THRESHOLD : SELECT_THRESHOLD_CLAMPED;
@@ -1499,29 +1642,36 @@ inline void moe_route(Router& r, int layer, const floatX* h, const float* w_rout
     }
 }
 
-// Phase "dispatch": the experts' token lists, gates and row tiles from r.mask;
-// in training also the step's counts and fanout, and the TC aux loss. Where
-// the pool spans the ranks, the step's statistics count every rank's tokens
-// (the same on every rank) and the lists hold this rank's.
-inline void moe_dispatch(Router& r, int layer, int N, RoutingPass pass) {
+// An eval or generation pass of one sequence while record_routes is set:
+// the layer's selection into route_record.
+inline void moe_record_routes(Router& r, int layer, int N, RoutingPass pass) {
+    if (pass == RoutingPass::Train || !r.record_routes) return;
+    if (N > r.T) fail("internal: recording the routes of %d tokens, more than one sequence (%d)", N, r.T);
+    cudaCheck(cudaMemcpyAsync(r.route_record + (size_t)layer * r.T * r.E, r.mask, (size_t)N * r.E,
+                              cudaMemcpyDeviceToDevice));
+}
+
+// Phase "dispatch": the experts' token lists, gates and row tiles from the
+// rows first .. first+N-1 of r.mask (a sub-batch of the pass, or all of it;
+// token numbers and slot_of's rows count from `first`); in training (all
+// tokens) also the step's counts and fanout, and the TC aux loss. Where the
+// pool spans the ranks, the step's statistics count every rank's tokens (the
+// same on every rank) and the lists hold this rank's.
+inline void moe_dispatch(Router& r, int layer, int first, int N, RoutingPass pass) {
     MoeBuffers& buf = pass_buffers(r, layer, pass);
     const int E = r.E;
     const bool train = pass == RoutingPass::Train, pooled = train && r.pools_ranks();
     int* stats_int = r.stats_int + (size_t)layer * r.stats_int_stride();
-    const uint8_t* own_mask = pooled ? r.mask + (size_t)r.rank * N * E : r.mask;
+    const uint8_t* mask = r.mask + (size_t)(pooled ? r.rank * N : first) * E;
     if (pooled) {
         expert_count(r.counts, stats_int, r.tile_counts, r.mask, N * r.ranks, E);
         fanout_kernel<<<ceil_div((size_t)N * r.ranks, THREADS), THREADS>>>(stats_int + E, r.mask, N * r.ranks, E);
         launchCheck();
     }
-    expert_count(r.counts, train && !pooled ? stats_int : nullptr, r.tile_counts, own_mask, N, E);
+    expert_count(r.counts, train && !pooled ? stats_int : nullptr, r.tile_counts, mask, N, E);
     expert_dispatch(buf.slot_of, buf.slot_token, buf.slot_gate, buf.offsets, buf.tile_expert, buf.tile_row,
-                    buf.num_tiles, r.dropped, r.counts, r.tile_counts, own_mask, buf.own_logits, N, E, buf.capacity);
-    if (!train && r.record_routes) {
-        if (N > r.T) fail("internal: recording the routes of %d tokens, more than one sequence (%d)", N, r.T);
-        cudaCheck(cudaMemcpyAsync(r.route_record + (size_t)layer * r.T * E, r.mask, (size_t)N * E,
-                                  cudaMemcpyDeviceToDevice));
-    }
+                    buf.num_tiles, r.dropped, r.counts, r.tile_counts, mask, pass_logits(buf, pass) + (size_t)first * E,
+                    N, E, buf.capacity);
     if (!train || pooled) return;
     fanout_kernel<<<ceil_div(N, THREADS), THREADS>>>(stats_int + E, r.mask, N, E);
     launchCheck();
@@ -1542,18 +1692,28 @@ inline void moe_dispatch(Router& r, int layer, int N, RoutingPass pass) {
     }
 }
 
+// expert_matmul_kernel over buf's row tiles (the pass's bound, launch_tiles,
+// and the device's count): a grid of one wave at most, SMs x
+// EXPERT_BLOCKS_PER_SM blocks, fewer when the bound has fewer items.
+template <bool OUT_BY_IN, bool RELU2_GRAD, class Rows>
+inline void expert_matmul(floatX* out, Rows rows, const floatX* weights, const floatX* pre, const MoeBuffers& buf,
+                          int IC, int OC) {
+    int device = 0, sms = 0;
+    cudaCheck(cudaGetDevice(&device));
+    cudaCheck(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    const int64_t items = (int64_t)buf.launch_tiles * ceil_div(OC, EXPERT_BN);
+    const int grid = (int)std::min<int64_t>(items, (int64_t)sms * EXPERT_BLOCKS_PER_SM);
+    expert_matmul_kernel<Rows, OUT_BY_IN, RELU2_GRAD><<<grid, EXPERT_THREADS>>>(
+        out, rows, weights, pre, buf.tile_expert, buf.tile_row, buf.num_tiles, buf.offsets, IC, OC);
+    launchCheck();
+}
+
 // Phase "experts": pre = fc_e x for every routed slot, out = proj_e relu(pre)^2.
 inline void moe_experts_forward(Router& r, int layer, const floatX* h, const MoeWeights& w, RoutingPass pass) {
     MoeBuffers& buf = pass_buffers(r, layer, pass);
     const int C = r.C, W = 2 * C;
-    expert_matmul_kernel<TokenRows, true, false><<<dim3(buf.launch_tiles, ceil_div(W, EXPERT_BN)), EXPERT_THREADS>>>(
-        buf.expert_pre, TokenRows{h, buf.slot_token, C}, w.experts_fc, nullptr, buf.tile_expert, buf.tile_row,
-        buf.num_tiles, buf.offsets, C, W);
-    launchCheck();
-    expert_matmul_kernel<Relu2Rows, true, false><<<dim3(buf.launch_tiles, ceil_div(C, EXPERT_BN)), EXPERT_THREADS>>>(
-        buf.expert_out, Relu2Rows{buf.expert_pre, W}, w.experts_proj, nullptr, buf.tile_expert, buf.tile_row,
-        buf.num_tiles, buf.offsets, W, C);
-    launchCheck();
+    expert_matmul<true, false>(buf.expert_pre, TokenRows{h, buf.slot_token, C}, w.experts_fc, nullptr, buf, C, W);
+    expert_matmul<true, false>(buf.expert_out, Relu2Rows{buf.expert_pre, W}, w.experts_proj, nullptr, buf, W, C);
 }
 
 // Phase "combine": y += the gated expert outputs (y holds the shared expert's output).
@@ -1572,15 +1732,22 @@ inline void moe_shared_forward(cublasHandle_t cublas, floatX* y, floatX* pre, fl
 }
 
 // The MoE FFN of MoE layer `layer` on h (B*T, C): y (N, C) overwritten.
-// shared_pre (N, 2C) is kept for the backward; act (N, 2C) is scratch.
+// shared_pre (N, 2C) is kept for the backward; act (N, 2C) is scratch. The
+// routed experts run in sub-batches of tokens when the pass could route
+// more pairs than the buffers hold (pass_chunk_tokens); training never does.
 inline void moe_forward(Router& r, int layer, cublasHandle_t cublas, floatX* y, floatX* shared_pre, floatX* act,
                         const floatX* h, const MoeWeights& w, int B, int T, RoutingPass pass) {
-    const int N = B * T;
+    const int N = B * T, C = r.C;
     moe_route(r, layer, h, w.router, B, T, pass);
-    moe_dispatch(r, layer, N, pass);
-    moe_shared_forward(cublas, y, shared_pre, act, h, w, N, r.C);
-    moe_experts_forward(r, layer, h, w, pass);
-    moe_combine(r, layer, y, N, pass);
+    moe_record_routes(r, layer, N, pass);
+    moe_shared_forward(cublas, y, shared_pre, act, h, w, N, C);
+    const int chunk = pass_chunk_tokens(r, pass, pass_routing(r, pass), B, T, pass_buffers(r, layer, pass).capacity);
+    for (int first = 0; first < N; first += chunk) {
+        const int n = std::min(chunk, N - first);
+        moe_dispatch(r, layer, first, n, pass);
+        moe_experts_forward(r, layer, h + (size_t)first * C, w, pass);
+        moe_combine(r, layer, y + (size_t)first * C, n, pass);
+    }
 }
 
 // Backward of the shared expert: dh overwritten; its weight gradients added.
@@ -1606,10 +1773,7 @@ inline void moe_experts_backward(Router& r, int layer, const floatX* dy, const f
     launchCheck();
     const GatedTokenRows gated_dy{dy, buf.slot_token, buf.slot_gate, C};
     // dpre = (gate dy) proj_e * relu2'(pre): proj_e (C, 2C) read as (IC, OC)
-    expert_matmul_kernel<GatedTokenRows, false, true><<<dim3(buf.launch_tiles, ceil_div(W, EXPERT_BN)), EXPERT_THREADS>>>(
-        r.grad_pre, gated_dy, w.experts_proj, buf.expert_pre, buf.tile_expert, buf.tile_row, buf.num_tiles, buf.offsets,
-        C, W);
-    launchCheck();
+    expert_matmul<false, true>(r.grad_pre, gated_dy, w.experts_proj, buf.expert_pre, buf, C, W);
     // dproj_e += (gate dy)^T relu(pre)^2; dfc_e += dpre^T x
     expert_weight_grad_kernel<<<dim3(ceil_div(W, EXPERT_BN), ceil_div(C, EXPERT_TILE), E), EXPERT_THREADS>>>(
         g.experts_proj, gated_dy, Relu2Rows{buf.expert_pre, W}, buf.offsets, C, W);
@@ -1618,10 +1782,7 @@ inline void moe_experts_backward(Router& r, int layer, const floatX* dy, const f
         g.experts_fc, SlotRows{r.grad_pre, W}, TokenRows{h, buf.slot_token, C}, buf.offsets, W, C);
     launchCheck();
     // dx = dpre fc_e: fc_e (2C, C) read as (IC, OC)
-    expert_matmul_kernel<SlotRows, false, false><<<dim3(buf.launch_tiles, ceil_div(C, EXPERT_BN)), EXPERT_THREADS>>>(
-        r.grad_x, SlotRows{r.grad_pre, W}, w.experts_fc, nullptr, buf.tile_expert, buf.tile_row, buf.num_tiles,
-        buf.offsets, W, C);
-    launchCheck();
+    expert_matmul<false, false>(r.grad_x, SlotRows{r.grad_pre, W}, w.experts_fc, nullptr, buf, W, C);
 }
 
 // Backward of combine: dh += each routed slot's input gradient (r.grad_x).

@@ -734,10 +734,14 @@ static void print_config(RunLog& log, const Options& o, const ModelConfig& c, co
         log.print("         %-10s %-6s peak lr %-9.4g %s params%s\n", g.name.c_str(), g.muon ? "Muon" : "AdamW", g.lr,
                   human_count(g.params).c_str(), g.warmup ? "" : ", no warm-up");
     log.print("memory   %s\n", planned.memory.describe().c_str());
-    if (c.n_experts > 0)
-        log.print("routing  room for %d (token, expert) pairs per MoE layer and micro-batch in training, %d in "
-                  "evaluation (the most the routers can pick: no sync, no drops)\n",
-                  planned.router.train[0].capacity, planned.router.eval.capacity);
+    if (c.n_experts > 0) {
+        const int capacity = planned.router.train[0].capacity, chunk = capacity / c.n_experts;
+        log.print("routing  room for %d (token, expert) pairs per MoE layer and micro-batch (the most training can "
+                  "pick: no sync, no drops)", capacity);
+        if (c.router.kind != RouterKind::TC && chunk < planned.router.B * planned.router.T)
+            log.print("; evaluation by thresholds runs the experts in sub-batches of %d tokens", chunk);
+        log.print("\n");
+    }
     const std::string when = o.checkpoint_every > 0 ? string_format("every %d steps and at the end", o.checkpoint_every)
                                                     : std::string("at the end");
     const std::string kept = o.checkpoints_kept > 0 ? string_format("the last %d kept", o.checkpoints_kept)

@@ -464,7 +464,7 @@ int main(int argc, char** argv) {
                                     moe_weights(&model, lt[l].router).router, model.grad(lt[l].router), N);
         }, restore_grad_scratch, {}});
         phases.push_back({"moe dispatch", 0, [&] {
-            for (int l = 1; l < L; l++) moe_dispatch(router, l - 1, N, train);
+            for (int l = 1; l < L; l++) moe_dispatch(router, l - 1, 0, N, train);
         }, nullptr, {}});
         phases.push_back({"moe experts forward (grouped)", expert_fwd_flops, [&] {
             for (int l = 1; l < L; l++)

@@ -20,11 +20,14 @@
 //      an expert that gets no token, one that gets them all, tokens with none,
 //      dispatch tiles with none, more tiles than one chunk of the scan over
 //      tiles, and a buffer too small (the pairs past it dropped and counted).
+//      The expert matmul over a dispatch of mostly empty row tiles, with its
+//      one-wave grid and with blocks that each loop over many tiles.
 //   3. The layer, forward and backward, for every router and pass, called as
 //      model.cuh calls it. The GPU's own logits go through the reference
 //      selection (which must equal the GPU's mask), then through the reference
 //      layer in double: y, the intermediates, dh (with the router's share
-//      dr W_r), dr and every weight gradient are compared.
+//      dr W_r), dr and every weight gradient are compared. Eval by
+//      thresholds in sub-batches of tokens gives the bits of one pass.
 //   4. The TC aux loss's mean gate over many tiles and experts, the same
 //      bits run to run; the step's end over two micro-steps and two MoE
 //      layers: the statistics a logging step reads (counts, fan-out, clamped
@@ -707,6 +710,88 @@ static void test_moe_dispatch(Test& t) {
             }
 }
 
+// The expert matmul's persistent grid: a dispatch whose host bound is N*E
+// pairs (launch_tiles = all the buffer's row tiles, most of them empty), an
+// expert with no token and experts of two row tiles, OC not a multiple of
+// EXPERT_BN. The launcher's grid (one block per item here) must match the
+// reference; a grid of 3 blocks, each looping over many items, must give the
+// same bits. Both products the layer runs: fc (weights (OC, IC), gathered
+// token rows) and the backward's dpre (weights (IC, OC), gated rows, the
+// ReLU^2 derivative on the way out).
+static void test_moe_expert_matmul_grid(Test& t) {
+    Rng rng(1451);
+    const int N = 300, E = 5, C = 48, W = 2 * C;
+    const std::vector<int> mask = dispatch_mask(rng, MaskKind::Edges, N, E);
+    const std::vector<uint8_t> mask8(mask.begin(), mask.end());
+    size_t bytes = 0;
+    MoeBuffers b = moe_buffers_allocate(N, E, C, (int64_t)N * E, &bytes);
+    b.launch_tiles = b.max_tiles;
+    upload_to(b.logits, random_float(rng, (size_t)N * E, -2, 2));
+    DeviceBuffer<uint8_t> d_mask(mask8);
+    DeviceBuffer<int> d_counts(E), d_dropped(std::vector<int>{0}), d_tiles((size_t)E * dispatch_tiles(N));
+    expert_count(d_counts.ptr, nullptr, d_tiles.ptr, d_mask.ptr, N, E);
+    expert_dispatch(b.slot_of, b.slot_token, b.slot_gate, b.offsets, b.tile_expert, b.tile_row, b.num_tiles,
+                    d_dropped.ptr, d_counts.ptr, d_tiles.ptr, d_mask.ptr, b.logits, N, E, b.capacity);
+    sync_after("expert_count + expert_dispatch");
+    const Dispatch d = download_dispatch(b, N, E);
+    const int pairs = d.offsets[E];
+    CHECK(t, d.offsets[1] == 0 && d.num_tiles > E && d.num_tiles * 2 < b.max_tiles,
+          "the case needs an empty expert, two-tile experts and mostly empty tiles (%d of %d real)", d.num_tiles,
+          b.max_tiles);
+
+    const std::vector<floatX> x = random_floatX(rng, (size_t)N * C, -1, 1), dy = random_floatX(rng, (size_t)N * C, -1, 1);
+    const std::vector<floatX> pre = random_floatX(rng, (size_t)pairs * W, -1, 1);
+    const std::vector<floatX> fc = random_floatX(rng, (size_t)E * W * C, -0.2, 0.2);
+    const std::vector<floatX> proj = random_floatX(rng, (size_t)E * C * W, -0.2, 0.2);
+    DeviceBuffer<floatX> d_x(x), d_dy(dy), d_pre(pre), d_fc(fc), d_proj(proj), d_out((size_t)pairs * W),
+        d_out3((size_t)pairs * W);
+    // the slots' expert, then out[s][o] = sum_j row_s[j] w_e(o, j) in double
+    std::vector<int> expert_of(pairs);
+    for (int e = 0; e < E; e++)
+        for (int s = d.offsets[e]; s < d.offsets[e + 1]; s++) expert_of[s] = e;
+    auto reference = [&](bool gated) {
+        std::vector<double> out((size_t)pairs * W);
+        for (int s = 0; s < pairs; s++) {
+            const int n = d.slot_token[s], e = expert_of[s];
+            for (int o = 0; o < W; o++) {
+                double sum = 0;
+                for (int j = 0; j < C; j++) {
+                    const double row = gated ? (double)d.slot_gate[s] * to_double(dy[(size_t)n * C + j])
+                                             : to_double(x[(size_t)n * C + j]);
+                    // fc_e (W, C) read as (OC, IC); proj_e (C, W) read as (IC, OC)
+                    sum += row * to_double(gated ? proj[(size_t)e * C * W + (size_t)j * W + o]
+                                                 : fc[(size_t)e * W * C + (size_t)o * C + j]);
+                }
+                out[(size_t)s * W + o] = gated ? sum * 2 * std::max(0.0, to_double(pre[(size_t)s * W + o])) : sum;
+            }
+        }
+        return out;
+    };
+    for (bool gated : {false, true}) {
+        const char* what = gated ? "dpre = (gate dy) proj_e * relu2'(pre)" : "pre = fc_e x";
+        const TokenRows token_rows{d_x.ptr, b.slot_token, C};
+        const GatedTokenRows gated_rows{d_dy.ptr, b.slot_token, b.slot_gate, C};
+        d_out.poison();
+        d_out3.poison();
+        if (gated) {
+            expert_matmul<false, true>(d_out.ptr, gated_rows, d_proj.ptr, d_pre.ptr, b, C, W);
+            expert_matmul_kernel<GatedTokenRows, false, true><<<3, EXPERT_THREADS>>>(
+                d_out3.ptr, gated_rows, d_proj.ptr, d_pre.ptr, b.tile_expert, b.tile_row, b.num_tiles, b.offsets, C, W);
+        } else {
+            expert_matmul<true, false>(d_out.ptr, token_rows, d_fc.ptr, nullptr, b, C, W);
+            expert_matmul_kernel<TokenRows, true, false><<<3, EXPERT_THREADS>>>(
+                d_out3.ptr, token_rows, d_fc.ptr, nullptr, b.tile_expert, b.tile_row, b.num_tiles, b.offsets, C, W);
+        }
+        launchCheck();
+        sync_after(what);
+        const std::vector<floatX> out = d_out.download(), out3 = d_out3.download();
+        check_close(t, what, to_doubles(out), reference(gated), TOL);
+        CHECK(t, same_bits(out, out3), "%s: a grid of 3 blocks looping over the tiles differs from one block per tile",
+              what);
+    }
+    moe_buffers_free(b);
+}
+
 // ----------------------------------------------------------------------------
 // 3. The layer, forward and backward
 
@@ -1005,9 +1090,19 @@ static void check_layer(Test& t, const LayerCase& lc, uint64_t seed) {
     const std::vector<int> mask = reference_selection(lc.router, lc.expect, train, run.logits, L.bias.data(),
                                                       L.raw.data(), cutoff_correction(L.r), lc.B, lc.T, E, nullptr);
     check_mask(t, name + " mask", run.mask, mask);
+    // An eval pass by thresholds runs in sub-batches of tokens when the
+    // buffers cannot hold E pairs per token: they hold the dispatch and the
+    // expert rows of the last one, tokens `last` .. N-1 (all: last = 0).
     const MoeBuffers& buf = pass_buffers(L.r, 0, lc.pass);
-    check_dispatch(t, name, mask, run.logits, N, E, buf.capacity, run.dispatch);
-    const std::vector<size_t> pairs = slot_pairs(mask, N, E, buf.capacity);
+    const int chunk = pass_chunk_tokens(L.r, lc.pass, how, lc.B, lc.T, buf.capacity);
+    const int last = (N - 1) / chunk * chunk;
+    const std::vector<int> last_mask(mask.begin() + (size_t)last * E, mask.end());
+    Dispatch last_dispatch = run.dispatch;
+    last_dispatch.slot_of.resize(last_mask.size());
+    check_dispatch(t, name, last_mask, std::vector<float>(run.logits.begin() + (size_t)last * E, run.logits.end()),
+                   N - last, E, buf.capacity, last_dispatch);
+    std::vector<size_t> pairs = slot_pairs(last_mask, N - last, E, buf.capacity);
+    for (size_t& p : pairs) p += (size_t)last * E;
     std::vector<int> counts(E);
     ref::expert_counts(counts.data(), mask.data(), N, E);
     CHECK(t, !pairs.empty(), "%s: nothing routed: the case tests nothing", lc.name);
@@ -1111,6 +1206,46 @@ static void test_moe_layer_et(Test& t) {
 }
 static void test_moe_layer_eval(Test& t) {
     check_layers(t, [](const LayerCase& c) { return c.pass == RoutingPass::Eval; });
+}
+
+// Eval by thresholds in sub-batches of tokens (buffers sized for training
+// hold fewer than E pairs per token: ET with the clamp, EC) must give what
+// one pass over all tokens gives: the same inputs, weights and cutoffs
+// through a router whose buffers hold N*E pairs (ET without the clamp) give
+// the same mask and the same bits of y. With several sub-batches, the last
+// one shorter; an expert with no token and one with every token (two row
+// tiles per sub-batch); K = 3 over 8 experts.
+static void test_moe_eval_sub_batches(Test& t) {
+    struct Case {
+        const char* name;
+        int B, T, C, E;
+        RouterConfig router;
+        bool edge_cutoffs;
+    };
+    const Case cases[] = {
+        {"et eval, buffers of the clamp", 2, 24, 48, 4, et_router(1, 0.5), false},
+        {"et eval, an expert with no token, one with every token", 2, 100, 32, 4, et_router(1, 0.5), true},
+        {"ec eval with tracked cutoffs, K=3 of 8 experts", 3, 24, 64, 8, ec_router(3, EcPool::MicroBatch), false},
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        const Case& c = cases[i];
+        const LayerCase sub{c.name, c.B, c.T, c.C, c.E, c.router, 3, RoutingPass::Eval, Routing::Threshold,
+                            c.edge_cutoffs};
+        LayerCase whole = sub;
+        whole.router = et_router(c.router.top_k, -1, c.router.ec_pool);
+        MoeLayer a(sub, 1601 + i), b(whole, 1601 + i);
+        const int N = c.B * c.T;
+        const int chunk = pass_chunk_tokens(a.r, RoutingPass::Eval, Routing::Threshold, c.B, c.T,
+                                            a.r.train[0].capacity);
+        const int whole_chunk = pass_chunk_tokens(b.r, RoutingPass::Eval, Routing::Threshold, c.B, c.T,
+                                                  b.r.train[0].capacity);
+        CHECK(t, chunk < N && N % chunk != 0 && whole_chunk == N,
+              "%s: sub-batches of %d and %d tokens of %d: the case does not test a short last sub-batch against one "
+              "pass", c.name, chunk, whole_chunk, N);
+        const LayerRun ra = a.run(), rb = b.run();
+        CHECK(t, same_bits(ra.mask, rb.mask), "%s: the two routers select differently", c.name);
+        CHECK(t, same_bits(ra.y, rb.y), "%s: y in sub-batches of %d tokens differs from one pass", c.name, chunk);
+    }
 }
 
 // ----------------------------------------------------------------------------
@@ -1568,8 +1703,9 @@ int main() {
     return run_gpu_tests("gpu_moe", {
         GPU_TEST(moe_tc_select), GPU_TEST(moe_pool_select_top_k), GPU_TEST(moe_threshold_select),
         GPU_TEST(moe_pool_select_large),
-        GPU_TEST(moe_dispatch), GPU_TEST(moe_router_logits),
+        GPU_TEST(moe_dispatch), GPU_TEST(moe_expert_matmul_grid), GPU_TEST(moe_router_logits),
         GPU_TEST(moe_layer_tc), GPU_TEST(moe_layer_ec), GPU_TEST(moe_layer_et), GPU_TEST(moe_layer_eval),
+        GPU_TEST(moe_eval_sub_batches),
         GPU_TEST(moe_gate_mean), GPU_TEST(moe_step_end),
         GPU_TEST(moe_layer_determinism),
         GPU_TEST(moe_causality),

@@ -420,6 +420,11 @@ void release_barrier() {
 }
 
 void thread_exit(Fiber* f) {
+    size_t copies = f->thread.async_open.size();
+    for (const auto& batch : f->thread.async_committed) copies += batch.size();
+    if (copies > 0)
+        thread_fault(string_format("exits with %zu cp.async copies that no __pipeline_wait_prior made visible: their "
+                                   "data never lands where the kernel can read it", copies));
     f->status = Fiber::Done;
     block_now.live--;
     block_now.exited[f->thread.warp] |= 1u << f->thread.lane;
@@ -794,6 +799,8 @@ bool run_block() {
         Fiber* f = fibers[t].get();
         f->status = Fiber::Ready;
         f->call = nullptr;
+        f->thread.async_committed.clear();
+        f->thread.async_open.clear();
         f->thread.idx = idx;
         f->thread.lane = t % 32;
         f->thread.warp = t / 32;

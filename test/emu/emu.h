@@ -31,10 +31,12 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <deque>
 #include <limits>
 #include <tuple>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 // A __shared__ declaration that rewrite.py did not turn into emu::shared_var
 // would be one variable per thread here: stop the build instead.
@@ -51,10 +53,21 @@ struct Site {
 };
 #define EMU_CALL_SITE const char *emu_file = __builtin_FILE(), int emu_line = __builtin_LINE()
 
+// A cp.async copy on its way (include/cuda_pipeline.h): the bytes, read
+// from the source when it was issued, and where they land.
+struct AsyncCopy {
+    unsigned char* dst;
+    std::vector<unsigned char> bytes;
+};
+
 // The emulated thread now running (device.cpp switches it with the fiber).
 struct Thread {
     uint3 idx;  // threadIdx
     unsigned lane, warp;
+    // its cp.async copies not landed yet: the committed batches, oldest
+    // first, and the open one (issued since the last commit)
+    std::deque<std::vector<AsyncCopy>> async_committed;
+    std::vector<AsyncCopy> async_open;
 };
 extern Thread* current_thread;
 extern uint3 current_block;

@@ -2,7 +2,7 @@
 // be right before it can judge train_et's kernels).
 //
 //   selftest              the contracts: shuffles and votes, barriers and
-//                         shared memory, atomics, CUB, wmma, cuBLAS against
+//                         shared memory, atomics, CUB, wmma, cp.async, cuBLAS against
 //                         plain loops (every transposition, fp32 and bf16),
 //                         the runtime's errors. One "ok/FAIL - emu-selftest:"
 //                         line each.
@@ -18,6 +18,7 @@
 // sources); built only for the emulator.
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
+#include <cuda_pipeline.h>
 #include <cuda_runtime.h>
 #include <mma.h>
 
@@ -261,6 +262,45 @@ static void test_wmma(Test& t) {
     check_wmma<row_major, col_major>(t, "row/col");
     check_wmma<col_major, row_major>(t, "col/row");
     check_wmma<col_major, col_major>(t, "col/col");
+}
+
+// ---- cp.async (include/cuda_pipeline.h): a copy lands at the wait that
+// covers it, its destination poisoned until then; zfill zeros the tail
+
+__global__ void pipeline_kernel(float* out, const float* in) {
+    __shared__ __align__(16) float staged[3][32 * 4];
+    const int t = threadIdx.x;
+    for (int b = 0; b < 3; b++) {  // three batches of one 16-byte copy; the third copies 8 bytes, zero-fills 8
+        __pipeline_memcpy_async(&staged[b][t * 4], in + b * 128 + t * 4, 16, b == 2 ? 8 : 0);
+        __pipeline_commit();
+    }
+    float* o = out + t * 6;
+    o[0] = staged[0][t * 4];  // no wait yet: poison
+    __pipeline_wait_prior(2);
+    o[1] = staged[0][t * 4];  // the oldest batch has landed
+    o[2] = staged[1][t * 4];  // the next has not: poison
+    __pipeline_wait_prior(0);
+    o[3] = staged[1][t * 4 + 3];
+    o[4] = staged[2][t * 4 + 1];
+    o[5] = staged[2][t * 4 + 3];  // zero-filled
+}
+
+static void test_pipeline(Test& t) {
+    std::vector<float> in(3 * 128);
+    for (size_t i = 0; i < in.size(); i++) in[i] = 1.0f + (float)i;
+    float *din = device_copy(in), *dout = nullptr;
+    CUDA_OK(cudaMalloc(&dout, 32 * 6 * sizeof(float)));
+    pipeline_kernel<<<1, 32>>>(dout, din);
+    CUDA_OK(cudaGetLastError());
+    const std::vector<float> got = host_copy(dout, 32 * 6);
+    int wrong = 0;
+    for (int i = 0; i < 32; i++) {
+        const float* o = &got[i * 6];
+        wrong += !std::isnan(o[0]) || o[1] != in[i * 4] || !std::isnan(o[2]) || o[3] != in[128 + i * 4 + 3] ||
+                 o[4] != in[256 + i * 4 + 1] || o[5] != 0.0f;
+    }
+    CHECK(t, wrong == 0, "cp.async: %d of 32 threads saw data before its wait, or not after it", wrong);
+    for (void* p : {(void*)din, (void*)dout}) CUDA_OK(cudaFree(p));
 }
 
 // ---- cuBLAS against a plain triple loop in double
@@ -547,6 +587,33 @@ __global__ void cub_reuse_kernel(int* out) {
     if (threadIdx.x == 0) *out = a + b;
 }
 
+// A tile staged by cp.async and read before the wait that covers it: the
+// wait comes after the barrier, too late.
+template <bool BUG>
+__global__ void staged_sum_kernel(float* out, const float* in) {
+    __shared__ __align__(16) float staged[N];
+    if (threadIdx.x < N / 4) __pipeline_memcpy_async(&staged[threadIdx.x * 4], in + threadIdx.x * 4, 16);
+    __pipeline_commit();
+    if (!BUG) __pipeline_wait_prior(0);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float sum = 0;
+        for (int i = 0; i < N; i++) sum += staged[i];
+        *out = sum;
+    }
+    if (BUG) __pipeline_wait_prior(0);
+}
+
+// cp.async copies that no wait covers: the thread exits with them in flight.
+template <bool BUG>
+__global__ void unwaited_copy_kernel(float* out, const float* in) {
+    __shared__ __align__(16) float staged[N];
+    __pipeline_memcpy_async(&staged[threadIdx.x], in + threadIdx.x, 4);
+    __pipeline_commit();
+    if (!BUG) __pipeline_wait_prior(0);
+    out[threadIdx.x] = 1.0f;
+}
+
 static bool close_to(float got, float want) { return std::fabs(got - want) <= 1e-6f * std::fabs(want); }
 
 // Runs bug (or twin) `name`; returns "" if its result was right, else what was wrong.
@@ -665,6 +732,19 @@ static std::string run_case(const std::string& name, bool bug) {
         if (!bug && cudaGetLastError() == cudaSuccess) return "the launch of 2048 threads did not fail";
         return "";
     }
+    if (name == "cp_async_read_before_wait" || name == "cp_async_never_waited") {
+        float* in = device_copy(ones);
+        if (name == "cp_async_read_before_wait" && bug) staged_sum_kernel<true><<<1, N>>>(out, in);
+        else if (name == "cp_async_read_before_wait") staged_sum_kernel<false><<<1, N>>>(out, in);
+        else if (bug) unwaited_copy_kernel<true><<<1, N>>>(out, in);
+        else unwaited_copy_kernel<false><<<1, N>>>(out, in);
+        CUDA_OK(cudaGetLastError());
+        CUDA_OK(cudaDeviceSynchronize());
+        CUDA_OK(cudaFree(in));
+        if (name == "cp_async_never_waited") return all_ones(N);
+        const float got = host_copy(out, 1)[0];
+        return close_to(got, N) ? "" : string_format("sum %g, expected %d", got, N);
+    }
     if (name == "unwritten_memory_read") {
         float* fresh = nullptr;
         CUDA_OK(cudaMalloc(&fresh, N * sizeof(float)));
@@ -730,7 +810,8 @@ static const char* const CASES[] = {"missing_barrier", "out_of_bounds_write", "d
                                     "dynamic_shared_memory_short", "static_shared_over_48k", "shared_array_overflow",
                                     "block_of_2048_threads", "launch_bounds_exceeded", "unchecked_launch_error",
                                     "unwritten_memory_read", "unzeroed_shared_histogram",
-                                    "cub_storage_reused_without_barrier", "cublas_transposition_error"};
+                                    "cub_storage_reused_without_barrier", "cublas_transposition_error",
+                                    "cp_async_read_before_wait", "cp_async_never_waited"};
 
 int main(int argc, char** argv) {
     if (argc == 2 && std::string(argv[1]) == "list") {
@@ -750,6 +831,7 @@ int main(int argc, char** argv) {
         {"emu-selftest: atomics", test_atomics},
         {"emu-selftest: CUB block reduce, block scan, radix sort", test_cub},
         {"emu-selftest: wmma against a plain loop", test_wmma},
+        {"emu-selftest: cp.async lands at its wait, poison before", test_pipeline},
         {"emu-selftest: cuBLAS against plain loops (every transposition, fp32 and bf16)", test_cublas_against_loops},
         {"emu-selftest: cuBLAS argument checks", test_cublas_arguments},
         {"emu-selftest: runtime errors and poisoned memory", test_runtime_errors},

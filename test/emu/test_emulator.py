@@ -1,6 +1,6 @@
 """test/emu/test_emulator.py: the emulated device's own tests, run by `make test`.
 
-First the contracts (build/emu/plain/selftest: shuffles, barriers, atomics, CUB,
+First the contracts (build/emu/plain/selftest: shuffles, barriers, atomics, CUB, cp.async,
 wmma, cuBLAS against plain loops, runtime errors). Then every deliberate bug of
 test/emu/selftest.cu: each must be caught the way the table below says, and
 its correct twin must pass in every schedule and under the sanitizers, with
@@ -56,6 +56,8 @@ BUGS = {
     "unzeroed_shared_histogram": (WRONG, None),
     "cub_storage_reused_without_barrier": (REPORT, "TempStorage used again with no __syncthreads()"),
     "cublas_transposition_error": (REPORT, "end 480 bytes past it"),
+    "cp_async_read_before_wait": (WRONG, None),
+    "cp_async_never_waited": (REPORT, "cp.async copies that no __pipeline_wait_prior made visible"),
 }
 
 
