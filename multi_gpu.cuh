@@ -9,10 +9,10 @@
 //      them (on a stream of their own, overlapping the rest of the backward
 //      pass), the gradient norm's partial sums, the new weights from their
 //      owners, the router logits of a global routing pool, loss sums;
-//   3. the watchdog: no wait for the GPU is unbounded. A rank that dies or
-//      hangs shows up as NCCL's asynchronous error or as a GPU that does not
-//      finish in time; the others then name it (from the heartbeat files each
-//      rank refreshes every second), abort the communicator and exit.
+//   3. the watchdog, a thread of its own: a rank that dies or hangs shows up
+//      as NCCL's asynchronous error, as a heartbeat file that stops changing,
+//      or as a GPU that does not finish in time; the others then name it,
+//      abort the communicator and exit.
 // Everything here is a no-op with one process, so a single-GPU run takes the
 // same code path; a build without NCCL refuses more than one process.
 #pragma once
@@ -50,86 +50,180 @@ template <> inline ncclDataType_t nccl_type<__nv_bfloat16>() { return ncclBfloat
 struct MultiGpu {
     ProcessLayout layout;
     int rank = 0, world = 1;
-    std::string dir;         // rendezvous and heartbeat files: a directory every rank sees
-    double time_limit = 60;  // seconds a rank waits for the GPU (or a peer) before it calls the run lost
-    double slowest_wait = 0; // the longest a healthy wait took: the limit grows with it
+    std::string dir;          // rendezvous and heartbeat files: a directory every rank sees
+    std::string checkpoints;  // the run's checkpoints (a glob), named when a lost rank ends the run
+    double time_limit = 45;   // -pt: seconds without progress before a rank calls the run lost
 #ifdef MULTI_GPU
-    ncclComm_t comm = nullptr;
+    ncclComm_t comm = nullptr;               // set before `joined`
     cudaStream_t grad_stream = nullptr;      // the gradient buckets' reductions
     cudaEvent_t grads_ready = nullptr;       // main stream -> grad stream: a bucket's gradients are complete
     cudaEvent_t grads_reduced = nullptr;     // grad stream -> main stream: every bucket is reduced
-    cudaEvent_t step_done = nullptr;         // the watchdog's: the main stream has reached this point
+    cudaEvent_t step_done = nullptr;         // multi_gpu_wait's: the main stream has reached this point
 #endif
-    std::atomic<int> heartbeat_step{0};
-    std::atomic<bool> heartbeat_stop{false};
-    std::thread heartbeat;
+    // shared between the main thread and the watchdog's
+    std::atomic<bool> joined{false};   // every rank is in the communicator
+    std::atomic<int> step{0};          // the steps done, for the heartbeat
+    std::atomic<bool> busy{false};     // long work of this rank alone (a checkpoint, CORE): no progress expected
+    std::atomic<double> progress{0};   // when the GPU last finished what was queued (steady clock, s)
+    std::atomic<double> slowest{0};    // the longest healthy interval between two of those
+    std::atomic<bool> stop{false}, ending{false};
+    std::thread watchdog;
 
     bool active() const { return world > 1; }
 };
 
+inline double steady_seconds() {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
 // ----------------------------------------------------------------------------
-// 3. Heartbeats: each rank's file `heartbeat.<rank>` holds its step, rewritten
-// every second by a thread of its own. A survivor names the ranks whose file
-// stopped changing (dead) or, if every file is fresh, the ranks furthest
-// behind (hung inside a step).
+// 3. The watchdog: a thread of each rank's own, so that nothing the main
+// thread blocks in (a full launch queue behind a collective that never
+// ends, NCCL's init) can hide a lost rank. Every second it rewrites the
+// rank's heartbeat file, `heartbeat.<rank>` in -pd: its step and whether it
+// is busy. Twice a second it looks for a lost rank:
+//   - NCCL's asynchronous error on the communicator (a peer's connection
+//     broke);
+//   - a peer's heartbeat file that stopped changing for STALE seconds (the
+//     process died, or was stopped: alive but silent);
+//   - no progress of this rank's GPU work for max(-pt, 3 x the slowest step
+//     so far), while no rank is busy (a hang inside a collective or a
+//     kernel: the ranks furthest behind are named);
+//   - before every rank joined, no join within -pt (plus a margin, so the
+//     rendezvous's own, more precise, messages come first).
+// The verdict prints one error line (console and train.log) naming the lost
+// ranks and the last complete checkpoint, aborts the communicator (which
+// NCCL allows from another thread, and which ends any collective this rank
+// is stuck in) and ends the process at once, with status 1. The main thread
+// also reads NCCL's error whenever it waits for the GPU (multi_gpu_wait), so
+// it never goes on past a failed collective (to rename a checkpoint, say).
+
+static const double STALE = 4;  // seconds a heartbeat may be old
 
 inline std::string heartbeat_path(const MultiGpu& m, int rank) {
     return string_format("%s/heartbeat.%d", m.dir.c_str(), rank);
 }
 
-inline void heartbeat_start(MultiGpu& m) {
-    m.heartbeat = std::thread([&m] {
+struct Heartbeat {
+    bool seen = false, busy = false;
+    int step = -1;
+    double age = 0;  // seconds since the file last changed
+};
+inline Heartbeat read_heartbeat(const MultiGpu& m, int rank) {
+    Heartbeat h;
+    struct stat s;
+    const std::string path = heartbeat_path(m, rank);
+    if (stat(path.c_str(), &s) != 0) return h;  // not started yet: a rank writes it before it joins
+    h.seen = true;
+    h.age = difftime(time(nullptr), s.st_mtime);
+    if (FILE* f = fopen(path.c_str(), "r")) {
+        int busy = 0;
+        if (fscanf(f, "%d %d", &h.step, &busy) == 2) h.busy = busy != 0;
+        fclose(f);
+    }
+    return h;
+}
+
+// The peers whose heartbeat is stale, in words ("" if none).
+inline std::string silent_ranks(const MultiGpu& m) {
+    std::string out;
+    for (int r = 0; r < m.world; r++) {
+        if (r == m.rank) continue;
+        const Heartbeat h = read_heartbeat(m, r);
+        if (h.seen && h.age > STALE)
+            out += string_format("%srank %d (silent for %.0f s, last at step %d)", out.empty() ? "" : ", ", r, h.age,
+                                 h.step);
+    }
+    return out;
+}
+
+// Who is lost, when NCCL says a peer is: the ranks whose heartbeat goes
+// stale within 3 x STALE seconds, or else the ranks furthest behind.
+inline std::string lost_ranks(const MultiGpu& m) {
+    for (double waited = 0; waited <= 3 * STALE; waited += 0.5) {
+        const std::string silent = silent_ranks(m);
+        if (!silent.empty()) return "lost " + silent;
+        std::this_thread::sleep_for(std::chrono::milliseconds(500));
+    }
+    int lowest = INT32_MAX;
+    std::vector<int> steps(m.world, -1);
+    for (int r = 0; r < m.world; r++)
+        if (r != m.rank) lowest = std::min(lowest, steps[r] = read_heartbeat(m, r).step);
+    std::string behind;
+    for (int r = 0; r < m.world; r++)
+        if (r != m.rank && steps[r] == lowest)
+            behind += string_format("%srank %d (step %d)", behind.empty() ? "" : ", ", r, lowest);
+    return "every rank is alive; the furthest behind, perhaps hung: " + behind;
+}
+
+// Ends the run on this rank: one error line, the communicator aborted, exit
+// status 1. The first thread to get here speaks; another waits for the end.
+[[noreturn]] inline void multi_gpu_lost(MultiGpu& m, const std::string& what) {
+    if (m.ending.exchange(true))
+        for (;;) std::this_thread::sleep_for(std::chrono::seconds(1));
+    const std::vector<std::string> saved = glob_sorted(m.checkpoints);
+    const std::string line =
+        string_format("error: %s%s. The run stops; the last complete checkpoint is %s (resume with -y 1)\n",
+                      fail_prefix.c_str(), what.c_str(), saved.empty() ? "none" : saved.back().c_str());
+    fputs(line.c_str(), stderr);
+    fflush(stderr);
+    if (fail_log) {
+        fputs(line.c_str(), fail_log);
+        fflush(fail_log);
+    }
+    if (m.rank == 0)  // a checkpoint being written when the rank was lost is not one
+        for (const std::string& partial : glob_sorted(m.checkpoints + ".tmp")) remove(partial.c_str());
+#ifdef MULTI_GPU
+    if (m.joined) ncclCommAbort(m.comm);
+#endif
+    _exit(1);
+}
+
+inline void watchdog_check(MultiGpu& m) {
+    const double now = steady_seconds(), stuck = now - m.progress;
+    if (!m.joined) {
+        if (stuck > m.time_limit + 10)
+            multi_gpu_lost(m, string_format("not every rank joined within %.0f s (-pt): a rank did not start, or "
+                                             "failed before joining (see its own error)", stuck));
+        return;
+    }
+#ifdef MULTI_GPU
+    ncclResult_t async = ncclSuccess;
+    if (ncclCommGetAsyncError(m.comm, &async) == ncclSuccess && async != ncclSuccess && async != ncclInProgress)
+        multi_gpu_lost(m, string_format("NCCL reported %s; %s", ncclGetErrorString(async), lost_ranks(m).c_str()));
+#endif
+    const std::string silent = silent_ranks(m);
+    if (!silent.empty()) multi_gpu_lost(m, "lost " + silent);
+    bool busy = m.busy;
+    for (int r = 0; r < m.world && !busy; r++) busy = r != m.rank && read_heartbeat(m, r).busy;
+    const double limit = std::max(m.time_limit, 3 * m.slowest.load());
+    if (!busy && stuck > limit)
+        multi_gpu_lost(m, string_format("this rank's GPU work has not finished for %.0f s (-pt %.0f, or 3 x the "
+                                        "slowest step); %s", stuck, m.time_limit, lost_ranks(m).c_str()));
+}
+
+inline void watchdog_start(MultiGpu& m) {
+    m.progress = steady_seconds();
+    m.watchdog = std::thread([&m] {
         const std::string path = heartbeat_path(m, m.rank), tmp = path + ".tmp";
-        while (!m.heartbeat_stop) {
-            if (FILE* f = fopen(tmp.c_str(), "w")) {
-                fprintf(f, "%d\n", m.heartbeat_step.load());
-                fclose(f);
-                rename(tmp.c_str(), path.c_str());
-            }
-            for (int i = 0; i < 10 && !m.heartbeat_stop; i++) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+        for (int tick = 0; !m.stop; tick++) {
+            if (tick % 10 == 0)
+                if (FILE* f = fopen(tmp.c_str(), "w")) {
+                    fprintf(f, "%d %d\n", m.step.load(), m.busy ? 1 : 0);
+                    fclose(f);
+                    rename(tmp.c_str(), path.c_str());
+                }
+            if (tick % 5 == 0) watchdog_check(m);
+            std::this_thread::sleep_for(std::chrono::milliseconds(100));
         }
     });
 }
 
-inline void heartbeat_stop(MultiGpu& m) {
-    if (!m.heartbeat.joinable()) return;
-    m.heartbeat_stop = true;
-    m.heartbeat.join();
-    remove(heartbeat_path(m, m.rank).c_str());
-}
-
-// Which ranks are lost, in words. A dead rank's file stops changing at once
-// and is stale STALE seconds later; this waits up to 3 x STALE for one.
-inline std::string lost_ranks(const MultiGpu& m) {
-    const double STALE = 4;
-    std::string dead, behind;
-    for (int attempt = 0; attempt <= 6 * STALE && dead.empty(); attempt++) {  // every half second
-        if (attempt > 0) std::this_thread::sleep_for(std::chrono::milliseconds(500));
-        int lowest = INT32_MAX;
-        std::vector<int> steps(m.world, -1);
-        behind.clear();
-        for (int r = 0; r < m.world; r++) {
-            if (r == m.rank) continue;
-            struct stat s;
-            const std::string path = heartbeat_path(m, r);
-            FILE* f = stat(path.c_str(), &s) == 0 ? fopen(path.c_str(), "r") : nullptr;
-            const double age = f ? difftime(time(nullptr), s.st_mtime) : 1e9;
-            if (f) {
-                if (fscanf(f, "%d", &steps[r]) != 1) steps[r] = -1;
-                fclose(f);
-            }
-            if (age > STALE)
-                dead += string_format("%srank %d (%s)", dead.empty() ? "" : ", ", r,
-                                      f ? string_format("silent for %.0f s, last at step %d", age, steps[r]).c_str()
-                                        : "no heartbeat file");
-            lowest = std::min(lowest, steps[r]);
-        }
-        for (int r = 0; r < m.world; r++)
-            if (r != m.rank && steps[r] == lowest)
-                behind += string_format("%srank %d (step %d)", behind.empty() ? "" : ", ", r, lowest);
-    }
-    if (!dead.empty()) return "lost " + dead;
-    return "every rank is alive; the furthest behind, perhaps hung: " + behind;
+// Long work of this rank alone begins (busy) or ends: the other ranks wait
+// for it without calling it a hang.
+inline void multi_gpu_busy(MultiGpu& m, bool busy) {
+    if (!busy) m.progress = steady_seconds();
+    m.busy = busy;
 }
 
 // ----------------------------------------------------------------------------
@@ -177,27 +271,33 @@ inline ncclUniqueId exchange_id_by_file(MultiGpu& m) {
 }
 #endif
 
-// Before a rank takes its GPU: a node runs at most one rank per GPU (where
-// CUDA can count them; if it cannot, opening the GPU says why).
-inline void multi_gpu_check_node(const ProcessLayout& layout) {
+// Before a rank takes its GPU: which one. A node runs at most one rank per
+// GPU: with as many GPUs visible as ranks on the node, rank r takes GPU r;
+// where the launcher gives each rank a GPU of its own (one visible), that
+// one. Where CUDA cannot count them, GPU local_rank (opening it says why).
+inline int multi_gpu_device(const ProcessLayout& layout) {
     int gpus = 0;
     if (layout.local_world == 1 || cudaGetDeviceCount(&gpus) != cudaSuccess) {
         cudaGetLastError();  // not this check's error to keep
-        return;
+        return layout.local_rank;
     }
+    if (gpus == 1) return 0;
     if (layout.local_world > gpus)
-        fail("%s started %d processes on this node, which has %d GPU%s: one process per GPU (fewer ranks per node, "
-             "or more nodes)", layout.launcher.c_str(), layout.local_world, gpus, gpus == 1 ? "" : "s");
+        fail("%s started %d processes on this node, which has %d GPUs: one process per GPU (fewer ranks per node, "
+             "or more nodes)", layout.launcher.c_str(), layout.local_world, gpus);
+    return layout.local_rank;
 }
 
-// Joins the run's communicator (a no-op for one process) and starts the
-// heartbeat.
-inline void multi_gpu_init(MultiGpu* m, const ProcessLayout& layout, const std::string& dir, double time_limit) {
+// Joins the run's communicator (a no-op for one process) under the watchdog.
+// checkpoints: the run's checkpoint files (a glob), for a lost rank's message.
+inline void multi_gpu_init(MultiGpu* m, const ProcessLayout& layout, const std::string& dir, double time_limit,
+                           const std::string& checkpoints) {
     m->layout = layout;
     m->rank = layout.rank;
     m->world = layout.world;
     m->dir = dir;
     m->time_limit = time_limit;
+    m->checkpoints = checkpoints;
     if (!m->active()) return;
 #ifndef MULTI_GPU
     fail("%s started %d processes, but this train_et was built without NCCL (NO_MULTI_GPU=1, or no nccl.h): "
@@ -205,6 +305,7 @@ inline void multi_gpu_init(MultiGpu* m, const ProcessLayout& layout, const std::
 #else
     const std::string err = make_dirs(dir);
     if (!err.empty()) fail("-pd: %s", err.c_str());
+    watchdog_start(*m);
     ncclUniqueId id;
 #ifdef USE_MPI
     if (layout.launcher == "mpirun") {
@@ -224,51 +325,42 @@ inline void multi_gpu_init(MultiGpu* m, const ProcessLayout& layout, const std::
     cudaCheck(cudaEventCreateWithFlags(&m->grads_ready, cudaEventDisableTiming));
     cudaCheck(cudaEventCreateWithFlags(&m->grads_reduced, cudaEventDisableTiming));
     cudaCheck(cudaEventCreateWithFlags(&m->step_done, cudaEventDisableTiming));
-    heartbeat_start(*m);
+    m->progress = steady_seconds();
+    m->joined = true;
 #endif
 }
 
-// ----------------------------------------------------------------------------
-// 3. The watchdog. Returns "" when the work queued so far has finished on
-// this GPU with no NCCL error, else what was lost (after aborting the
-// communicator, so nothing of this process waits on it any more).
-inline std::string multi_gpu_wait(MultiGpu& m) {
+// Waits for the work queued so far on this GPU, reading NCCL's error while
+// it waits: a lost rank ends the run here (multi_gpu_lost), so nothing after
+// a failed collective happens. The watchdog times the wait.
+inline void multi_gpu_wait(MultiGpu& m) {
 #ifdef MULTI_GPU
-    if (!m.active()) return "";
+    if (!m.active()) return;
     cudaCheck(cudaEventRecord(m.step_done));
-    const double limit = std::max(m.time_limit, 4 * m.slowest_wait);
-    const auto start = std::chrono::steady_clock::now();
     for (int polls = 0;; polls++) {
         ncclResult_t async = ncclSuccess;
         ncclCheck(ncclCommGetAsyncError(m.comm, &async));
-        const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-        std::string why;
         if (async != ncclSuccess && async != ncclInProgress)
-            why = string_format("NCCL reported %s", ncclGetErrorString(async));
-        else if (waited > limit)
-            why = string_format("the GPU's work, collectives included, did not finish within %.0f s (-pt)", limit);
-        if (!why.empty()) {
-            const std::string lost = lost_ranks(m);
-            ncclCommAbort(m.comm);
-            m.comm = nullptr;
-            return why + "; " + lost;
-        }
+            multi_gpu_lost(m, string_format("NCCL reported %s; %s", ncclGetErrorString(async), lost_ranks(m).c_str()));
         const cudaError_t state = cudaEventQuery(m.step_done);
-        if (state == cudaSuccess) {
-            m.slowest_wait = std::max(m.slowest_wait, waited);
-            return "";
-        }
+        if (state == cudaSuccess) break;
         if (state != cudaErrorNotReady) cudaCheck(state);
         std::this_thread::sleep_for(std::chrono::microseconds(polls < 100 ? 20 : 1000));
     }
+    const double now = steady_seconds();
+    m.slowest = std::max(m.slowest.load(), now - m.progress);
+    m.progress = now;
 #else
     (void)m;
-    return "";
 #endif
 }
 
 inline void multi_gpu_finish(MultiGpu& m) {
-    heartbeat_stop(m);
+    if (m.watchdog.joinable()) {
+        m.stop = true;
+        m.watchdog.join();
+        remove(heartbeat_path(m, m.rank).c_str());
+    }
 #ifdef MULTI_GPU
     if (!m.comm) return;
     ncclCheck(ncclCommDestroy(m.comm));
@@ -386,25 +478,49 @@ inline void multi_gpu_collect_shards(MultiGpu& m, const ShardPlan& shards, const
     multi_gpu_share_shards(m, shards, out);
 }
 
-// The ranks whose `value` is not rank 0's, as "1, 3" ("" if none), on every
-// rank (a sync: start-up and checkpoints). The values meet in `scratch`:
-// device memory for world of them that nothing needs now (the gradients
-// between steps). A lost rank ends the run here, as anywhere.
-inline std::string multi_gpu_ranks_unlike_rank0(MultiGpu& m, uint64_t value, void* scratch) {
-    std::string differ;
+// Every rank's `value`, in rank order, on every rank (a sync: start-up and
+// checkpoints). The values meet in `scratch`: device memory for world of
+// them that nothing needs now (the gradients between steps).
+inline std::vector<uint64_t> multi_gpu_all_values(MultiGpu& m, uint64_t value, void* scratch) {
+    std::vector<uint64_t> all(m.world, value);
 #ifdef MULTI_GPU
-    if (!m.active()) return differ;
+    if (!m.active()) return all;
     uint64_t* values = (uint64_t*)scratch;
     cudaCheck(cudaMemcpy(values + m.rank, &value, sizeof(uint64_t), cudaMemcpyHostToDevice));
     ncclCheck(ncclAllGather(values + m.rank, values, sizeof(uint64_t), ncclUint8, m.comm, 0));
-    const std::string lost = multi_gpu_wait(m);
-    if (!lost.empty()) fail("%s", lost.c_str());
-    std::vector<uint64_t> all(m.world);
+    multi_gpu_wait(m);
     cudaCheck(cudaMemcpy(all.data(), values, m.world * sizeof(uint64_t), cudaMemcpyDeviceToHost));
+#else
+    (void)scratch;
+#endif
+    return all;
+}
+
+// The ranks whose `value` is not rank 0's, as "1, 3" ("" if none).
+inline std::string multi_gpu_ranks_unlike_rank0(MultiGpu& m, uint64_t value, void* scratch) {
+    const std::vector<uint64_t> all = multi_gpu_all_values(m, value, scratch);
+    std::string differ;
     for (int r = 1; r < m.world; r++)
         if (all[r] != all[0]) differ += string_format("%s%d", differ.empty() ? "" : ", ", r);
-#else
-    (void)m; (void)value; (void)scratch;
-#endif
     return differ;
+}
+
+// No two ranks on one GPU: each rank's host and GPU (its UUID and PCI
+// address) compared with every other's, since one visible GPU per rank may
+// be the launcher's binding (a GPU of its own) or several ranks on one.
+inline void multi_gpu_check_devices(MultiGpu& m, const cudaDeviceProp& prop, void* scratch) {
+    if (!m.active()) return;
+    char host[256] = {};
+    gethostname(host, sizeof(host) - 1);
+    uint64_t key = settings_hash(host, strlen(host));
+    key = settings_hash(&m.layout.node, sizeof(m.layout.node), key);  // Slurm's node index too: nodes simulated on one host
+    key = settings_hash(&prop.uuid, sizeof(prop.uuid), key);
+    const int address[3] = {prop.pciDomainID, prop.pciBusID, prop.pciDeviceID};
+    key = settings_hash(address, sizeof(address), key);
+    const std::vector<uint64_t> all = multi_gpu_all_values(m, key, scratch);
+    for (int r = 0; r < m.world; r++)
+        if (r != m.rank && all[r] == key)
+            fail("ranks %d and %d run on the same GPU (%s, PCI bus %d) of %s: one process per GPU (fewer ranks per "
+                 "node, or a GPU for each: CUDA_VISIBLE_DEVICES, srun --gpus-per-task=1)", std::min(r, m.rank),
+                 std::max(r, m.rank), prop.name, prop.pciBusID, host);
 }

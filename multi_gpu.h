@@ -53,7 +53,9 @@ inline int slurm_tasks_on_node(const std::string& text, int node) {
 }
 
 // The layout from the environment `env` (getenv, or a test's table). Returns
-// "" or what is wrong with what the launcher set.
+// "" or what is wrong with what the launcher set. OpenMPI's variables first,
+// then a Slurm step's (srun --mpi=pmi2 also sets PMI_*, without the local
+// rank), then MPICH's; a Slurm batch script run without srun is one process.
 template <typename Env>
 std::string process_layout(Env env, ProcessLayout* p) {
     *p = ProcessLayout();
@@ -74,6 +76,19 @@ std::string process_layout(Env env, ProcessLayout* p) {
             return "OMPI_COMM_WORLD_SIZE is set but not OMPI_COMM_WORLD_RANK, _LOCAL_RANK and _LOCAL_SIZE: start "
                    "train_et with OpenMPI's mpirun, or unset it";
         p->job = text("OMPI_MCA_orte_ess_jobid") + text("PMIX_NAMESPACE");
+    } else if (number("SLURM_STEP_NUM_TASKS", &p->world)) {  // srun (a batch script alone is one process)
+        p->launcher = "srun";
+        if (!number("SLURM_PROCID", &p->rank) || !number("SLURM_LOCALID", &p->local_rank) ||
+            !number("SLURM_NODEID", &p->node))
+            return "SLURM_STEP_NUM_TASKS is set but not SLURM_PROCID, SLURM_LOCALID and SLURM_NODEID: start "
+                   "train_et with srun";
+        const char* name = env("SLURM_STEP_TASKS_PER_NODE") ? "SLURM_STEP_TASKS_PER_NODE" : "SLURM_TASKS_PER_NODE";
+        const std::string per_node = text(name);
+        p->local_world = slurm_tasks_on_node(per_node, p->node);
+        if (p->local_world < 0)
+            return string_format("%s=%s: expected counts like 4(x2),3 covering node %d", name, per_node.c_str(),
+                                 p->node);
+        p->job = text("SLURM_JOB_ID") + "." + text("SLURM_STEP_ID");
     } else if (number("PMI_SIZE", &p->world)) {  // MPICH's hydra
         p->launcher = "mpirun";
         if (!number("PMI_RANK", &p->rank)) return "PMI_SIZE is set but not PMI_RANK";
@@ -81,18 +96,6 @@ std::string process_layout(Env env, ProcessLayout* p) {
             return "PMI_SIZE is set but not MPI_LOCALRANKID and MPI_LOCALNRANKS: train_et needs each process's "
                    "place on its node to pick its GPU";
         p->job = text("PMI_KVS") + text("PMIX_NAMESPACE");
-    } else if (number("SLURM_NTASKS", &p->world)) {  // srun
-        p->launcher = "srun";
-        if (!number("SLURM_PROCID", &p->rank) || !number("SLURM_LOCALID", &p->local_rank) ||
-            !number("SLURM_NODEID", &p->node))
-            return "SLURM_NTASKS is set but not SLURM_PROCID, SLURM_LOCALID and SLURM_NODEID: start train_et with "
-                   "srun inside the allocation (sbatch runs the script once; srun starts the ranks)";
-        const std::string per_node = text("SLURM_TASKS_PER_NODE");
-        p->local_world = slurm_tasks_on_node(per_node, p->node);
-        if (p->local_world < 0)
-            return string_format("SLURM_TASKS_PER_NODE=%s: expected counts like 4(x2),3 covering node %d",
-                                 per_node.c_str(), p->node);
-        p->job = text("SLURM_JOB_ID") + "." + text("SLURM_STEP_ID");
     } else {
         return "";
     }

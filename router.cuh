@@ -1501,7 +1501,13 @@ inline std::vector<LayerRoutingStats> router_read_stats(const Router& r) {
     cudaCheck(cudaMemcpy(sf.data(), r.stats_float, sf.size() * sizeof(float), cudaMemcpyDeviceToHost));
     cudaCheck(cudaMemcpy(raw.data(), r.raw_cutoff, raw.size() * sizeof(float), cudaMemcpyDeviceToHost));
     int dropped = 0;
-    cudaCheck(cudaMemcpy(&dropped, r.dropped, sizeof(int), cudaMemcpyDeviceToHost));
+    const int* dropped_all = r.dropped;
+    if (r.ranks > 1) {  // every rank's, so that all fail together, in these words
+        cudaCheck(cudaMemcpyAsync(r.counts, r.dropped, sizeof(int), cudaMemcpyDeviceToDevice));
+        multi_gpu_sum(*r.multi, r.counts, 1);
+        dropped_all = r.counts;
+    }
+    cudaCheck(cudaMemcpy(&dropped, dropped_all, sizeof(int), cudaMemcpyDeviceToHost));
     if (dropped > 0)
         fail("MoE: %d routed (token, expert) pairs did not fit the routing buffers and were dropped; with finite "
              "router logits this cannot happen, so the run has diverged or the capacity bound is wrong",

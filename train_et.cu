@@ -96,7 +96,7 @@ struct Options {
     int core_every = 0, routes_offset = 0, eval_only = 0;
     int seed = 1337, synthetic_vocab = GPT2_VOCAB;
     std::string rendezvous_dir = "";  // -pd: "" = -o
-    double rank_time_limit = 60;
+    double rank_time_limit = 45;
     std::vector<std::string> given;  // the flags on the command line, in order (twice if given twice)
 
     bool was_given(const std::string& flag) const { return std::find(given.begin(), given.end(), flag) != given.end(); }
@@ -169,7 +169,7 @@ static std::vector<Flag> flag_table(Options& o) {
         {"-li", "eval", Flag::Int, &o.log_every, 1, 1e9, nullptr, "log the loss, speed and gradient norm every N steps"},
         {"-sd", "eval", Flag::Int, &o.seed, 0, 2147483647, nullptr, "random seed (weights, data order, sampling)"},
         {"-pd", "ranks", Flag::Text, &o.rendezvous_dir, 0, 0, nullptr, "several processes (mpirun, srun): a directory every rank sees, for the NCCL id without MPI and the heartbeats (default: -o)"},
-        {"-pt", "ranks", Flag::Real, &o.rank_time_limit, 1, 1e6, nullptr, "several processes: seconds a rank waits for the GPU or a peer before it calls a rank lost and exits"},
+        {"-pt", "ranks", Flag::Real, &o.rank_time_limit, 1, 1e6, nullptr, "several processes: seconds without progress (or 3 x the slowest step) before a rank names the lost ranks and exits"},
     };
 }
 
@@ -604,14 +604,16 @@ static std::vector<std::string> settings_warnings(const Options& o, const ModelC
         out.push_back(string_format("-u %d: the learning-rate warm-up does not end before the run does (%d steps), "
                                     "so the schedule never decays; use -u below %d", lr_warmup, steps, steps));
     if (const Preset* p = find_preset(o.preset)) {
-        const long long pool = routing_pool_tokens(r.ec_pool, o.batch, o.seq_len);
+        const long long pool = routing_pool_tokens(r.ec_pool, o.batch, o.seq_len, world);
+        const long long micro = routing_pool_tokens(EcPool::MicroBatch, o.batch, o.seq_len);
+        const char* pools[] = {"micro", "seq", "global"};
         if (c.n_experts > 0 && r.kind != RouterKind::TC && p->paper_pool_tokens > pool)
             out.push_back(string_format(
-                "-preset %s: the paper's routing pool is %lld tokens and this run pools %lld (-b %d -ep %s)%s. The "
-                "paper's pool needs %lld ranks of -b %d with -ep global (mpirun -np N or srun: README, Many GPUs)",
-                p->name, p->paper_pool_tokens, pool, o.batch, r.ec_pool == EcPool::Sequence ? "seq" : "micro",
-                pool == p->pool_tokens ? ", the most one H200 holds in a micro-batch" : "",
-                (p->paper_pool_tokens + pool - 1) / pool, o.batch));
+                "-preset %s: the paper's routing pool is %lld tokens and this run pools %lld (-b %d -ep %s, %d "
+                "process%s)%s. The paper's pool needs %lld ranks of -b %d with -ep global (mpirun -np N or srun: "
+                "README, Many GPUs)", p->name, p->paper_pool_tokens, pool, o.batch, pools[(int)r.ec_pool], world,
+                world == 1 ? "" : "es", pool == p->pool_tokens ? ", the most one H200 holds in a micro-batch" : "",
+                (p->paper_pool_tokens + micro - 1) / micro, o.batch));
         if (!d.is_synthetic && d.vocab_size != PAPER_VOCAB)
             out.push_back(string_format(
                 "-preset %s: the paper's tokenizer is a %d-token BPE and these shards have a vocab of %d; "
@@ -651,6 +653,7 @@ static Schedule lr_schedule(const Options& o, int steps) {
 // and checkpoint size are printed before the GPU is touched.
 static void print_config(RunLog& log, const Options& o, const ModelConfig& c, const DataSources& d, int grad_accum,
                          int steps, size_t steps_per_epoch, const Model& planned, size_t checkpoint_size) {
+    const int world = planned.world;
     ParamCounts n = count_parameters(c);
     log.print("train_et | %s build", PRECISION_NAME);
 #ifdef MULTI_GPU
@@ -681,7 +684,7 @@ static void print_config(RunLog& log, const Options& o, const ModelConfig& c, co
         const RouterConfig& r = c.router;
         log.print("moe      layers 1..%d: 1 shared + %d routed experts of width %d, K = %d; layer 0 dense\n",
                c.n_layer - 1, c.n_experts, 2 * c.n_embd, r.top_k);
-        int64_t pool = routing_pool_tokens(r.ec_pool, o.batch, c.seq_len);
+        int64_t pool = routing_pool_tokens(r.ec_pool, o.batch, c.seq_len, world);
         log.print("router   %s", router_name(r.kind));
         if (r.kind == RouterKind::TC) {
             const char* bal[] = {"none", "aux", "lossfree"};
@@ -756,17 +759,18 @@ static void print_config(RunLog& log, const Options& o, const ModelConfig& c, co
 // it divides -d, and gives EC and ET a whole k), or, when not even -b 1
 // fits, a smaller model.
 static void check_memory_fits(const Options& o, const ModelConfig& c, const OptimizerConfig& optim,
-                              const MemoryPlan& plan, size_t capacity, const char* gpu) {
+                              const Model& planned, size_t capacity, const char* gpu) {
+    const MemoryPlan& plan = planned.memory;
     if (plan.total() <= capacity) return;
     const double GiB = 1073741824.0;
     std::string advice = string_format("a smaller -m, or fewer experts (-e): even at -b 1 it does not fit (the "
                                        "parameters, fp32 master weights, gradients and AdamW take %.1f GiB)",
                                        plan.parameters() / GiB);
     for (int b = o.batch - 1; b >= 1; b--) {
-        const int64_t pool = routing_pool_tokens(c.router.ec_pool, b, o.seq_len);
+        const int64_t pool = routing_pool_tokens(c.router.ec_pool, b, o.seq_len, planned.world);
         const bool whole_k = c.n_experts == 0 || c.router.kind == RouterKind::TC || pool * c.router.top_k % c.n_experts == 0;
-        if (o.total_batch % ((int64_t)b * o.seq_len) != 0 || !whole_k) continue;
-        if (model_plan(c, optim, b, o.seq_len).memory.total() > capacity) continue;
+        if (o.total_batch % ((int64_t)b * o.seq_len * planned.world) != 0 || !whole_k) continue;
+        if (model_plan(c, optim, b, o.seq_len, planned.world, planned.rank).memory.total() > capacity) continue;
         advice = string_format("-b %d, the largest micro-batch that fits (-d stays: more micro-steps), or a smaller -t, "
                                "-m or -e", b);
         break;
@@ -957,13 +961,14 @@ static void write_all(FILE* f, const void* data, size_t bytes, const std::string
     if (fwrite(data, 1, bytes, f) != bytes) fail("%s: write failed (disk full?)", path.c_str());
 }
 
-// Every rank calls it: the optimizer moments come from the ranks that own
-// them (gathered into the gradient buffer, free between steps), so the file
-// is the same whatever the number of ranks; rank 0 writes it. Returns "", or
-// the watchdog's account of a lost rank (and then no checkpoint is renamed
-// into place: the last complete one stays the newest).
-static std::string save_checkpoint(const Options& o, Model& model, MultiGpu& multi, const TrainState& st,
-                                   const int64_t* settings, float* host_buffer) {
+// Every rank calls it: the master weights and moments come from the ranks
+// that own them (gathered into the gradient buffer, free between steps), so
+// the file is the same whatever the number of ranks; rank 0 writes it (busy:
+// the others wait for it without calling it a hang). A rank lost meanwhile
+// ends the run before anything is renamed into place: the last complete
+// checkpoint stays the newest.
+static void save_checkpoint(const Options& o, Model& model, MultiGpu& multi, const TrainState& st,
+                            const int64_t* settings, float* host_buffer) {
     int64_t h[CK_HEADER_FIELDS];
     memcpy(h, settings, sizeof(h));
     h[CK_MAGIC] = CHECKPOINT_MAGIC; h[CK_VERSION] = CHECKPOINT_VERSION; h[CK_STEP] = st.step;
@@ -986,17 +991,15 @@ static std::string save_checkpoint(const Options& o, Model& model, MultiGpu& mul
             multi_gpu_collect_shards(multi, model.shards, buf, model.grads);
             buf = model.grads;
         }
-        const std::string lost = multi_gpu_wait(multi);
-        if (!lost.empty()) {
-            if (f) fclose(f);
-            remove(tmp.c_str());
-            return lost;
-        }
+        multi_gpu_wait(multi);
         if (!f) continue;
+        multi_gpu_busy(multi, true);
         cudaCheck(cudaMemcpy(host_buffer, buf, model.num_params * sizeof(float), cudaMemcpyDeviceToHost));
         write_all(f, host_buffer, model.num_params * sizeof(float), tmp);
+        multi_gpu_busy(multi, false);
     }
-    if (!f) return "";
+    if (!f) return;
+    multi_gpu_busy(multi, true);
     size_t router_floats = router_state_floats(model.router);  // fewer than num_params: the buffer holds them
     router_save_state(model.router, host_buffer);
     write_all(f, host_buffer, router_floats * sizeof(float), tmp);
@@ -1007,7 +1010,7 @@ static std::string save_checkpoint(const Options& o, Model& model, MultiGpu& mul
         std::vector<std::string> all = glob_sorted(o.out_dir + "/ckpt_*.bin");
         for (size_t i = 0; i + o.checkpoints_kept < all.size(); i++) remove(all[i].c_str());
     }
-    return "";
+    multi_gpu_busy(multi, false);
 }
 
 // Loads the checkpoint check_resume chose into the model: the weights, and
@@ -1162,9 +1165,8 @@ struct BatchFeeder {
 // Mean loss over `batches` validation micro-batches per rank (from the
 // start of the validation data each time, so every evaluation sees the same
 // tokens; the ranks read disjoint ones): the loss sums of all ranks over all
-// their tokens. "" in *lost, or the watchdog's account of a lost rank.
-static float evaluate(Model* model, MultiGpu& multi, DataLoader& val, BatchFeeder& feeder, int batches,
-                      std::string* lost) {
+// their tokens.
+static float evaluate(Model* model, MultiGpu& multi, DataLoader& val, BatchFeeder& feeder, int batches) {
     val.reset();
     cudaCheck(cudaMemset(model->loss_total, 0, sizeof(float)));
     for (int i = 0; i < batches; i++) {
@@ -1172,8 +1174,7 @@ static float evaluate(Model* model, MultiGpu& multi, DataLoader& val, BatchFeede
         model_forward(model, model->acts.B, model->acts.T, true, false, 0.0f);
     }
     multi_gpu_sum(multi, model->loss_total, 1);
-    *lost = multi_gpu_wait(multi);
-    if (!lost->empty()) return NAN;
+    multi_gpu_wait(multi);
     float total = 0;
     cudaCheck(cudaMemcpy(&total, model->loss_total, sizeof(float), cudaMemcpyDeviceToHost));
     return total / ((float)batches * model->acts.B * model->acts.T * multi.world);
@@ -1367,13 +1368,15 @@ static std::string routing_line(const char* routing_now, const RouterConfig& rou
     return line;
 }
 
-// Several ranks must run one configuration: the same flags, data and build.
-// Each hashes its own (every flag's value, the checkpoint's settings, which
-// hold the data's fingerprint, the precision and the commit) and every rank
+// Several ranks must run one configuration: the same flags, data, build and
+// checkpoint. Each hashes its own (every flag's value, the checkpoint's
+// settings, which hold the data's fingerprint, the precision, the commit and
+// the checkpoint it resumes from) and every rank
 // compares them before the first step (through the gradients, still unused).
-static void check_same_settings(MultiGpu& multi, const Model& model, Options& o, const int64_t* settings) {
+static void check_same_settings(MultiGpu& multi, const Model& model, Options& o, const int64_t* settings,
+                                const std::string& resume_from) {
     if (!multi.active()) return;
-    std::string text = string_format("%s %s %d\n", PRECISION_NAME, GIT_COMMIT, GIT_DIRTY);
+    std::string text = string_format("%s %s %d %s\n", PRECISION_NAME, GIT_COMMIT, GIT_DIRTY, resume_from.c_str());
     for (const Flag& f : flag_table(o)) text += string_format("%s=%s\n", f.name, flag_value(f).c_str());
     const uint64_t hash = settings_hash(settings, CK_HEADER_FIELDS * sizeof(int64_t),
                                         settings_hash(text.data(), text.size()));
@@ -1482,17 +1485,17 @@ int main(int argc, char** argv) {
 
     GpuInfo gpu;
     bool no_device = false;
-    multi_gpu_check_node(layout);
-    err = gpu_open(layout.local_rank, &gpu, &no_device);
+    err = gpu_open(multi_gpu_device(layout), &gpu, &no_device);
     // a setting too big for the GPU is named even where no GPU answers
-    check_memory_fits(o, config, optim, planned.memory, err.empty() ? gpu.prop.totalGlobalMem : H200_MEMORY,
+    check_memory_fits(o, config, optim, planned, err.empty() ? gpu.prop.totalGlobalMem : H200_MEMORY,
                       err.empty() ? gpu.prop.name : "an H200 (no GPU here to ask)");
     if (!err.empty() && no_device)
         fail("%s: train_et trains on an NVIDIA GPU; this machine has none (the CPU tests run with 'make test')",
              err.c_str());
     if (!err.empty()) fail("%s", err.c_str());
     MultiGpu multi;
-    multi_gpu_init(&multi, layout, o.rendezvous_dir.empty() ? o.out_dir : o.rendezvous_dir, o.rank_time_limit);
+    multi_gpu_init(&multi, layout, o.rendezvous_dir.empty() ? o.out_dir : o.rendezvous_dir, o.rank_time_limit,
+                   o.out_dir + "/ckpt_*.bin");
     log.open(o.out_dir, from_checkpoint);
     log.print("gpu      %s, %d SMs, %.0f GiB, compute capability %d.%d, peak bf16 %.0f TFLOP/s\n", gpu.prop.name,
               gpu.prop.multiProcessorCount, gpu.prop.totalGlobalMem / 1073741824.0, gpu.prop.major, gpu.prop.minor,
@@ -1507,7 +1510,8 @@ int main(int argc, char** argv) {
     if (model.memory.total() != planned.memory.total())
         fail("internal: model_allocate took %zu bytes, its plan (model_plan) said %zu", model.memory.total(),
              planned.memory.total());
-    check_same_settings(multi, model, o, settings);
+    multi_gpu_check_devices(multi, gpu.prop, model.grads);
+    check_same_settings(multi, model, o, settings, resume_from);
     // -vm micro-batches in all, shared out over the ranks
     const int val_batches = data.val ? (int)std::min<size_t>(std::max(1, o.val_batches / world),
                                                              val_loader.batches_per_epoch()) : 0;
@@ -1546,23 +1550,19 @@ int main(int argc, char** argv) {
                              elapsed_before + wall_seconds() - run_start);
     };
     // everything an evaluation of the weights at step s writes: validation, CORE, routes
-    // a lost rank ends the run on every rank that notices it
-    auto run_lost = [&](const std::string& lost) {
-        const std::vector<std::string> saved = glob_sorted(o.out_dir + "/ckpt_*.bin");
-        fail("%s. The run stops; the last complete checkpoint is %s (resume with -y 1)", lost.c_str(),
-             saved.empty() ? "none" : saved.back().c_str());
-    };
     auto evaluate_all = [&](int s, bool final, bool validate, bool with_core, bool with_routes) {
         if (data.val && validate) {
-            std::string lost;
-            float val_loss = evaluate(&model, multi, val_loader, feeder, val_batches, &lost);
-            if (!lost.empty()) run_lost(lost);
+            float val_loss = evaluate(&model, multi, val_loader, feeder, val_batches);
             log.print("step %6d | val loss %.4f%s\n", s, val_loss, final ? " (final)" : "");
             log.record(string_format("{\"step\": %d, \"val_loss\": %s, %s}", s, json_number(val_loss, "%.6f").c_str(),
                                      progress(s).c_str()));
         }
+        // CORE on every rank (the same work, no collectives), the routes on rank 0: long work without
+        // progress of the step's kind, so busy for the watchdog
+        multi_gpu_busy(multi, true);
         if (with_core && !core.examples.empty()) log_core(log, &model, core_runner, core, s, progress(s));
         if (with_routes && !route.tokens.empty() && rank == 0) log_routes(log, &model, data, route, o.out_dir, s, progress(s));
+        multi_gpu_busy(multi, false);
     };
     if (o.eval_only) {
         evaluate_all(st.step, false, true, true, true);
@@ -1582,7 +1582,9 @@ int main(int argc, char** argv) {
             window_steps = 0;
         }
         if (rank == 0 && o.sample_every > 0 && step > 0 && step % o.sample_every == 0) {
+            multi_gpu_busy(multi, true);
             std::vector<int> ids = sample(&model, o.sample_tokens, data.eot, st.sample_rng, logits_row);
+            multi_gpu_busy(multi, false);
             std::string text;
             for (int id : ids) text += tokenizer.vocab_size() > id ? tokenizer.decode(id) : " " + std::to_string(id);
             log.print("step %6d | sample:%s%s\n", step, tokenizer.vocab_size() ? "\n" : "", text.c_str());
@@ -1600,6 +1602,7 @@ int main(int argc, char** argv) {
             model_backward(&model, o.batch, o.seq_len);
         }
         model.reduce_grads = false;
+        multi_gpu_buckets_done(multi);  // one communicator's collectives in one order on the main stream
         router_share_stats(model.router);
         model_update(&model, schedule, (float)o.grad_clip, step);
         // the log's lr: the largest group's (-opt muon: the matrices')
@@ -1612,10 +1615,9 @@ int main(int argc, char** argv) {
 
         bool checkpoint = last || (o.checkpoint_every > 0 && st.step % o.checkpoint_every == 0);
         const bool log_step = st.step % o.log_every == 0 || st.step == 1 || last || checkpoint;
-        multi.heartbeat_step = st.step;
+        multi.step = st.step;
         if (log_step) multi_gpu_sum(multi, model.loss_total, 1);
-        const std::string lost = multi_gpu_wait(multi);  // with several ranks: once a step, in time or not at all
-        if (!lost.empty()) run_lost(lost);
+        multi_gpu_wait(multi);  // with several ranks, once a step: the watchdog's measure of progress
         if (log_step) {
             float loss_total = 0, norm = 0;
             cudaCheck(cudaMemcpy(&loss_total, model.loss_total, sizeof(float), cudaMemcpyDeviceToHost));
@@ -1650,8 +1652,7 @@ int main(int argc, char** argv) {
         }
         router_step_end(model.router);
         if (checkpoint) {
-            const std::string lost_saving = save_checkpoint(o, model, multi, st, settings, host_buffer);
-            if (!lost_saving.empty()) run_lost(lost_saving);
+            save_checkpoint(o, model, multi, st, settings, host_buffer);
             if (multi.active()) log.print("%s", check_ranks_agree(multi, model, host_buffer, st.step).c_str());
             window_start = wall_seconds();
             window_steps = 0;

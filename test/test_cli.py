@@ -249,8 +249,8 @@ def test_memory_and_checkpoint_size_before_the_gpu():
     assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
     assert r.stderr.startswith("error: memory: this run needs ") and "of an H200 (no GPU here to ask); use a smaller " \
         "-m, or fewer experts (-e): even at -b 1 it does not fit" in r.stderr, r.stderr
-    r = train_et("-i", "synthetic", "-m", "d20", "-e", "16", "-b", "64")
-    assert "; use -b 32, the largest micro-batch that fits" in r.stderr, r.stderr
+    r = train_et("-i", "synthetic", "-m", "d20", "-e", "16", "-b", "128")
+    assert "; use -b 64, the largest micro-batch that fits" in r.stderr, r.stderr
 
 
 def test_shards_too_small_for_a_batch():
@@ -335,11 +335,12 @@ def test_presets():
     for want in ["steps    19073", "128 x 2048 tokens per micro-step, 2 micro-steps: 524288 tokens per step",
                  "et, pool micro-batch, k = 16384.0 tokens per expert, EMA beta 0.999, EC warm-up 4000 steps, capacity 0.5",
                  "warning: -preset d12-et: the paper's routing pool is 524288 tokens and this run pools 262144 (-b 128 "
-                 "-ep micro), the most one H200 holds in a micro-batch. The paper's pool needs 2 ranks of -b 128 with "
-                 "-ep global"]:
+                 "-ep micro, 1 process), the most one H200 holds in a micro-batch. The paper's pool needs 2 ranks of "
+                 "-b 128 with -ep global"]:
         assert want in r.stdout, f"missing '{want}' in:\n{r.stdout}"
     r = train_et("-preset", "d12-ec-512k", "-i", "synthetic", "-b", "64")  # a smaller GPU's micro-batch
-    assert "this run pools 131072 (-b 64 -ep micro). The paper's pool needs 4 ranks of -b 64" in r.stdout, r.stdout
+    assert "this run pools 131072 (-b 64 -ep micro, 1 process). The paper's pool needs 4 ranks of -b 64" in r.stdout, \
+        r.stdout
     record = train_et("-preset", "d20-dense", "-i", "synthetic", "-x", "50", "-b", "8")
     assert "the command line overrides -x -b" in record.stdout and "steps    50 " in record.stdout, record.stdout
     assert "8 x 2048 tokens per micro-step" in record.stdout and "d20: 20 layers" in record.stdout, record.stdout

@@ -57,18 +57,24 @@ static void test_slurm(Test& t) {
     CHECK(t, slurm_tasks_on_node("4(x2),3", 3) == -1 && slurm_tasks_on_node("4(x", 0) == -1 &&
           slurm_tasks_on_node("", 0) == -1 && slurm_tasks_on_node("a", 0) == -1, "malformed or past the nodes");
     ProcessLayout p;
-    std::string err = layout_of({{"SLURM_NTASKS", "4"}, {"SLURM_PROCID", "3"}, {"SLURM_LOCALID", "1"},
-                                 {"SLURM_NODEID", "1"}, {"SLURM_TASKS_PER_NODE", "2(x2)"}, {"SLURM_JOB_ID", "77"},
-                                 {"SLURM_STEP_ID", "0"}}, &p);
+    std::string err = layout_of({{"SLURM_NTASKS", "8"}, {"SLURM_STEP_NUM_TASKS", "4"}, {"SLURM_PROCID", "3"},
+                                 {"SLURM_LOCALID", "1"}, {"SLURM_NODEID", "1"}, {"SLURM_TASKS_PER_NODE", "4(x2)"},
+                                 {"SLURM_STEP_TASKS_PER_NODE", "2(x2)"}, {"SLURM_JOB_ID", "77"},
+                                 {"SLURM_STEP_ID", "0"}, {"PMI_SIZE", "4"}, {"PMI_RANK", "3"}}, &p);
     CHECK(t, err.empty() && p.world == 4 && p.rank == 3 && p.local_rank == 1 && p.local_world == 2 && p.node == 1 &&
           p.launcher == "srun" && p.job == "77.0",
-          "srun, two nodes of two: '%s', rank %d of %d, local %d of %d, node %d, job '%s'", err.c_str(), p.rank, p.world,
-          p.local_rank, p.local_world, p.node, p.job.c_str());
-    err = layout_of({{"SLURM_NTASKS", "4"}, {"SLURM_PROCID", "3"}, {"SLURM_LOCALID", "1"}, {"SLURM_NODEID", "1"},
-                     {"SLURM_TASKS_PER_NODE", "x"}}, &p);
+          "srun --mpi=pmi2, a step of two nodes of two: '%s', rank %d of %d, local %d of %d, node %d, job '%s'",
+          err.c_str(), p.rank, p.world, p.local_rank, p.local_world, p.node, p.job.c_str());
+    err = layout_of({{"SLURM_STEP_NUM_TASKS", "4"}, {"SLURM_PROCID", "3"}, {"SLURM_LOCALID", "1"},
+                     {"SLURM_NODEID", "1"}, {"SLURM_TASKS_PER_NODE", "x"}}, &p);
     CHECK(t, err.find("SLURM_TASKS_PER_NODE=x") != std::string::npos, "bad tasks per node: '%s'", err.c_str());
-    err = layout_of({{"SLURM_NTASKS", "4"}}, &p);
-    CHECK(t, err.find("srun") != std::string::npos, "sbatch without srun: '%s'", err.c_str());
+    err = layout_of({{"SLURM_STEP_NUM_TASKS", "4"}}, &p);
+    CHECK(t, err.find("start train_et with srun") != std::string::npos, "half a step's variables: '%s'", err.c_str());
+    // a batch script's own variables, no srun: one process
+    err = layout_of({{"SLURM_NTASKS", "16"}, {"SLURM_PROCID", "0"}, {"SLURM_LOCALID", "0"}, {"SLURM_NODEID", "0"},
+                     {"SLURM_TASKS_PER_NODE", "8(x2)"}, {"SLURM_JOB_ID", "77"}}, &p);
+    CHECK(t, err.empty() && p.world == 1 && p.launcher == "none", "the batch script: '%s', %d processes by %s",
+          err.c_str(), p.world, p.launcher.c_str());
 }
 
 // A d12 MoE model under Muon: the shards cover the parameters in order, the

@@ -126,7 +126,7 @@ int main(int argc, char** argv) {
     layout.world = ranks;
     layout.launcher = "dry run";
     MultiGpu multi;
-    multi_gpu_init(&multi, layout, rendezvous, 60);
+    multi_gpu_init(&multi, layout, rendezvous, 60, "");
     Model model;
     model.config = c;
     if (optimizer != "adamw" && optimizer != "muon") fail("-opt: '%s' is not adamw or muon", optimizer.c_str());
@@ -155,7 +155,7 @@ int main(int argc, char** argv) {
         router_share_stats(model.router);
         model_update(&model, schedule, 1.0f, step);
         multi_gpu_sum(multi, model.loss_total, 1);
-        if (!multi_gpu_wait(multi).empty()) fail("internal: a dry run lost a rank");
+        multi_gpu_wait(multi);
         float loss = 0;
         cudaCheck(cudaMemcpy(&loss, model.loss_total, sizeof(float), cudaMemcpyDeviceToHost));
         router_read_stats(model.router);

@@ -63,6 +63,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -164,7 +165,7 @@ struct ncclComm {
     char* segment = nullptr;  // null in a dry run
     size_t bytes = 0;
     uint64_t phase = 0;       // this rank's barriers passed
-    ncclResult_t async_error = ncclSuccess;
+    std::atomic<ncclResult_t> async_error{ncclSuccess};  // read by other threads (a program's watchdog)
 
     Header* header() const { return (Header*)segment; }
     RankRecord* record(int r) const { return (RankRecord*)(segment + RECORDS_OFFSET) + r; }
@@ -513,8 +514,12 @@ ncclResult_t ncclCommDestroy(ncclComm_t comm) {
     return ncclSuccess;
 }
 
+// Abort only marks the rank aborted, so the peers stop waiting for it: the
+// mapping and the communicator stay until the process ends, because abort is
+// what another thread calls (a watchdog) while this one may be inside a
+// collective on the same communicator, as NCCL allows.
 ncclResult_t ncclCommAbort(ncclComm_t comm) {
-    if (comm) detach(comm, ABORTED);
+    if (comm) comm->set_state(ABORTED);
     return ncclSuccess;
 }
 

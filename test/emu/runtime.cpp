@@ -330,6 +330,8 @@ cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int device) {
     snprintf(p->name, sizeof(p->name), "NVIDIA H200 (emulated on the CPU: test/emu, %s schedule%s)", order_name(),
              settings().dry_run ? ", dry run" : "");
     p->totalGlobalMem = DEVICE_MEMORY;
+    p->pciBusID = 0x18 + device;  // the machine's GPUs are told apart as a real machine's are
+    p->uuid.bytes[0] = (char)(device + 1);
     p->sharedMemPerBlock = STATIC_SHARED_LIMIT;
     p->sharedMemPerBlockOptin = SHARED_PER_BLOCK_OPTIN;
     p->sharedMemPerMultiprocessor = 228 << 10;
