@@ -201,7 +201,7 @@ __device__ __forceinline__ int block_flag_rank(const int* warp_count, int E, int
 enum PoolSelect { SELECT_TOP_K, SELECT_THRESHOLD, SELECT_THRESHOLD_CLAMPED };
 
 static const int SELECT_THREADS = 256;       // threads of the tile kernels
-static const int SELECT_PICK_THREADS = 1024; // threads of the pick: 4 per bucket of a byte
+static const int SELECT_PICK_THREADS = 256;  // threads of the pick: one per bucket of a byte
 static const int SELECT_TILES = 256;         // the tiles a selection aims at over all pools: ~2 per SM of an H200
 static const int SELECT_MIN_TILE = 64;       // tokens; smaller pools are one tile
 static const int SELECT_HIST_EXPERTS = 16;   // experts histogrammed at once: 16 x 256 ints of shared memory
@@ -292,10 +292,11 @@ select_histogram_kernel(int* hist, const float* logits, const unsigned int* sel_
 // null), and tile_ties[g][e], for each tile g of the pool, the pool's tokens
 // equal to it in the tiles before g (an exclusive scan of the last
 // histograms' bucket b).
-// Layout: one block per (expert, pool), few blocks (E at one pool), so each
-// has many threads to keep loads in flight: thread i adds bucket 255 - i % 256
-// of every fourth tile from i / 256 on (integers: exact in any order); the
-// four partial sums meet in shared memory, and a block-wide exclusive scan
+// Layout: one block per (expert, pool); thread i adds bucket 255 - i % 256
+// of every GROUPS-th tile from i / 256 on (integers: exact in any order;
+// GROUPS > 1 would keep more loads in flight in these few blocks, which only
+// a GPU's timing can weigh against their cost); the GROUPS partial sums meet
+// in shared memory, and a block-wide exclusive scan
 // in thread order counts the keys above each bucket (threads 0..255, the
 // others adding 0 after them). Memory: per_pool x 1 KB of histogram read,
 // coalesced; after the last byte one int per tile read again and written.

@@ -40,7 +40,8 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEAK_BF16 = 989e12   # dense bf16 tensor-core FLOP/s of an H100/H200 SXM: the MFU denominator (model.cuh)
-PEAK_FP32 = 67e12    # plain fp32 (CUDA cores): the router's cublasSgemm runs there
+PEAK_FP32 = 67e12    # plain fp32 (CUDA cores): the router's logits and its backward's cublasSgemm run there
+SELECT_TILES = 256   # router.cuh: the tiles a selection cuts its pools into
 BANDWIDTH = 4.8e12   # HBM3e bytes/s of an H200
 SYNTHETIC_VOCAB = 50257  # train_et's -sv default and bench_step's VOCAB (GPT-2's)
 BF16, FP32 = 2, 4
@@ -52,7 +53,7 @@ EFFICIENCIES = [
     ("attn_eff", 0.50, "flash attention forward and backward on tensor cores (mma.sync, FlashAttention-2 style), "
                        "fraction of the bf16 peak"),
     ("expert_eff", 0.60, "the grouped expert matmuls (wmma/mma.sync with cp.async), fraction of the bf16 peak"),
-    ("fp32_eff", 0.70, "the router's fp32 cublasSgemm, fraction of the 67 TFLOP/s fp32 peak"),
+    ("fp32_eff", 0.70, "the router's fp32 products, fraction of the 67 TFLOP/s fp32 peak"),
     ("mem_eff", 0.80, "every kernel's HBM traffic, fraction of 4.8 TB/s (a device copy measured 0.90 here)"),
 ]
 PEAK_OF = {"gemm": ("gemm_eff", PEAK_BF16), "attn": ("attn_eff", PEAK_BF16), "expert": ("expert_eff", PEAK_BF16),
@@ -230,11 +231,14 @@ def micro_step_ops(c):
             continue
         E, P, W = c.E, N * c.K, 2 * C   # P: routed (token, expert) pairs, nominal
         ph = "moe router + selection"
-        ops.append(elementwise(ph, "h to fp32", NC, FP32 * N * C))
-        ops.append(gemm(ph, "router logits (fp32)", N, C, E, "fp32", FP32))
-        passes = 1 if c.router == "tc" else 4  # EC/ET: radix select on 32-bit keys, 8 bits a pass
-        ops.append(elementwise(ph, f"selection ({passes} pass{'es' if passes > 1 else ''})",
-                               passes * FP32 * N * E, N * E))
+        # router_logits_kernel: the bf16 activations read once, fp32 weights and sums
+        ops.append(Op(ph, "router logits (bf16 h, fp32 W)", 2.0 * N * C * E, NC + FP32 * (E * C + N * E), "fp32"))
+        if c.router == "tc":
+            ops.append(elementwise(ph, "selection (top-K)", FP32 * N * E, N * E))
+        else:  # radix select: 4 byte passes of tile histograms (SELECT_TILES tiles), then the marking pass
+            hist = SELECT_TILES * E * 256 * 4
+            ops.append(elementwise(ph, "selection (4 histogram passes, marking)", 5 * FP32 * N * E + 4 * hist,
+                                   4 * hist + N * E))
         if c.router == "tc":
             ops.append(elementwise(ph, "aux loss bwd", FP32 * N * E, FP32 * N * E))
         ops.append(elementwise(ph, "h to fp32 (bwd)", NC, FP32 * N * C))
