@@ -104,18 +104,34 @@ inline std::string heartbeat_path(const MultiGpu& m, int rank) {
     return string_format("%s/heartbeat.%d", m.dir.c_str(), rank);
 }
 
+// This rank's heartbeat: its step and whether it is busy, written whole
+// (a temp file of the writing thread's own, then rename).
+inline void heartbeat_write(const MultiGpu& m) {
+    const std::string path = heartbeat_path(m, m.rank);
+    const std::string tmp = path + string_format(".%zu", std::hash<std::thread::id>()(std::this_thread::get_id()));
+    if (FILE* f = fopen(tmp.c_str(), "w")) {
+        fprintf(f, "%d %d\n", m.step.load(), m.busy ? 1 : 0);
+        fclose(f);
+        rename(tmp.c_str(), path.c_str());
+    }
+}
+
 struct Heartbeat {
     bool seen = false, busy = false;
     int step = -1;
-    double age = 0;  // seconds since the file last changed
+    double age = 0;  // seconds the file is older than this rank's own
 };
+// A peer's heartbeat, its age measured against this rank's own file (which
+// this rank rewrites every second): both times come from the file system's
+// clock, so nodes whose clocks disagree do not make a live rank look stale.
 inline Heartbeat read_heartbeat(const MultiGpu& m, int rank) {
     Heartbeat h;
-    struct stat s;
+    struct stat s, own;
     const std::string path = heartbeat_path(m, rank);
     if (stat(path.c_str(), &s) != 0) return h;  // not started yet: a rank writes it before it joins
     h.seen = true;
-    h.age = difftime(time(nullptr), s.st_mtime);
+    const time_t now = stat(heartbeat_path(m, m.rank).c_str(), &own) == 0 ? own.st_mtime : time(nullptr);
+    h.age = difftime(now, s.st_mtime);
     if (FILE* f = fopen(path.c_str(), "r")) {
         int busy = 0;
         if (fscanf(f, "%d %d", &h.step, &busy) == 2) h.busy = busy != 0;
@@ -138,12 +154,14 @@ inline std::string silent_ranks(const MultiGpu& m) {
 }
 
 // Who is lost, when NCCL says a peer is: the ranks whose heartbeat goes
-// stale within 3 x STALE seconds, or else the ranks furthest behind.
+// stale within 3 x STALE seconds, or else the ranks furthest behind. Its own
+// heartbeat goes on meanwhile: the peers' age is measured against it.
 inline std::string lost_ranks(const MultiGpu& m) {
     for (double waited = 0; waited <= 3 * STALE; waited += 0.5) {
         const std::string silent = silent_ranks(m);
         if (!silent.empty()) return "lost " + silent;
         std::this_thread::sleep_for(std::chrono::milliseconds(500));
+        heartbeat_write(m);
     }
     int lowest = INT32_MAX;
     std::vector<int> steps(m.world, -1);
@@ -205,14 +223,8 @@ inline void watchdog_check(MultiGpu& m) {
 inline void watchdog_start(MultiGpu& m) {
     m.progress = steady_seconds();
     m.watchdog = std::thread([&m] {
-        const std::string path = heartbeat_path(m, m.rank), tmp = path + ".tmp";
         for (int tick = 0; !m.stop; tick++) {
-            if (tick % 10 == 0)
-                if (FILE* f = fopen(tmp.c_str(), "w")) {
-                    fprintf(f, "%d %d\n", m.step.load(), m.busy ? 1 : 0);
-                    fclose(f);
-                    rename(tmp.c_str(), path.c_str());
-                }
+            if (tick % 10 == 0) heartbeat_write(m);
             if (tick % 5 == 0) watchdog_check(m);
             std::this_thread::sleep_for(std::chrono::milliseconds(100));
         }
