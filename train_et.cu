@@ -1382,8 +1382,9 @@ static void check_same_settings(MultiGpu& multi, const Model& model, Options& o,
                                         settings_hash(text.data(), text.size()));
     const std::string differ = multi_gpu_ranks_unlike_rank0(multi, hash, model.grads);
     if (!differ.empty())
-        fail("rank%s %s started with other settings than rank 0 (flags, data or build): start every rank with the same "
-             "command, files and train_et", differ.find(',') == std::string::npos ? "" : "s", differ.c_str());
+        fail("rank%s %s started with other settings than rank 0 (flags, data, build or checkpoint): start every "
+             "rank with the same command, files and train_et", differ.find(',') == std::string::npos ? "" : "s",
+             differ.c_str());
 }
 
 // Several ranks must also stay one model: after the same steps every rank's
